@@ -1,0 +1,139 @@
+"""The ``quick::gemm`` custom op: ``y = x @ dequant(W) + bias`` on the interleaved layout.
+
+One op, one schema, three implementations:
+
+* ``CPU`` (and any device without the compiled kernel): the reference path. It dequantises the
+  interleaved weight with :func:`vllm_quick.layout.dequantize_quick` (fp32 arithmetic) and runs a
+  matmul in fp32, then casts to ``x.dtype``. Slow, simple, exact enough to be the ground truth.
+* ``CUDA``: the compiled QUICK kernel (``vllm_quick._C``), which picks its kernel variant from the
+  real number of rows M at run time. This must happen here, inside the op: vLLM compiles
+  ``apply()`` into a graph, so a Python ``if M < ...`` there would be frozen at trace time.
+* ``Meta``/fake: output shape only, for ``torch.compile`` and CUDA-graph capture.
+
+Schema (a contract with csrc/quick_ops.cpp)::
+
+    quick::gemm(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor? bias,
+                int group_size, int size_n) -> Tensor
+
+    x        [..., K]            float16 | bfloat16 | float32
+    qweight  [K/16, Np/64, 128]  int32, interleaved (layout.interleave_weight)
+    qzeros   [K/group, Np/8]     int32, interleaved (layout.interleave_zeros)
+    scales   [K/group, Np]       float16, interleaved (layout.interleave_scales)
+    bias     [size_n] or None    any float dtype (added in fp32, cast with the output)
+    returns  [..., size_n]       x.dtype; Np is size_n rounded up to a multiple of 64
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from vllm_quick import layout
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = (
+    "gemm(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor? bias, "
+    "int group_size, int size_n) -> Tensor"
+)
+SUPPORTED_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_lib = torch.library.Library("quick", "DEF")
+_lib.define(SCHEMA)
+
+
+def check_args(x, qweight, qzeros, scales, bias, group_size: int, size_n: int) -> None:
+    """Validate shapes and dtypes; every message names the tensor and what was expected."""
+    if x.dtype not in SUPPORTED_ACT_DTYPES:
+        raise ValueError(f"quick::gemm: x must be one of {SUPPORTED_ACT_DTYPES}, got {x.dtype}")
+    if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
+        raise ValueError(
+            f"quick::gemm: qweight and qzeros must be int32, got {qweight.dtype}, {qzeros.dtype}"
+        )
+    if scales.dtype != torch.float16:
+        raise ValueError(f"quick::gemm: scales must be float16, got {scales.dtype}")
+    k = x.shape[-1]
+    if qweight.dim() != 3 or qweight.shape[0] * layout.TILE_K != k or qweight.shape[2] != 128:
+        raise ValueError(
+            f"quick::gemm: qweight must be [K/16, Np/64, 128] with K={k}, got {tuple(qweight.shape)}"
+        )
+    n_pad = qweight.shape[1] * layout.TILE_N
+    if group_size <= 0 or k % group_size or group_size % layout.TILE_K:
+        raise ValueError(f"quick::gemm: group_size={group_size} must be a multiple of 16 dividing K={k}")
+    groups = k // group_size
+    if tuple(scales.shape) != (groups, n_pad):
+        raise ValueError(f"quick::gemm: scales must be [{groups}, {n_pad}], got {tuple(scales.shape)}")
+    if tuple(qzeros.shape) != (groups, n_pad // 8):
+        raise ValueError(f"quick::gemm: qzeros must be [{groups}, {n_pad // 8}], got {tuple(qzeros.shape)}")
+    if not (n_pad - layout.TILE_N < size_n <= n_pad):
+        raise ValueError(f"quick::gemm: size_n={size_n} does not fit a padded N of {n_pad}")
+    if bias is not None and tuple(bias.shape) != (size_n,):
+        raise ValueError(f"quick::gemm: bias must be [{size_n}], got {tuple(bias.shape)}")
+
+
+def reference_gemm(x, qweight, qzeros, scales, bias, group_size: int, size_n: int) -> torch.Tensor:
+    """The reference path: fp32 dequantisation from the interleaved layout, fp32 matmul."""
+    check_args(x, qweight, qzeros, scales, bias, group_size, size_n)
+    # [N, K] contiguous and F.linear: the very call an unquantised fp32 layer makes, so a
+    # dequantised checkpoint served in fp32 gives bit-identical logits (the e2e test relies on it).
+    w = layout.dequantize_quick(qweight, qzeros, scales)[:, :size_n].t().contiguous()
+    b = None if bias is None else bias.to(torch.float32)
+    y = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]).to(torch.float32), w, b)
+    return y.to(x.dtype).reshape(*x.shape[:-1], size_n)
+
+
+@torch.library.register_fake("quick::gemm")
+def _gemm_fake(x, qweight, qzeros, scales, bias, group_size: int, size_n: int):
+    return x.new_empty((*x.shape[:-1], size_n))
+
+
+torch.library.impl(_lib, "gemm", "CPU")(reference_gemm)
+
+
+def _cuda_gemm(x, qweight, qzeros, scales, bias, group_size: int, size_n: int):
+    ext = kernel_extension()
+    if ext is None or x.dtype == torch.float32:
+        _warn_reference_once(
+            "compiled kernel not available" if ext is None else "float32 activations"
+        )
+        return reference_gemm(x, qweight, qzeros, scales, bias, group_size, size_n)
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    y = ext.gemm(x2, qweight, qzeros, scales, bias, group_size, size_n)
+    return y.reshape(*x.shape[:-1], size_n)
+
+
+torch.library.impl(_lib, "gemm", "CUDA")(_cuda_gemm)
+
+_warned: set[str] = set()
+
+
+def _warn_reference_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        logger.warning("quick::gemm on CUDA uses the slow reference path: %s", reason)
+
+
+_EXT = None
+_EXT_TRIED = False
+
+
+def kernel_extension():
+    """The compiled extension module ``vllm_quick._C``, or None if it was not built."""
+    global _EXT, _EXT_TRIED
+    if not _EXT_TRIED:
+        _EXT_TRIED = True
+        try:
+            from vllm_quick import _C  # type: ignore[attr-defined]
+
+            _EXT = _C
+        except ImportError as e:
+            logger.info("vllm_quick._C not available (%s); CUDA falls back to the reference", e)
+    return _EXT
+
+
+def gemm(x, qweight, qzeros, scales, bias, group_size: int, size_n: int) -> torch.Tensor:
+    """Python entry point: ``torch.ops.quick.gemm``."""
+    return torch.ops.quick.gemm(x, qweight, qzeros, scales, bias, group_size, size_n)
