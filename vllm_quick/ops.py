@@ -91,17 +91,35 @@ def _gemm_fake(x, qweight, qzeros, scales, bias, group_size: int, size_n: int):
 torch.library.impl(_lib, "gemm", "CPU")(reference_gemm)
 
 
+# What the compiled kernel handles; anything else takes the reference path (with a warning once).
+KERNEL_K_MULTIPLE = 64  # the kernel's k stage (kStageK in csrc/quick_gemm.cu)
+KERNEL_GROUP_MULTIPLE = 32  # at most two groups per 64-row stage (kMaxGroupRowsPerStage)
+
+
+def kernel_unsupported_reason(x, group_size: int) -> str | None:
+    """Why the compiled kernel cannot run this call, or None if it can."""
+    if kernel_extension() is None:
+        return "the compiled extension vllm_quick._C is not available"
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"{x.dtype} activations (the kernel takes float16 and bfloat16)"
+    if x.shape[-1] % KERNEL_K_MULTIPLE:
+        return f"K={x.shape[-1]} is not a multiple of {KERNEL_K_MULTIPLE}"
+    if group_size % KERNEL_GROUP_MULTIPLE:
+        return f"group_size={group_size} is not a multiple of {KERNEL_GROUP_MULTIPLE}"
+    return None
+
+
 def _cuda_gemm(x, qweight, qzeros, scales, bias, group_size: int, size_n: int):
-    ext = kernel_extension()
-    if ext is None or x.dtype == torch.float32:
-        _warn_reference_once(
-            "compiled kernel not available" if ext is None else "float32 activations"
-        )
+    reason = kernel_unsupported_reason(x, group_size)
+    if reason is not None:
+        _warn_reference_once(reason)
         return reference_gemm(x, qweight, qzeros, scales, bias, group_size, size_n)
     x2 = x.reshape(-1, x.shape[-1])
-    if not x2.is_contiguous():
+    if not x2.is_contiguous() or x2.data_ptr() % 16:
         x2 = x2.contiguous()
-    y = ext.gemm(x2, qweight, qzeros, scales, bias, group_size, size_n)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    y = kernel_extension().gemm(x2, qweight, qzeros, scales, bias, group_size, size_n)
     return y.reshape(*x.shape[:-1], size_n)
 
 

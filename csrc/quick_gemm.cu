@@ -1,0 +1,558 @@
+// QUICK W4A16 GEMM: y[m, n] = x[m, k] @ ((q - z) * s)[k, n] (+ bias), int4 weights in the
+// interleaved layout of vllm_quick/layout.py (mirrored in quick_layout.cuh).
+//
+// Reading order: PTX helpers, the nibble -> fragment dequantisation, the kernel, the launcher.
+//
+// The idea (QUICK, arXiv 2402.10076): the weights were interleaved once at load time so that the
+// 16 bytes each lane copies out of shared memory are exactly the nibbles of its own
+// mma.m16n8k16 B fragments for a 16 x 64 tile. A lane turns them into fragment registers with a
+// few lop3 and subtractions; nothing is written back to shared memory and no ldmatrix is needed
+// for B (the AutoAWQ kernel dequantises into shared memory and reads back, with bank conflicts).
+//
+// Numerics: the B fragments hold the exact integers (q - z) (|q - z| <= 15 is exact in fp16 and
+// bf16), so the tensor cores produce exact per-group partial sums in fp32; each group's sum is
+// scaled by the fp32 scale on the accumulator (acc += group_sum * s). The only rounding left is
+// the fp32 accumulation and the final cast, which matters for bf16 (see layout.py).
+//
+// Work split: a thread block computes block_m rows x 256 columns (4 warps along N, one 64-column
+// tile each, and 1, 2 or 4 warps along M) over a range of K in stages of 64. When M is small the
+// (M, N) grid cannot fill the GPU, so K is split too (split-K): every split writes an fp32 partial
+// tile, and the last split to finish (an atomic counter per output tile) sums the partials in
+// split order (deterministic) and writes y. The counter is reset by that block, so the counters
+// stay zero between launches and CUDA-graph replays.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "quick_gemm.h"
+#include "quick_layout.cuh"
+
+namespace quick {
+namespace {
+
+constexpr int kStages = 4;                  // cp.async pipeline depth: 3 stages in flight while
+                                            // one is computed (~24 KB of weights per block)
+constexpr int kStageK = 64;                 // k rows per stage = 4 mma k-steps
+constexpr int kStageKTiles = kStageK / kTileK;
+constexpr int kWarpsN = 4;                  // warps along N, one 64-column tile each
+constexpr int kBlockN = kWarpsN * kTileN;   // 256 columns per block
+constexpr int kMaxGroupRowsPerStage = 2;    // group size 32 -> two groups in a 64-row stage
+
+// ------------------------------------------------------------------------------------------
+// PTX helpers
+// ------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// L2 policy for weights: they are read exactly once per call, so let them leave L2 first and keep
+// activations, scales and split-K partials resident.
+__device__ __forceinline__ uint64_t evict_first_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+
+// 16-byte global -> shared copy that bypasses L1 (.cg), with an L2 cache-policy hint.
+__device__ __forceinline__ void cp_async_16_hint(void* smem, const void* gmem, uint64_t policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)),
+               "l"(gmem), "l"(policy));
+}
+
+// 16-byte copy; when !valid the source is not read and the destination is zero-filled
+// (src-size 0): used for activation rows past M.
+__device__ __forceinline__ void cp_async_16_zfill(void* smem, const void* gmem, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
+               "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// Four 8x8 b16 matrices; lane l supplies the address of row (l % 8) of matrix (l / 8).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(smem)));
+}
+
+// d = (a & b) | c in one instruction (lookup table 0xEA = (0xF0 & 0xCC) | 0xAA).
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm volatile("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+// Per activation type: the mma instruction, the magic exponent and 2-wide subtraction.
+template <typename T>
+struct Act;
+
+template <>
+struct Act<__half> {
+  // 0x6400 = 1024.0: a nibble OR-ed into the low mantissa bits gives exactly 1024 + q.
+  static constexpr uint32_t kMagic = 0x64006400u;
+  static __device__ __forceinline__ uint32_t sub2(uint32_t a, uint32_t b) {
+    __half2 r = __hsub2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 r = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  static __device__ __forceinline__ float to_float(const __half v) { return __half2float(v); }
+};
+
+template <>
+struct Act<__nv_bfloat16> {
+  // 0x4300 = 128.0 in bf16 (7 mantissa bits): OR-ing a nibble in gives exactly 128 + q.
+  static constexpr uint32_t kMagic = 0x43004300u;
+  static __device__ __forceinline__ uint32_t sub2(uint32_t a, uint32_t b) {
+    __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&a),
+                               *reinterpret_cast<__nv_bfloat162*>(&b));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 r = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  static __device__ __forceinline__ float to_float(const __nv_bfloat16 v) {
+    return __bfloat162float(v);
+  }
+};
+
+// ------------------------------------------------------------------------------------------
+// Dequantisation: nibbles -> B fragments, no shared-memory round trip
+// ------------------------------------------------------------------------------------------
+// A zero word (layout.py, "Interleaved zeros") -> per n8 block nb, the 2-vector (M + z, M + z)
+// with M the magic value. Pair m = nibbles (m, m + 4) = blocks (2m, 2m + 1); byte_perm 0x1010 /
+// 0x3232 broadcasts the low / high 16 bits to both halves.
+template <typename T>
+__device__ __forceinline__ void unpack_zeros(uint32_t zero_word, uint32_t (&biased_zero)[8]) {
+#pragma unroll
+  for (int m = 0; m < 4; ++m) {
+    const uint32_t pair = and_or(zero_word >> (4 * m), 0x000f000fu, Act<T>::kMagic);
+    biased_zero[2 * m] = __byte_perm(pair, 0, 0x1010);
+    biased_zero[2 * m + 1] = __byte_perm(pair, 0, 0x3232);
+  }
+}
+
+// One lane's 16 weight bytes of a 16 x 64 tile -> B fragments of the 8 n8 blocks, holding the
+// exact integers q - z. Word j, pair m = nibbles (m, m + 4):
+//   m = 0 -> block 2j (b0, b1);   m = 1 -> block 2j (b2, b3);
+//   m = 2 -> block 2j+1 (b0, b1); m = 3 -> block 2j+1 (b2, b3)        (layout.py)
+template <typename T>
+__device__ __forceinline__ void dequant_tile(const uint4& words, const uint32_t (&biased_zero)[8],
+                                             uint32_t (&frag)[8][2]) {
+  const uint32_t w[4] = {words.x, words.y, words.z, words.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+      const int block = 2 * j + (m >> 1);
+      const uint32_t biased = and_or(w[j] >> (4 * m), 0x000f000fu, Act<T>::kMagic);
+      frag[block][m & 1] = Act<T>::sub2(biased, biased_zero[block]);  // (M + q) - (M + z), exact
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// The kernel
+// ------------------------------------------------------------------------------------------
+struct KernelParams {
+  const void* x;
+  const uint4* qweight;  // 32 uint4 (one per lane) per 16 x 64 tile
+  const uint32_t* qzeros;
+  const __half* scales;
+  const void* bias;
+  void* y;
+  float* partials;
+  int* counters;
+  int m, k, n, size_n, group_size;
+  int stages_per_split, splits;
+  bool weights_evict_first;
+};
+
+template <int kBlockM>
+struct SmemLayout {
+  // Per stage, in bytes. Weights: 4 k-tiles x 4 n-tiles x 512 B, copied verbatim (already in
+  // lane order). Activations: kBlockM rows x 64 k (128 B per row), 16-byte chunks XOR-swizzled.
+  // Scales / zeros: up to two group rows of the block's 256 columns.
+  static constexpr int kWeightBytes = kStageKTiles * kWarpsN * kWordsPerTile * 4;
+  static constexpr int kActBytes = kBlockM * kStageK * 2;
+  static constexpr int kScaleBytes = kMaxGroupRowsPerStage * kBlockN * 2;
+  static constexpr int kZeroBytes = kMaxGroupRowsPerStage * kBlockN / 2;
+  static constexpr int kStageBytes = kWeightBytes + kActBytes + kScaleBytes + kZeroBytes;
+  static constexpr int kTotalBytes = kStages * kStageBytes;
+};
+
+// Activation tile in shared memory: row r has 8 chunks of 16 B (8 values); chunk c is stored at
+// c ^ (r % 8). ldmatrix reads one chunk column from 8 consecutive rows at a time; without the XOR
+// all 8 addresses would sit 128 B apart, i.e. in the same 4 banks (an 8-way conflict); with it
+// they cover all 32 banks.
+__device__ __forceinline__ int swizzled_chunk(int row, int chunk) { return row * 8 + (chunk ^ (row & 7)); }
+
+template <typename T, int kWarpTilesM, int kWarpsM>
+__global__ void __launch_bounds__(32 * kWarpsN * kWarpsM)
+    quick_gemm_kernel(const KernelParams p) {
+  constexpr int kThreads = 32 * kWarpsN * kWarpsM;
+  constexpr int kBlockM = 16 * kWarpTilesM * kWarpsM;
+  using Smem = SmemLayout<kBlockM>;
+  extern __shared__ __align__(16) unsigned char smem[];
+
+  const int tid = threadIdx.x;
+  const int lane = tid % 32;
+  const int warp = tid / 32;
+  const int warp_n = warp % kWarpsN;
+  const int warp_m = warp / kWarpsN;
+
+  const int n_tiles = p.n / kTileN;
+  const int tile_n0 = blockIdx.x * kWarpsN;                 // first 64-column tile of the block
+  const int block_tiles = min(kWarpsN, n_tiles - tile_n0);  // tiles this block really has
+  const int row0 = blockIdx.y * kBlockM;
+  const int total_stages = p.k / kStageK;
+  const int stage_begin = blockIdx.z * p.stages_per_split;
+  const int stage_count = min(total_stages - stage_begin, p.stages_per_split);
+
+  const T* x = static_cast<const T*>(p.x);
+  const uint64_t policy = evict_first_policy();
+
+  // Issue the copies of one stage (global stage index gs) into shared-memory slot `slot`.
+  auto load_stage = [&](int gs, int slot) {
+    unsigned char* base = smem + slot * Smem::kStageBytes;
+    // Weights: the block's 4 tiles of one k-tile row are 2 KB contiguous in global memory.
+    uint4* w_dst = reinterpret_cast<uint4*>(base);
+    for (int c = tid; c < kStageKTiles * kWarpsN * 32; c += kThreads) {
+      const int kt = c / (kWarpsN * 32);
+      const int rest = c % (kWarpsN * 32);
+      if (rest / 32 < block_tiles) {
+        const size_t tile = static_cast<size_t>(gs * kStageKTiles + kt) * n_tiles + tile_n0;
+        const uint4* src = p.qweight + tile * 32 + rest;
+        if (p.weights_evict_first) {
+          cp_async_16_hint(w_dst + c, src, policy);
+        } else {
+          cp_async_16_zfill(w_dst + c, src, true);
+        }
+      }
+    }
+    // Activations: kBlockM rows x 8 chunks; rows past M are zero-filled.
+    uint4* a_dst = reinterpret_cast<uint4*>(base + Smem::kWeightBytes);
+    for (int c = tid; c < kBlockM * 8; c += kThreads) {
+      const int r = c / 8, chunk = c % 8;
+      const int row = row0 + r;
+      const bool valid = row < p.m;
+      const T* src = x + (static_cast<size_t>(valid ? row : 0) * p.k + gs * kStageK + chunk * 8);
+      cp_async_16_zfill(a_dst + swizzled_chunk(r, chunk), src, valid);
+    }
+    // Scales and zeros of the (one or two) groups this stage touches.
+    const int g_first = gs * kStageK / p.group_size;
+    const int g_rows = (gs * kStageK + kStageK - 1) / p.group_size - g_first + 1;
+    uint4* s_dst = reinterpret_cast<uint4*>(base + Smem::kWeightBytes + Smem::kActBytes);
+    uint4* z_dst = reinterpret_cast<uint4*>(base + Smem::kWeightBytes + Smem::kActBytes +
+                                            Smem::kScaleBytes);
+    constexpr int kScaleChunks = kBlockN * 2 / 16;  // 32 per group row
+    constexpr int kZeroChunks = kBlockN / 2 / 16;   // 8 per group row
+    for (int c = tid; c < g_rows * (kScaleChunks + kZeroChunks); c += kThreads) {
+      const int r = c / (kScaleChunks + kZeroChunks);
+      const int rest = c % (kScaleChunks + kZeroChunks);
+      const size_t g = g_first + r;
+      if (rest < kScaleChunks) {
+        if (rest < block_tiles * 8) {
+          const __half* src = p.scales + g * p.n + tile_n0 * kTileN + rest * 8;
+          cp_async_16_zfill(s_dst + r * kScaleChunks + rest, src, true);
+        }
+      } else {
+        const int zc = rest - kScaleChunks;
+        if (zc < block_tiles * 2) {
+          const uint32_t* src = p.qzeros + g * (p.n / 8) + tile_n0 * 8 + zc * 4;
+          cp_async_16_zfill(z_dst + r * kZeroChunks + zc, src, true);
+        }
+      }
+    }
+  };
+
+  float acc[kWarpTilesM][8][4];        // scaled running sum
+  float group_acc[kWarpTilesM][8][4];  // exact partial sum of the current group
+#pragma unroll
+  for (int mi = 0; mi < kWarpTilesM; ++mi)
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mi][nb][e] = group_acc[mi][nb][e] = 0.f;
+
+  uint32_t biased_zero[8];
+  __half2 scale[8];  // this lane's two accumulator columns in each n8 block (fp16 as stored)
+  const bool warp_active = warp_n < block_tiles;
+
+  // acc += group_acc * scale, then start a new group sum.
+  auto flush_group = [&]() {
+#pragma unroll
+    for (int mi = 0; mi < kWarpTilesM; ++mi)
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb) {
+        const float2 s = __half22float2(scale[nb]);  // fp16 -> fp32 is exact
+        acc[mi][nb][0] = fmaf(group_acc[mi][nb][0], s.x, acc[mi][nb][0]);
+        acc[mi][nb][1] = fmaf(group_acc[mi][nb][1], s.y, acc[mi][nb][1]);
+        acc[mi][nb][2] = fmaf(group_acc[mi][nb][2], s.x, acc[mi][nb][2]);
+        acc[mi][nb][3] = fmaf(group_acc[mi][nb][3], s.y, acc[mi][nb][3]);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) group_acc[mi][nb][e] = 0.f;
+      }
+  };
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < stage_count) load_stage(stage_begin + s, s);
+    cp_async_commit();  // always commit, so wait_group counts stay uniform
+  }
+
+  for (int s = 0; s < stage_count; ++s) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // stage s has landed for everyone; slot (s - 1) % kStages is free again
+    if (s + kStages - 1 < stage_count) load_stage(stage_begin + s + kStages - 1, (s + kStages - 1) % kStages);
+    cp_async_commit();
+
+    const int slot = s % kStages;
+    const int gs = stage_begin + s;
+    const unsigned char* base = smem + slot * Smem::kStageBytes;
+    if (warp_active) {
+      const uint4* w_src = reinterpret_cast<const uint4*>(base);
+      const uint4* a_src = reinterpret_cast<const uint4*>(base + Smem::kWeightBytes);
+      const unsigned char* s_src = base + Smem::kWeightBytes + Smem::kActBytes;
+      const uint32_t* z_src =
+          reinterpret_cast<const uint32_t*>(base + Smem::kWeightBytes + Smem::kActBytes + Smem::kScaleBytes);
+      const int g_first = gs * kStageK / p.group_size;
+#pragma unroll
+      for (int kt = 0; kt < kStageKTiles; ++kt) {
+        const int k_row = gs * kStageK + kt * kTileK;
+        if (k_row % p.group_size == 0 || (s == 0 && kt == 0)) {
+          if (!(s == 0 && kt == 0)) flush_group();
+          const int r = k_row / p.group_size - g_first;
+          // Zeros: word (lane / 4) of this warp's tile (8 words per tile).
+          unpack_zeros<T>(z_src[r * (kBlockN / 8) + warp_n * 8 + lane / 4], biased_zero);
+          // Scales: 16 halves at 16 * (lane % 4) of this warp's tile, half2 nb = block nb.
+          const __half2* sc = reinterpret_cast<const __half2*>(s_src + r * kBlockN * 2) +
+                              (warp_n * kTileN + 16 * (lane % 4)) / 2;
+#pragma unroll
+          for (int nb = 0; nb < 8; ++nb) scale[nb] = sc[nb];
+        }
+        uint32_t frag[8][2];
+        dequant_tile<T>(w_src[(kt * kWarpsN + warp_n) * 32 + lane], biased_zero, frag);
+#pragma unroll
+        for (int mi = 0; mi < kWarpTilesM; ++mi) {
+          // A fragment of rows [16 mi, 16 mi + 16) of this warp, k-tile kt: lanes 0-15 give
+          // rows 0-15 of chunk 2 kt, lanes 16-31 rows 0-15 of chunk 2 kt + 1 (a0..a7 order).
+          const int r = (warp_m * kWarpTilesM + mi) * 16 + lane % 16;
+          uint32_t a[4];
+          ldmatrix_x4(a, a_src + swizzled_chunk(r, 2 * kt + lane / 16));
+#pragma unroll
+          for (int nb = 0; nb < 8; ++nb) Act<T>::mma(group_acc[mi][nb], a, frag[nb][0], frag[nb][1]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+  if (warp_active) flush_group();
+
+  // ---------------------------------------------------------------------------------------
+  // Epilogue. Accumulator fragment: c0, c1 at row lane / 4, columns 2 (lane % 4) + {0, 1};
+  // c2, c3 eight rows below.
+  // ---------------------------------------------------------------------------------------
+  const int col_base = (tile_n0 + warp_n) * kTileN + 2 * (lane % 4);
+  const int row_base = row0 + warp_m * kWarpTilesM * 16 + lane / 4;
+  T* y = static_cast<T*>(p.y);
+  const T* bias = static_cast<const T*>(p.bias);
+
+  auto store_output = [&](int row, int col, float v0, float v1) {
+    if (row < p.m && col < p.size_n) {
+      if (bias != nullptr) {
+        v0 += Act<T>::to_float(bias[col]);
+        v1 += Act<T>::to_float(bias[col + 1]);
+      }
+      *reinterpret_cast<uint32_t*>(y + static_cast<size_t>(row) * p.size_n + col) = Act<T>::pack(v0, v1);
+    }
+  };
+
+  if (p.splits == 1) {
+    if (!warp_active) return;
+#pragma unroll
+    for (int mi = 0; mi < kWarpTilesM; ++mi)
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          store_output(row_base + mi * 16 + 8 * h, col_base + nb * 8, acc[mi][nb][2 * h],
+                       acc[mi][nb][2 * h + 1]);
+    return;
+  }
+
+  // Split-K: publish this split's partial tile, then let the last split reduce.
+  float* part = p.partials + static_cast<size_t>(blockIdx.z) * p.m * p.n;
+  if (warp_active) {
+#pragma unroll
+    for (int mi = 0; mi < kWarpTilesM; ++mi)
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = row_base + mi * 16 + 8 * h;
+          if (row < p.m)
+            __stcg(reinterpret_cast<float2*>(part + static_cast<size_t>(row) * p.n + col_base + nb * 8),
+                   make_float2(acc[mi][nb][2 * h], acc[mi][nb][2 * h + 1]));
+        }
+  }
+  __threadfence();  // partials visible device-wide before the counter says so
+  __syncthreads();
+  __shared__ int is_last;
+  int* counter = p.counters + blockIdx.y * gridDim.x + blockIdx.x;
+  if (tid == 0) is_last = atomicAdd(counter, 1) == p.splits - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();  // acquire side: see the other splits' partials
+  if (warp_active) {
+#pragma unroll
+    for (int mi = 0; mi < kWarpTilesM; ++mi)
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = row_base + mi * 16 + 8 * h;
+          const int col = col_base + nb * 8;
+          if (row >= p.m) continue;
+          float2 sum = make_float2(0.f, 0.f);
+          for (int sp = 0; sp < p.splits; ++sp) {  // fixed order: deterministic
+            const float2 v = __ldcg(reinterpret_cast<const float2*>(
+                p.partials + (static_cast<size_t>(sp) * p.m + row) * p.n + col));
+            sum.x += v.x;
+            sum.y += v.y;
+          }
+          store_output(row, col, sum.x, sum.y);
+        }
+  }
+  if (tid == 0) *counter = 0;  // ready for the next launch / graph replay
+}
+
+// ------------------------------------------------------------------------------------------
+// Launcher
+// ------------------------------------------------------------------------------------------
+template <typename T, int kWarpTilesM, int kWarpsM>
+struct Config {
+  static constexpr int kThreads = 32 * kWarpsN * kWarpsM;
+  static constexpr int kBlockM = 16 * kWarpTilesM * kWarpsM;
+  static constexpr int kSmem = SmemLayout<kBlockM>::kTotalBytes;
+  static constexpr auto kernel = quick_gemm_kernel<T, kWarpTilesM, kWarpsM>;
+
+  // Blocks of this configuration one SM holds at once (registers / shared memory permitting).
+  static int blocks_per_sm() {
+    static int cached = -1;
+    if (cached < 0) {
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+      int n = 1;
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, kSmem);
+      cached = std::max(n, 1);
+    }
+    return cached;
+  }
+
+  static cudaError_t launch(const GemmPlan& plan, const KernelParams& params, cudaStream_t stream) {
+    blocks_per_sm();  // also raises the dynamic shared-memory limit once
+    dim3 grid(plan.grid_n, plan.grid_m, plan.splits);
+    kernel<<<grid, kThreads, kSmem, stream>>>(params);
+    return cudaGetLastError();
+  }
+};
+
+// Calls f.template operator()<Cfg>() with the configuration chosen for M:
+//   M <= 16: 16-row blocks (1 warp tile, 128 threads);  M <= 32: 32-row blocks (2 warp tiles);
+//   larger M: 64-row blocks (2 x 2 warps, 256 threads). A 128-row block (512 threads) was tried:
+//   at 512 threads a thread may keep only 128 registers and the two accumulator sets spilled.
+template <typename T, typename F>
+auto with_config(int m, F&& f) {
+  if (m <= 16) return f.template operator()<Config<T, 1, 1>>();
+  if (m <= 32) return f.template operator()<Config<T, 2, 1>>();
+  return f.template operator()<Config<T, 2, 2>>();
+}
+
+template <typename F>
+auto with_act(ActType act, int m, F&& f) {
+  if (act == ActType::kBFloat16) return with_config<__nv_bfloat16>(m, f);
+  return with_config<__half>(m, f);
+}
+
+int sm_count(int device) {
+  static int cached[64] = {0};
+  if (device < 0 || device >= 64) return 132;
+  if (cached[device] == 0) cudaDeviceGetAttribute(&cached[device], cudaDevAttrMultiProcessorCount, device);
+  return cached[device];
+}
+
+}  // namespace
+
+GemmPlan plan(const GemmProblem& pr, int device) {
+  return with_act(pr.act, pr.m, [&]<typename Cfg>() {
+    GemmPlan pl{};
+    pl.block_m = Cfg::kBlockM;
+    pl.grid_n = (pr.n / kTileN + kWarpsN - 1) / kWarpsN;
+    pl.grid_m = (pr.m + Cfg::kBlockM - 1) / Cfg::kBlockM;
+    const int total_stages = pr.k / kStageK;
+    // Split K until the grid fills the GPU once: e.g. N = 4096, M = 1 on 132 SMs holding 4
+    // blocks each: 16 column blocks -> 528 / 16 = 33 splits, capped at 64 / 2 = 32 (two stages
+    // per split at least), giving 16 x 32 = 512 blocks of 128 k-rows.
+    const int capacity = sm_count(device) * Cfg::blocks_per_sm();
+    const int mn_blocks = pl.grid_n * pl.grid_m;
+    int splits = std::max(1, std::min(capacity / std::max(mn_blocks, 1), total_stages / 2));
+    pl.stages_per_split = (total_stages + splits - 1) / splits;
+    pl.splits = (total_stages + pl.stages_per_split - 1) / pl.stages_per_split;
+    pl.partial_floats = pl.splits > 1 ? static_cast<size_t>(pl.splits) * pr.m * pr.n : 0;
+    pl.counters = pl.splits > 1 ? mn_blocks : 0;
+    return pl;
+  });
+}
+
+cudaError_t run(const GemmProblem& pr, const GemmPlan& pl, const GemmArgs& a, cudaStream_t stream) {
+  KernelParams kp{};
+  kp.x = a.x;
+  kp.qweight = static_cast<const uint4*>(a.qweight);
+  kp.qzeros = static_cast<const uint32_t*>(a.qzeros);
+  kp.scales = static_cast<const __half*>(a.scales);
+  kp.bias = a.bias;
+  kp.y = a.y;
+  kp.partials = a.partials;
+  kp.counters = a.counters;
+  kp.m = pr.m;
+  kp.k = pr.k;
+  kp.n = pr.n;
+  kp.size_n = pr.size_n;
+  kp.group_size = pr.group_size;
+  kp.stages_per_split = pl.stages_per_split;
+  kp.splits = pl.splits;
+  // With one row of blocks along M every weight byte is read once: stream it past L2. With
+  // several, neighbouring row blocks re-read the same tiles, so let L2 keep them.
+  kp.weights_evict_first = pl.grid_m == 1;
+  return with_act(pr.act, pr.m, [&]<typename Cfg>() { return Cfg::launch(pl, kp, stream); });
+}
+
+}  // namespace quick

@@ -1,0 +1,47 @@
+// Launcher API of the QUICK W4A16 GEMM. Plain C++ types only: the kernel translation unit
+// (quick_gemm.cu) never sees torch headers, which keeps its compile time short; the torch binding
+// (quick_ops.cpp) validates tensors and calls these two functions.
+#pragma once
+
+#include <cuda_runtime.h>
+
+namespace quick {
+
+enum class ActType { kFloat16, kBFloat16 };
+
+struct GemmProblem {
+  int m;           // rows of x / y
+  int k;           // input features; must be a multiple of 64 (kStageK)
+  int n;           // output features padded to a multiple of 64 (qweight's N/64 * 64)
+  int size_n;      // real output features (<= n); columns >= size_n are not written
+  int group_size;  // multiple of 16 dividing k (k itself for per-channel)
+  ActType act;
+};
+
+// How one call is cut up; chosen by plan() from M and the GPU, so that small-M calls still fill
+// every SM (split-K) and large-M calls use bigger M tiles.
+struct GemmPlan {
+  int block_m;         // rows per thread block (16, 32, 64 or 128)
+  int splits;          // split-K factor (1 = no reduction)
+  int stages_per_split;
+  int grid_n, grid_m;  // blocks along N and M
+  size_t partial_floats;  // fp32 workspace needed for split-K partial sums (0 if splits == 1)
+  int counters;           // int counters needed (zeroed once, each launch leaves them zeroed)
+};
+
+struct GemmArgs {
+  const void* x;         // [m, k] fp16/bf16, rows contiguous, 16-byte aligned
+  const void* qweight;   // int32 [k/16, n/64, 128] interleaved (vllm_quick/layout.py)
+  const void* qzeros;    // int32 [k/group, n/8] interleaved
+  const void* scales;    // fp16 [k/group, n] interleaved for the accumulator fragment
+  const void* bias;      // [size_n] in the activation type, or nullptr
+  void* y;               // [m, size_n] in the activation type
+  float* partials;       // plan.partial_floats fp32, or nullptr when plan.splits == 1
+  int* counters;         // plan.counters ints, all zero on entry (and on exit)
+};
+
+GemmPlan plan(const GemmProblem& problem, int device);
+cudaError_t run(const GemmProblem& problem, const GemmPlan& plan, const GemmArgs& args,
+                cudaStream_t stream);
+
+}  // namespace quick

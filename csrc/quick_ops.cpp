@@ -1,0 +1,122 @@
+// Torch binding of the QUICK GEMM: checks every tensor (the message names it), allocates the
+// output and the split-K workspace from PyTorch's allocator (so CUDA-graph capture works), and
+// launches on the current stream. Exposed to Python as vllm_quick._C.gemm, which
+// vllm_quick/ops.py registers as the CUDA implementation of the quick::gemm custom op.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <mutex>
+#include <vector>
+
+#include "quick_gemm.h"
+#include "quick_layout.cuh"
+
+namespace {
+
+#define QUICK_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, "quick::gemm: ", __VA_ARGS__)
+
+void check_cuda(const torch::Tensor& t, const char* name, const torch::Tensor& x) {
+  QUICK_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+  QUICK_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
+  QUICK_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// Split-K tile counters: zeroed once per device, and every launch leaves them zero again.
+// Sized for the largest grid plan() ever splits (it only splits grids smaller than the GPU's
+// resident-block capacity, a few thousand at most).
+constexpr int64_t kCounterSlots = 1 << 16;
+
+int* split_counters(const torch::Tensor& x, int needed) {
+  static std::mutex mutex;
+  static std::vector<torch::Tensor> per_device;
+  QUICK_CHECK(needed <= kCounterSlots, "split-K plan needs ", needed, " counters, more than ",
+              kCounterSlots);
+  std::lock_guard<std::mutex> lock(mutex);
+  const int dev = x.get_device();
+  if (static_cast<int>(per_device.size()) <= dev) per_device.resize(dev + 1);
+  if (!per_device[dev].defined()) {
+    per_device[dev] = torch::zeros({kCounterSlots}, x.options().dtype(torch::kInt32));
+  }
+  return per_device[dev].data_ptr<int>();
+}
+
+}  // namespace
+
+torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& qzeros,
+                   const torch::Tensor& scales, const c10::optional<torch::Tensor>& bias,
+                   int64_t group_size, int64_t size_n) {
+  QUICK_CHECK(x.is_cuda(), "x must be a CUDA tensor");
+  QUICK_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.stride(0) == x.size(1),
+              "x must be a contiguous [M, K] matrix, got sizes ", x.sizes(), " strides ", x.strides());
+  QUICK_CHECK(x.scalar_type() == torch::kHalf || x.scalar_type() == torch::kBFloat16,
+              "x must be float16 or bfloat16, got ", x.scalar_type());
+  QUICK_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
+  check_cuda(qweight, "qweight", x);
+  check_cuda(qzeros, "qzeros", x);
+  check_cuda(scales, "scales", x);
+  const int64_t m = x.size(0), k = x.size(1);
+  QUICK_CHECK(qweight.scalar_type() == torch::kInt32 && qweight.dim() == 3 &&
+                  qweight.size(0) * quick::kTileK == k && qweight.size(2) == quick::kWordsPerTile,
+              "qweight must be int32 [K/16, N/64, 128] with K=", k, ", got ", qweight.sizes());
+  const int64_t n = qweight.size(1) * quick::kTileN;
+  QUICK_CHECK(k % 64 == 0, "K=", k, " must be a multiple of 64 (the kernel's k stage)");
+  QUICK_CHECK(group_size % 32 == 0 && k % group_size == 0,
+              "group_size=", group_size, " must be a multiple of 32 dividing K=", k);
+  const int64_t groups = k / group_size;
+  QUICK_CHECK(scales.scalar_type() == torch::kHalf && scales.dim() == 2 && scales.size(0) == groups &&
+                  scales.size(1) == n,
+              "scales must be float16 [", groups, ", ", n, "], got ", scales.scalar_type(), " ",
+              scales.sizes());
+  QUICK_CHECK(qzeros.scalar_type() == torch::kInt32 && qzeros.dim() == 2 && qzeros.size(0) == groups &&
+                  qzeros.size(1) == n / 8,
+              "qzeros must be int32 [", groups, ", ", n / 8, "], got ", qzeros.sizes());
+  QUICK_CHECK(size_n > n - quick::kTileN && size_n <= n && size_n % 2 == 0,
+              "size_n=", size_n, " must be even and within the last 64-column tile of N=", n);
+  const void* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    check_cuda(*bias, "bias", x);
+    QUICK_CHECK(bias->scalar_type() == x.scalar_type() && bias->dim() == 1 && bias->size(0) == size_n,
+                "bias must be [", size_n, "] of x's dtype ", x.scalar_type(), ", got ",
+                bias->scalar_type(), " ", bias->sizes());
+    bias_ptr = bias->data_ptr();
+  }
+
+  const at::cuda::OptionalCUDAGuard guard(x.device());
+  torch::Tensor y = torch::empty({m, size_n}, x.options());
+  if (m == 0) return y;
+
+  quick::GemmProblem problem{static_cast<int>(m), static_cast<int>(k), static_cast<int>(n),
+                             static_cast<int>(size_n), static_cast<int>(group_size),
+                             x.scalar_type() == torch::kBFloat16 ? quick::ActType::kBFloat16
+                                                                  : quick::ActType::kFloat16};
+  const quick::GemmPlan plan = quick::plan(problem, x.get_device());
+  torch::Tensor partials;
+  quick::GemmArgs args{x.data_ptr(), qweight.data_ptr(), qzeros.data_ptr(), scales.data_ptr(),
+                       bias_ptr, y.data_ptr(), nullptr, nullptr};
+  if (plan.splits > 1) {
+    partials = torch::empty({static_cast<int64_t>(plan.partial_floats)}, x.options().dtype(torch::kFloat32));
+    args.partials = partials.data_ptr<float>();
+    args.counters = split_counters(x, plan.counters);
+  }
+  const cudaError_t err = quick::run(problem, plan, args, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "quick::gemm: kernel launch failed: ", cudaGetErrorString(err));
+  return y;
+}
+
+// The plan for an (M, K, N) call, for benchmarks and tests: (block_m, splits, stages_per_split).
+std::vector<int64_t> describe_plan(int64_t m, int64_t k, int64_t n, int64_t group_size, bool bf16,
+                                   int64_t device) {
+  quick::GemmProblem problem{static_cast<int>(m), static_cast<int>(k), static_cast<int>(n),
+                             static_cast<int>(n), static_cast<int>(group_size),
+                             bf16 ? quick::ActType::kBFloat16 : quick::ActType::kFloat16};
+  const quick::GemmPlan plan = quick::plan(problem, static_cast<int>(device));
+  return {plan.block_m, plan.splits, plan.stages_per_split};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "QUICK W4A16 GEMM (CUDA); use torch.ops.quick.gemm from vllm_quick.ops";
+  module.def("gemm", &gemm, "y = x @ dequant(W) (+ bias) on the interleaved layout");
+  module.def("describe_plan", &describe_plan, "(block_m, splits, stages_per_split) for a call");
+  module.attr("LAYOUT_VERSION") = quick::kLayoutVersion;
+}

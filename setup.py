@@ -1,0 +1,37 @@
+"""Build of the optional CUDA extension ``vllm_quick._C`` (metadata lives in pyproject.toml).
+
+The extension is built with ninja through torch's ``BuildExtension`` when this torch has CUDA and
+nvcc is found; otherwise (CPU torch, no nvcc) the package installs without it and the
+``quick::gemm`` op uses its reference path. ``QUICK_CUDA_ARCH_LIST`` overrides the GPU targets.
+"""
+
+import os
+
+from setuptools import setup
+
+
+def cuda_extension():
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return [], {}
+    if torch.version.cuda is None or CUDA_HOME is None or os.environ.get("QUICK_SKIP_CUDA") == "1":
+        print("vllm-quick: no CUDA torch or nvcc; building without the kernel (reference path only)")
+        return [], {}
+    archs = os.environ.get("QUICK_CUDA_ARCH_LIST", "80;86;89;90").split(";")
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    ext = CUDAExtension(
+        name="vllm_quick._C",
+        sources=["csrc/quick_ops.cpp", "csrc/quick_gemm.cu"],
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"],
+            # C++20 for templated lambdas in the launcher; the kernel file includes no torch headers.
+            "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo", *gencode],
+        },
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = cuda_extension()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
