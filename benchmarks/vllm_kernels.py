@@ -1,0 +1,519 @@
+"""One int4 GEMM, six ways: adapters that run the *same* quantised weight through each backend.
+
+Every backend gets the same natural-order quantised weight and must compute the same function
+
+    y[m, n] = sum_k x[m, k] * (codes[k, n] - zeros[k // g, n]) * scales[k // g, n]
+
+so that timings compare like with like and each backend's output can be checked against one fp32
+reference (``kernel_bench.py`` does that for every case; an adapter that computes something else is
+reported as wrong, not timed).
+
+Interface (per backend, see ``BACKENDS``)::
+
+    reason = backend.unsupported(K, N, group_size, act_dtype)   # None, or why it cannot run
+    state  = backend.prepare(codes, zeros, scales, group_size, act_dtype)
+    y      = backend.run(state, x)                               # x [M, K] act_dtype, contiguous
+
+``codes`` int32 [K, N] (0..15), ``zeros`` int32 [G, N] (0..15), ``scales`` fp16 [G, N], all on the
+GPU; ``group_size`` is a positive group size or -1 for one group over all of K (per-channel).
+
+The vLLM calls mirror what vLLM 0.26 does for an AWQ checkpoint (``vllm/_custom_ops.py``,
+``model_executor/kernels/linear/mixed_precision/{marlin,machete,humming}.py``,
+``model_executor/layers/quantization/auto_awq.py``); ``CALLS`` below spells each one out.
+vLLM is imported lazily, so ``quick`` and ``cublas`` work without it.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from vllm_quick import layout
+
+PACK = 8  # int4 values per int32
+
+# The exact calls each adapter makes (printed into the benchmark report).
+CALLS = {
+    "quick": "torch.ops.quick.gemm(x, qweight, qzeros, scales, None, group, N) on "
+    "vllm_quick.layout.awq_to_quick(awq_pack(codes), awq_pack(zeros), scales)",
+    "cublas": "torch.nn.functional.linear(x, W) with W = dequant(codes, zeros, scales) as [N, K] "
+    "in the activation dtype (what an unquantised vLLM layer runs)",
+    "awq_gemm": "torch.ops._C.awq_gemm(x, qweight_awq, scales_fp16, qzeros_awq, split_k_iters=8) "
+    "(AutoAWQ GEMM kernel, the call of vLLM's AutoAWQLinearMethod; fp16 only)",
+    "marlin": "ops.marlin_gemm(x, None, awq_marlin_repack(qweight_awq, K, N, 4), None, "
+    "marlin_permute_scales(scales), None, None, marlin_zero_points(zeros), g_idx=empty, perm=empty, "
+    "workspace, scalar_types.uint4, M, N, K, is_k_full=True, use_atomic_add=False, "
+    "use_fp32_reduce=True, is_zp_float=False)",
+    "machete": "ops.machete_mm(a=x, b_q=machete_prepack_B(qweight_gptq.t().contiguous().t(), act, uint4, "
+    "act), b_type=scalar_types.uint4, b_group_zeros=-scales*zeros (act dtype), b_group_scales=scales "
+    "(act dtype), b_group_size=g) (vLLM's MacheteLinearKernel, chosen for AWQ on sm90)",
+    "humming": "vLLM's HummingLinearKernel(MPLinearLayerConfig(uint4, zero_points=True)) on a layer "
+    "holding the GPTQ-standard tensors vLLM's AWQ loader makes: process_weights_after_loading(layer), "
+    "apply_weights(layer, x)",
+}
+
+
+class Unsupported(Exception):
+    """This backend cannot run this case (the message says why)."""
+
+
+@dataclass
+class State:
+    """A prepared weight: ``weights`` are per copy (cloned for L2 rotation), ``shared`` is not."""
+
+    backend: str
+    weights: dict[str, Any]
+    shared: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def clone_state(state: State) -> State:
+    """A copy with its own weight memory (same values): one more entry of the L2 rotation."""
+    weights = {}
+    for key, value in state.weights.items():
+        if isinstance(value, torch.Tensor):
+            weights[key] = value.clone()
+        else:  # an nn.Module holding the weights (humming)
+            weights[key] = copy.deepcopy(value)
+    return State(state.backend, weights, state.shared, state.meta)
+
+
+def weight_bytes(state: State) -> int:
+    """Bytes of the per-copy weight tensors (what one call streams from memory)."""
+    total = 0
+    for value in state.weights.values():
+        if isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+        elif isinstance(value, torch.nn.Module):
+            for t in list(value.parameters()) + list(value.buffers()):
+                total += t.numel() * t.element_size()
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# packing helpers (natural-order codes -> the packed formats the kernels read)
+# ----------------------------------------------------------------------------------------------
+def effective_group(k: int, group_size: int) -> int:
+    return k if group_size == -1 else group_size
+
+
+def pack_along_k(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [K, N] -> int32 [K/8, N], nibble i of word (w, n) = codes[8w + i, n] (GPTQ order:
+    what vLLM's AWQ loader converts to before Marlin/Machete/Humming)."""
+    k, n = codes.shape
+    if k % PACK:
+        raise ValueError(f"packing along K needs K % 8 == 0, got K={k}")
+    grouped = codes.reshape(k // PACK, PACK, n).permute(0, 2, 1)  # [K/8, N, 8]
+    return layout.pack_nibbles(grouped)
+
+
+def pack_along_n_transposed(zeros: torch.Tensor) -> torch.Tensor:
+    """Zeros [G, N] -> int32 [N/8, G], nibble i of word (w, g) = zeros[g, 8w + i] (the standard
+    zero-point format vLLM's AWQ loader makes: packed along N, output dim first)."""
+    g, n = zeros.shape
+    if n % PACK:
+        raise ValueError(f"packing along N needs N % 8 == 0, got N={n}")
+    grouped = zeros.t().reshape(n // PACK, PACK, g).permute(0, 2, 1)  # [N/8, G, 8]
+    return layout.pack_nibbles(grouped)
+
+
+def bind_call(fn: Callable, per_call: tuple[str, ...], /, **kwargs) -> Callable:
+    """``fn`` with ``kwargs`` bound by name, keeping only the parameters ``fn`` has; the names in
+    ``per_call`` are left for each call to pass (by keyword).
+
+    The vLLM wrappers changed arguments between releases (0.26's ``marlin_gemm`` takes ``g_idx``
+    and ``perm``, later ones do not); binding by name keeps one adapter for both and fails loudly
+    if ``fn`` needs something this adapter does not supply.
+    """
+    params = inspect.signature(fn).parameters
+    missing = [
+        name
+        for name, p in params.items()
+        if p.default is inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and name not in kwargs
+        and name not in per_call
+    ]
+    unknown = [name for name in per_call if name not in params]
+    if unknown:
+        raise Unsupported(f"{getattr(fn, '__qualname__', fn)} has no parameters {unknown}")
+    if missing:
+        raise Unsupported(
+            f"{getattr(fn, '__qualname__', fn)} needs arguments {missing} that this adapter (written "
+            f"against vLLM 0.26) does not pass"
+        )
+    return functools.partial(fn, **{k: v for k, v in kwargs.items() if k in params})
+
+
+# ----------------------------------------------------------------------------------------------
+# lazy vLLM access
+# ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _vllm():
+    """(vllm module, vllm._custom_ops, scalar_types); raises Unsupported if vLLM does not import."""
+    try:
+        import vllm
+        import vllm._custom_ops as ops
+        from vllm.scalar_type import scalar_types
+    except Exception as e:  # ImportError, or a broken install raising anything else
+        raise Unsupported(f"vLLM does not import: {type(e).__name__}: {e}") from e
+    return vllm, ops, scalar_types
+
+
+def vllm_version() -> str | None:
+    try:
+        return _vllm()[0].__version__
+    except Unsupported:
+        return None
+
+
+def _c_op(name: str):
+    """``torch.ops._C.<name>`` (vLLM's CUDA op library, loaded by importing vllm._custom_ops)."""
+    _vllm()
+    if not hasattr(torch.ops._C, name):
+        raise Unsupported(f"torch.ops._C.{name} is not registered by this vLLM build")
+    return getattr(torch.ops._C, name)
+
+
+# ----------------------------------------------------------------------------------------------
+# backends
+# ----------------------------------------------------------------------------------------------
+class Backend:
+    name = ""
+
+    def unsupported(self, k: int, n: int, group_size: int, act_dtype: torch.dtype) -> str | None:
+        return None
+
+    def prepare(self, codes, zeros, scales, group_size: int, act_dtype: torch.dtype) -> State:
+        raise NotImplementedError
+
+    def run(self, state: State, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def call(self) -> str:
+        return CALLS[self.name]
+
+
+class QuickBackend(Backend):
+    """Our op on the interleaved layout, made from AWQ tensors exactly as the plugin loads them."""
+
+    name = "quick"
+
+    def unsupported(self, k, n, group_size, act_dtype):
+        from vllm_quick import ops
+
+        if ops.kernel_extension() is None:
+            return "vllm_quick._C is not built: torch.ops.quick.gemm would run the slow reference"
+        g = effective_group(k, group_size)
+        if g % layout.TILE_K or k % g:
+            return f"group size {g} must be a multiple of {layout.TILE_K} dividing K={k}"
+        return None
+
+    def prepare(self, codes, zeros, scales, group_size, act_dtype):
+        import vllm_quick.ops  # noqa: F401  (registers torch.ops.quick.gemm)
+
+        k, n = codes.shape
+        qweight, qzeros, s = layout.awq_to_quick(layout.awq_pack(codes), layout.awq_pack(zeros), scales)
+        return State(
+            self.name,
+            {"qweight": qweight, "qzeros": qzeros, "scales": s},
+            meta={"group": effective_group(k, group_size), "n": n},
+        )
+
+    def run(self, state, x):
+        w = state.weights
+        return torch.ops.quick.gemm(
+            x, w["qweight"], w["qzeros"], w["scales"], None, state.meta["group"], state.meta["n"]
+        )
+
+
+class CublasBackend(Backend):
+    """The unquantised baseline: F.linear on the dequantised weight (cuBLAS)."""
+
+    name = "cublas"
+
+    def prepare(self, codes, zeros, scales, group_size, act_dtype):
+        w = layout.dequantize(codes, zeros, scales).to(act_dtype)  # [K, N], fp32 math then cast
+        return State(self.name, {"weight": w.t().contiguous()})  # [N, K] like nn.Linear
+
+    def run(self, state, x):
+        return torch.nn.functional.linear(x, state.weights["weight"])
+
+
+class AwqGemmBackend(Backend):
+    """vLLM's AutoAWQ GEMM kernel, straight on the AWQ-packed tensors."""
+
+    name = "awq_gemm"
+
+    def unsupported(self, k, n, group_size, act_dtype):
+        try:
+            _c_op("awq_gemm")
+        except Unsupported as e:
+            return str(e)
+        if act_dtype != torch.float16:
+            return "awq_gemm takes float16 activations only"
+        g = effective_group(k, group_size)
+        if g % 32:
+            return f"awq_gemm needs a group size that is a multiple of 32, got {g}"
+        if n % 64:
+            return f"awq_gemm needs N % 64 == 0, got N={n}"
+        return None
+
+    def prepare(self, codes, zeros, scales, group_size, act_dtype):
+        return State(
+            self.name,
+            {
+                "qweight": layout.awq_pack(codes),
+                "qzeros": layout.awq_pack(zeros),
+                "scales": scales.to(torch.float16).contiguous(),
+            },
+            shared={"op": _c_op("awq_gemm")},
+        )
+
+    def run(self, state, x):
+        w = state.weights
+        # split_k_iters = 8 = the AWQ pack factor, as vLLM's AutoAWQLinearMethod passes.
+        return state.shared["op"](x, w["qweight"], w["scales"], w["qzeros"], 8)
+
+
+MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
+MACHETE_GROUP_SIZES = (-1, 64, 128)  # query_machete_supported_group_sizes(fp16/bf16)
+
+
+class MarlinBackend(Backend):
+    """Marlin (``marlin_gemm``) on an ``awq_marlin_repack``-ed weight, uint4 with zero points."""
+
+    name = "marlin"
+
+    def unsupported(self, k, n, group_size, act_dtype):
+        try:
+            _, ops, _ = _vllm()
+            for fn in ("marlin_gemm", "awq_marlin_repack"):
+                if not hasattr(ops, fn):
+                    return f"vllm._custom_ops has no {fn}"
+        except Unsupported as e:
+            return str(e)
+        if group_size not in MARLIN_GROUP_SIZES:
+            return f"Marlin supports group sizes {MARLIN_GROUP_SIZES}, got {group_size}"
+        if not ((n % 64 == 0 and k % 128 == 0) or (n % 128 == 0 and k % 64 == 0)):
+            return f"Marlin needs (N%64, K%128) or (N%128, K%64) == 0 without padding, got K={k} N={n}"
+        if act_dtype not in (torch.float16, torch.bfloat16):
+            return f"Marlin takes float16/bfloat16, got {act_dtype}"
+        return None
+
+    def prepare(self, codes, zeros, scales, group_size, act_dtype):
+        _, ops, scalar_types = _vllm()
+        from vllm.model_executor.layers.quantization.utils.marlin_utils import (
+            marlin_make_workspace_new,
+            marlin_permute_scales,
+            marlin_zero_points,
+        )
+
+        k, n = codes.shape
+        g_rows = zeros.shape[0]
+        device = codes.device
+        qweight = ops.awq_marlin_repack(layout.awq_pack(codes), size_k=k, size_n=n, num_bits=4)
+        s = marlin_permute_scales(
+            scales.to(act_dtype).contiguous(), size_k=k, size_n=n, group_size=group_size
+        )
+        # Natural-order zeros [G, N]: exactly what vLLM hands marlin_zero_points after undoing the
+        # AWQ packing (MarlinLinearKernel: unpack_cols(qzeros.t()) -> marlin_zero_points).
+        zp = marlin_zero_points(zeros.to(torch.int32).contiguous(), size_k=g_rows, size_n=n, num_bits=4)
+        empty = torch.empty(0, dtype=torch.int32, device=device)
+        workspace = marlin_make_workspace_new(device)
+        gemm = bind_call(
+            ops.marlin_gemm,
+            ("a", "b_q_weight", "b_scales", "b_zeros", "size_m"),
+            c=None,
+            b_bias=None,
+            a_scales=None,
+            global_scale=None,
+            g_idx=empty,
+            perm=empty,
+            workspace=workspace,
+            b_q_type=scalar_types.uint4,
+            size_n=n,
+            size_k=k,
+            is_k_full=True,
+            use_atomic_add=False,
+            use_fp32_reduce=True,
+            is_zp_float=False,
+        )
+        return State(
+            self.name,
+            {"qweight": qweight, "scales": s, "zeros": zp.to(device)},
+            shared={"gemm": gemm, "workspace": workspace},
+        )
+
+    def run(self, state, x):
+        w = state.weights
+        return state.shared["gemm"](
+            a=x, b_q_weight=w["qweight"], b_scales=w["scales"], b_zeros=w["zeros"], size_m=x.shape[0]
+        )
+
+
+def marlin_repack_matches_gptq_route(codes: torch.Tensor) -> bool:
+    """Self-check for --smoke: ``awq_marlin_repack`` of the AWQ packing equals
+    ``gptq_marlin_repack`` of the GPTQ packing (the route vLLM 0.26's AWQ loader takes)."""
+    _, ops, _ = _vllm()
+    k, n = codes.shape
+    a = ops.awq_marlin_repack(layout.awq_pack(codes), size_k=k, size_n=n, num_bits=4)
+    empty = torch.empty(0, dtype=torch.int32, device=codes.device)
+    b = bind_call(ops.gptq_marlin_repack, ("b_q_weight",), perm=empty, size_k=k, size_n=n, num_bits=4)(
+        b_q_weight=pack_along_k(codes)
+    )
+    return torch.equal(a, b)
+
+
+class MacheteBackend(Backend):
+    """Machete (CUTLASS, sm90): what vLLM 0.26 picks for AWQ (uint4 + group zeros) on Hopper."""
+
+    name = "machete"
+
+    def unsupported(self, k, n, group_size, act_dtype):
+        try:
+            _, ops, _ = _vllm()
+            for fn in ("machete_mm", "machete_prepack_B"):
+                if not hasattr(ops, fn):
+                    return f"vllm._custom_ops has no {fn}"
+        except Unsupported as e:
+            return str(e)
+        if not torch.cuda.is_available():
+            return "Machete needs a CUDA device"
+        if torch.cuda.get_device_capability() != (9, 0):
+            return f"Machete needs compute capability 9.0, got {torch.cuda.get_device_capability()}"
+        if act_dtype not in (torch.float16, torch.bfloat16):
+            return f"Machete here takes float16/bfloat16, got {act_dtype}"
+        if group_size not in MACHETE_GROUP_SIZES:
+            return f"Machete supports group sizes {MACHETE_GROUP_SIZES} for 16-bit activations, got {group_size}"
+        if k % 64 or n % 128:
+            return f"Machete needs K % 64 == 0 and N % 128 == 0, got K={k} N={n}"
+        return None
+
+    def prepare(self, codes, zeros, scales, group_size, act_dtype):
+        _, ops, scalar_types = _vllm()
+        w = pack_along_k(codes)  # [K/8, N]
+        # Machete wants the packed weight column-major (vLLM passes x.t().contiguous().t()).
+        b_q = ops.machete_prepack_B(
+            w.t().contiguous().t(), a_type=act_dtype, b_type=scalar_types.uint4, group_scales_type=act_dtype
+        )
+        s = scales.to(act_dtype).contiguous()
+        # Machete computes q * s + z: vLLM pre-applies the scales to AWQ zero points, in the
+        # activation dtype, as z = -s * zero (MacheteLinearKernel.transform_w_zp).
+        z = (-1.0 * s * zeros.to(s.dtype)).contiguous()
+        mm = bind_call(
+            ops.machete_mm,
+            ("a", "b_q", "b_group_zeros", "b_group_scales"),
+            b_type=scalar_types.uint4, b_group_size=group_size)
+        return State(self.name, {"b_q": b_q, "scales": s, "zeros": z}, shared={"mm": mm})
+
+    def run(self, state, x):
+        w = state.weights
+        return state.shared["mm"](a=x, b_q=w["b_q"], b_group_zeros=w["zeros"], b_group_scales=w["scales"])
+
+
+class _LinearShell(torch.nn.Module):
+    """The attributes of a vLLM LinearBase that the Humming path reads, and nothing else."""
+
+    def __init__(self, k: int, n: int, dtype: torch.dtype):
+        super().__init__()
+        self.input_size = k
+        self.input_size_per_partition = k
+        self.output_size = n
+        self.output_partition_sizes = [n]
+        self.params_dtype = dtype
+        self.has_bias = False
+        self.bias = None
+
+
+def _param(t: torch.Tensor, **attrs) -> torch.nn.Parameter:
+    p = torch.nn.Parameter(t, requires_grad=False)
+    for key, value in attrs.items():
+        setattr(p, key, value)
+    return p
+
+
+class HummingBackend(Backend):
+    """Humming (JIT GEMM library) through vLLM's own HummingLinearKernel, on the GPTQ-standard
+    tensors vLLM's AWQ loader produces (``_convert_awq_to_standard_format``)."""
+
+    name = "humming"
+
+    def unsupported(self, k, n, group_size, act_dtype):
+        try:
+            _vllm()
+            from vllm.utils.import_utils import has_humming
+        except Exception as e:
+            return f"vLLM has no Humming support: {type(e).__name__}: {e}"
+        if not has_humming():
+            return "the humming package (pip: humming-kernels) is not installed"
+        if act_dtype not in (torch.float16, torch.bfloat16):
+            return f"Humming here takes float16/bfloat16, got {act_dtype}"
+        return None
+
+    def prepare(self, codes, zeros, scales, group_size, act_dtype):
+        _, _, scalar_types = _vllm()
+        from vllm.model_executor.kernels.linear.mixed_precision.humming import HummingLinearKernel
+        from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import (
+            MPLinearLayerConfig,
+        )
+
+        k, n = codes.shape
+        layer = _LinearShell(k, n, act_dtype)
+        # Tensor layouts and dim attributes as after vLLM 0.26's AWQ -> standard conversion.
+        layer.qweight = _param(pack_along_k(codes), input_dim=0, output_dim=1, packed_dim=0, packed_factor=PACK)
+        layer.qzeros = _param(
+            pack_along_n_transposed(zeros), output_dim=0, input_dim=1, packed_dim=0, packed_factor=PACK
+        )
+        layer.scales = _param(scales.to(act_dtype).contiguous(), input_dim=0, output_dim=1)
+        config = MPLinearLayerConfig(
+            full_weight_shape=(k, n),
+            partition_weight_shape=(k, n),
+            weight_type=scalar_types.uint4,
+            act_type=act_dtype,
+            group_size=group_size,
+            zero_points=True,
+            has_g_idx=False,
+        )
+        kernel = HummingLinearKernel(
+            config, w_q_param_name="qweight", w_s_param_name="scales", w_zp_param_name="qzeros"
+        )
+        kernel.process_weights_after_loading(layer)
+        return State(self.name, {"layer": layer}, shared={"kernel": kernel})
+
+    def run(self, state, x):
+        return state.shared["kernel"].apply_weights(state.weights["layer"], x)
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        QuickBackend(),
+        CublasBackend(),
+        AwqGemmBackend(),
+        MarlinBackend(),
+        MacheteBackend(),
+        HummingBackend(),
+    )
+}
+BACKEND_NAMES = tuple(BACKENDS)
+
+
+def prepare(name: str, codes, zeros, scales, group_size: int, act_dtype: torch.dtype) -> State:
+    """``BACKENDS[name].prepare`` after its support check (raises Unsupported with the reason)."""
+    backend = BACKENDS[name]
+    k, n = codes.shape
+    reason = backend.unsupported(k, n, group_size, act_dtype)
+    if reason:
+        raise Unsupported(reason)
+    return backend.prepare(codes, zeros, scales, group_size, act_dtype)
+
+
+def run(state: State, x: torch.Tensor) -> torch.Tensor:
+    return BACKENDS[state.backend].run(state, x)
