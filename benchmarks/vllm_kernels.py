@@ -213,6 +213,12 @@ class QuickBackend(Backend):
         g = effective_group(k, group_size)
         if g % layout.TILE_K or k % g:
             return f"group size {g} must be a multiple of {layout.TILE_K} dividing K={k}"
+        # Never time the reference fallback: ask the op whether its kernel takes this call.
+        probe = getattr(ops, "kernel_unsupported_reason", None)
+        if probe is not None:
+            reason = probe(torch.empty((0, k), dtype=act_dtype, device="meta"), g)
+            if reason:
+                return f"the kernel does not take this case ({reason}); the op would use the reference"
         return None
 
     def prepare(self, codes, zeros, scales, group_size, act_dtype):
