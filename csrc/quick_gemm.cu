@@ -87,7 +87,7 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) 
 // d = (a & b) | c in one instruction (lookup table 0xEA = (0xF0 & 0xCC) | 0xAA).
 __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
   uint32_t d;
-  asm volatile("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
   return d;
 }
 
@@ -105,7 +105,7 @@ struct Act<__half> {
   }
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
         "{%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
@@ -129,7 +129,7 @@ struct Act<__nv_bfloat16> {
   }
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
         "{%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
@@ -307,6 +307,9 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM)
   __half2 scale[8];  // this lane's two accumulator columns in each n8 block (fp16 as stored)
   const bool warp_active = warp_n < block_tiles;
 
+  // First k row of the next group: a group starts where k_row reaches it (no modulo per k-tile).
+  int next_group_row = stage_begin * kStageK;
+
   // acc += group_acc * scale, then start a new group sum.
   auto flush_group = [&]() {
 #pragma unroll
@@ -348,8 +351,9 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM)
 #pragma unroll
       for (int kt = 0; kt < kStageKTiles; ++kt) {
         const int k_row = gs * kStageK + kt * kTileK;
-        if (k_row % p.group_size == 0 || (s == 0 && kt == 0)) {
-          if (!(s == 0 && kt == 0)) flush_group();
+        if (k_row == next_group_row) {
+          if (s != 0 || kt != 0) flush_group();
+          next_group_row = (k_row / p.group_size + 1) * p.group_size;
           const int r = k_row / p.group_size - g_first;
           // Zeros: word (lane / 4) of this warp's tile (8 words per tile).
           unpack_zeros<T>(z_src[r * (kBlockN / 8) + warp_n * 8 + lane / 4], biased_zero);
@@ -432,25 +436,29 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM)
   __syncthreads();
   if (!is_last) return;
   __threadfence();  // acquire side: see the other splits' partials
-  if (warp_active) {
-#pragma unroll
-    for (int mi = 0; mi < kWarpTilesM; ++mi)
-#pragma unroll
-      for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = row_base + mi * 16 + 8 * h;
-          const int col = col_base + nb * 8;
-          if (row >= p.m) continue;
-          float2 sum = make_float2(0.f, 0.f);
-          for (int sp = 0; sp < p.splits; ++sp) {  // fixed order: deterministic
-            const float2 v = __ldcg(reinterpret_cast<const float2*>(
-                p.partials + (static_cast<size_t>(sp) * p.m + row) * p.n + col));
-            sum.x += v.x;
-            sum.y += v.y;
-          }
-          store_output(row, col, sum.x, sum.y);
-        }
+  // The whole block reduces the tile, four columns per thread and several splits' loads in
+  // flight at once. (A first version let each thread reduce its own accumulator fragment: for
+  // M = 1 only 4 lanes had rows, and their ~180 dependent L2 loads took ~25 us.)
+  {
+    const int cols = block_tiles * kTileN;
+    const int rows = min(kBlockM, p.m - row0);
+    const size_t split_stride = static_cast<size_t>(p.m) * p.n;
+    for (int idx = tid; idx < rows * (cols / 4); idx += kThreads) {
+      const int row = row0 + idx / (cols / 4);
+      const int col = tile_n0 * kTileN + (idx % (cols / 4)) * 4;
+      const float* src = p.partials + static_cast<size_t>(row) * p.n + col;
+      float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+      for (int sp = 0; sp < p.splits; ++sp) {  // fixed order: deterministic
+        const float4 v = __ldcg(reinterpret_cast<const float4*>(src + sp * split_stride));
+        sum.x += v.x;
+        sum.y += v.y;
+        sum.z += v.z;
+        sum.w += v.w;
+      }
+      store_output(row, col, sum.x, sum.y);
+      store_output(row, col + 2, sum.z, sum.w);
+    }
   }
   if (tid == 0) *counter = 0;  // ready for the next launch / graph replay
 }

@@ -2,7 +2,7 @@
 // output and the split-K workspace from PyTorch's allocator (so CUDA-graph capture works), and
 // launches on the current stream. Exposed to Python as vllm_quick._C.gemm, which
 // vllm_quick/ops.py registers as the CUDA implementation of the quick::gemm custom op.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
@@ -99,7 +99,7 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& qweight, const t
     args.partials = partials.data_ptr<float>();
     args.counters = split_counters(x, plan.counters);
   }
-  const cudaError_t err = quick::run(problem, plan, args, at::cuda::getCurrentCUDAStream());
+  const cudaError_t err = quick::run(problem, plan, args, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "quick::gemm: kernel launch failed: ", cudaGetErrorString(err));
   return y;
 }
