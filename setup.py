@@ -23,7 +23,7 @@ def cuda_extension():
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     ext = CUDAExtension(
         name="vllm_quick._C",
-        sources=["csrc/quick_ops.cpp", "csrc/quick_gemm.cu"],
+        sources=["csrc/quick_ops.cpp", "csrc/quick_gemm.cu", "csrc/quick_dequant.cu"],
         extra_compile_args={
             "cxx": ["-O3", "-std=c++17"],
             # C++20 for templated lambdas in the launcher; the kernel file includes no torch headers.

@@ -40,7 +40,18 @@ struct GemmArgs {
   int* counters;         // plan.counters ints, all zero on entry (and on exit)
 };
 
+// Dense dequantisation of the interleaved layout: out[k, n] = (q - z) * s in the activation type.
+struct DequantArgs {
+  const void* qweight;
+  const void* qzeros;
+  const void* scales;
+  void* out;  // [k, n] row-major
+  int k, n, group_size;
+  ActType act;
+};
+
 GemmPlan plan(const GemmProblem& problem, int device);
+cudaError_t dequantize(const DequantArgs& args, cudaStream_t stream);
 cudaError_t run(const GemmProblem& problem, const GemmPlan& plan, const GemmArgs& args,
                 cudaStream_t stream);
 

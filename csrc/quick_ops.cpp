@@ -104,6 +104,32 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& qweight, const t
   return y;
 }
 
+// Dense [K, Np] weight in x's dtype, for the large-M path (dequantise once, then cuBLAS).
+torch::Tensor dequantize(const torch::Tensor& qweight, const torch::Tensor& qzeros,
+                         const torch::Tensor& scales, int64_t group_size, torch::ScalarType dtype) {
+  QUICK_CHECK(qweight.is_cuda() && qweight.is_contiguous() && qweight.scalar_type() == torch::kInt32 &&
+                  qweight.dim() == 3 && qweight.size(2) == quick::kWordsPerTile,
+              "qweight must be a contiguous CUDA int32 [K/16, N/64, 128], got ", qweight.sizes());
+  check_cuda(qzeros, "qzeros", qweight);
+  check_cuda(scales, "scales", qweight);
+  QUICK_CHECK(dtype == torch::kHalf || dtype == torch::kBFloat16, "dtype must be float16 or bfloat16");
+  const int64_t k = qweight.size(0) * quick::kTileK, n = qweight.size(1) * quick::kTileN;
+  QUICK_CHECK(group_size % quick::kTileK == 0 && k % group_size == 0, "group_size=", group_size,
+              " must be a multiple of 16 dividing K=", k);
+  QUICK_CHECK(scales.scalar_type() == torch::kHalf && scales.size(0) == k / group_size && scales.size(1) == n,
+              "scales must be float16 [", k / group_size, ", ", n, "], got ", scales.sizes());
+  QUICK_CHECK(qzeros.size(0) == k / group_size && qzeros.size(1) == n / 8, "qzeros must be [",
+              k / group_size, ", ", n / 8, "], got ", qzeros.sizes());
+  const at::cuda::OptionalCUDAGuard guard(qweight.device());
+  torch::Tensor out = torch::empty({k, n}, qweight.options().dtype(dtype));
+  quick::DequantArgs args{qweight.data_ptr(), qzeros.data_ptr(), scales.data_ptr(), out.data_ptr(),
+                          static_cast<int>(k), static_cast<int>(n), static_cast<int>(group_size),
+                          dtype == torch::kBFloat16 ? quick::ActType::kBFloat16 : quick::ActType::kFloat16};
+  const cudaError_t err = quick::dequantize(args, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "quick::dequantize: kernel launch failed: ", cudaGetErrorString(err));
+  return out;
+}
+
 // The plan for an (M, K, N) call, for benchmarks and tests: (block_m, splits, stages_per_split).
 std::vector<int64_t> describe_plan(int64_t m, int64_t k, int64_t n, int64_t group_size, bool bf16,
                                    int64_t device) {
@@ -117,6 +143,7 @@ std::vector<int64_t> describe_plan(int64_t m, int64_t k, int64_t n, int64_t grou
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "QUICK W4A16 GEMM (CUDA); use torch.ops.quick.gemm from vllm_quick.ops";
   module.def("gemm", &gemm, "y = x @ dequant(W) (+ bias) on the interleaved layout");
+  module.def("dequantize", &dequantize, "dense [K, Np] weight in the given dtype");
   module.def("describe_plan", &describe_plan, "(block_m, splits, stages_per_split) for a call");
   module.attr("LAYOUT_VERSION") = quick::kLayoutVersion;
 }

@@ -5,9 +5,10 @@ One op, one schema, three implementations:
 * ``CPU`` (and any device without the compiled kernel): the reference path. It dequantises the
   interleaved weight with :func:`vllm_quick.layout.dequantize_quick` (fp32 arithmetic) and runs a
   matmul in fp32, then casts to ``x.dtype``. Slow, simple, exact enough to be the ground truth.
-* ``CUDA``: the compiled QUICK kernel (``vllm_quick._C``), which picks its kernel variant from the
-  real number of rows M at run time. This must happen here, inside the op: vLLM compiles
-  ``apply()`` into a graph, so a Python ``if M < ...`` there would be frozen at trace time.
+* ``CUDA``: the compiled QUICK kernel (``vllm_quick._C``) for small M, dequantise + cuBLAS for
+  large M (``vllm_quick.dispatch``); the kernel also picks its tile shape and split-K from M. This
+  must happen here, inside the op: vLLM compiles ``apply()`` into a graph, so a Python
+  ``if M < ...`` there would be frozen at trace time.
 * ``Meta``/fake: output shape only, for ``torch.compile`` and CUDA-graph capture.
 
 Schema (a contract with csrc/quick_ops.cpp)::
@@ -29,7 +30,7 @@ import logging
 
 import torch
 
-from vllm_quick import layout
+from vllm_quick import dispatch, layout
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,12 @@ def _cuda_gemm(x, qweight, qzeros, scales, bias, group_size: int, size_n: int):
         x2 = x2.contiguous()
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    y = kernel_extension().gemm(x2, qweight, qzeros, scales, bias, group_size, size_n)
+    ext = kernel_extension()
+    if dispatch.choose_path(x2.shape[0], x.dtype, x.device) == "dequant":
+        w = ext.dequantize(qweight, qzeros, scales, group_size, x.dtype)[:, :size_n]
+        y = torch.addmm(bias, x2, w) if bias is not None else x2 @ w
+    else:
+        y = ext.gemm(x2, qweight, qzeros, scales, bias, group_size, size_n)
     return y.reshape(*x.shape[:-1], size_n)
 
 
