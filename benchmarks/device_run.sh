@@ -1,0 +1,261 @@
+#!/usr/bin/env bash
+# The GPU-side run: build the extension, GPU tests, compute-sanitizer, ncu, kernel benchmark.
+#
+#   bash benchmarks/device_run.sh [STEP ...]
+#
+# Steps (run in the order given; default: env build tests memcheck ncu bench):
+#   env       GPU, driver, torch/vLLM versions, which tools are there
+#   build     build vllm_quick._C in place (skipped when setup.py + csrc/ are unchanged and it imports)
+#   tests     pytest -m gpu tests/test_gpu_kernel.py (+ tests/test_ops_reference.py)
+#   memcheck  compute-sanitizer memcheck over benchmarks/memcheck_cases.py, racecheck on 3 cases
+#   ncu       Nsight Compute of quick (and awq_gemm, marlin, machete) at 4096x12288 g128 fp16, M=16/128
+#   bench     benchmarks/kernel_bench.py, full sweep, with the time that is left
+#   smoke     benchmarks/kernel_bench.py --smoke (one small case per backend)
+#
+# Every step is guarded: a failing step is reported and the next one runs. The whole run keeps to
+# DEVICE_RUN_DEADLINE_S seconds (default 540); a step that would start with too little time left
+# is skipped, and the bench gets what remains (it stops itself and lists what it skipped).
+# Output goes to $OUT (default benchmarks/results/device): device_run.log (everything),
+# gpu_tests.log, memcheck.log, ncu_report.ncu-rep, ncu_raw.csv, kernel_<gpu>.json/.md.
+# Environment: PYTHON (python3), BENCH_ARGS (extra kernel_bench.py arguments), NCU_BACKENDS
+# (quick,awq_gemm,marlin,machete), QUICK_CUDA_ARCH_LIST (90), MAX_JOBS (16), PYTEST_ARGS.
+
+set -u
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO" || exit 1
+OUT="${OUT:-$REPO/benchmarks/results/device}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+DEADLINE_S="${DEVICE_RUN_DEADLINE_S:-540}"
+START=$(date +%s)
+exec > >(tee -a "$OUT/device_run.log") 2>&1
+
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+if [ -d /tmp/site ] && [[ ":$PYTHONPATH:" != *":/tmp/site:"* ]]; then
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+export VLLM_USE_FLASHINFER_SAMPLER="${VLLM_USE_FLASHINFER_SAMPLER:-0}"
+export QUICK_CUDA_ARCH_LIST="${QUICK_CUDA_ARCH_LIST:-90}"
+export MAX_JOBS="${MAX_JOBS:-16}"
+export REPO OUT PY START DEADLINE_S
+
+STEPS=("$@")
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(env build tests memcheck ncu bench)
+declare -a SUMMARY=()
+FAILED=0
+
+elapsed() { echo $(($(date +%s) - START)); }
+remaining() { echo $((DEADLINE_S - $(elapsed))); }
+banner() { echo; echo "=== [$(elapsed)s] $* ==="; }
+
+# find_tool NAME: PATH, then the usual CUDA / Nsight install folders
+find_tool() {
+  local name=$1 cand
+  if command -v "$name" >/dev/null 2>&1; then command -v "$name"; return 0; fi
+  for cand in /usr/local/cuda/bin/"$name" /usr/local/cuda-*/bin/"$name" \
+              /usr/local/cuda/compute-sanitizer/"$name" /usr/local/cuda-*/compute-sanitizer/"$name" \
+              /opt/nvidia/nsight-compute/*/"$name" /usr/local/NVIDIA-Nsight-Compute*/"$name"; do
+    if [ -x "$cand" ]; then echo "$cand"; return 0; fi
+  done
+  return 1
+}
+export -f find_tool elapsed remaining
+
+# ---------------------------------------------------------------------------------------------
+step_env() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu \
+    --format=csv 2>&1 || echo "nvidia-smi failed"
+  "$PY" - <<'EOF'
+import importlib.util, sys, torch
+print("python", sys.version.split()[0], sys.executable)
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", torch.cuda.get_device_name(0), "sm_%d%d" % torch.cuda.get_device_capability(0),
+          p.multi_processor_count, "SMs", round(p.total_memory / 2**30, 1), "GiB",
+          "L2", getattr(p, "L2_cache_size", 0) // 2**20, "MiB")
+try:
+    import vllm
+    print("vllm", vllm.__version__, vllm.__file__)
+except Exception as e:
+    print("vllm: does not import:", type(e).__name__, e)
+for mod in ("humming", "pytest", "vllm_quick._C"):
+    try:
+        found = importlib.util.find_spec(mod) is not None
+    except Exception as e:
+        found = f"error {e}"
+    print(f"module {mod}: {found}")
+EOF
+  for t in nvcc ncu compute-sanitizer; do echo "$t: $(find_tool $t || echo 'not found')"; done
+  "$(find_tool nvcc || echo nvcc)" --version 2>/dev/null | tail -n 2
+  return 0
+}
+
+step_build() {
+  local hash stamp=build/.quick_build_hash
+  hash=$(cat setup.py pyproject.toml csrc/* 2>/dev/null | sha256sum | cut -c1-16)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$hash" ] && "$PY" -c "import vllm_quick._C" 2>/dev/null; then
+    echo "build: vllm_quick._C is up to date (sources hash $hash)"
+    return 0
+  fi
+  echo "build: QUICK_CUDA_ARCH_LIST=$QUICK_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
+  if ! "$PY" setup.py build_ext --inplace; then
+    echo "build: setup.py build_ext --inplace failed; trying pip install --no-build-isolation --no-deps -e ."
+    "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . || return 1
+  fi
+  if "$PY" -c "import vllm_quick._C as c; print('built', c.__file__)"; then
+    mkdir -p build && echo "$hash" >"$stamp"
+    return 0
+  fi
+  echo "build: finished but vllm_quick._C does not import"
+  return 1
+}
+
+step_tests() {
+  set -o pipefail
+  local rc1 rc2 extra=""
+  if ! "$PY" -c "import vllm_quick._C" 2>/dev/null; then
+    echo "tests: vllm_quick._C does not import; the GPU tests will fail (stopping after 3)"
+    extra="--maxfail=3"
+  fi
+  # shellcheck disable=SC2086  # PYTEST_ARGS is a list of arguments
+  "$PY" -m pytest -m gpu -q -s -p no:cacheprovider $extra ${PYTEST_ARGS:-} tests/test_gpu_kernel.py 2>&1 \
+    | tee "$OUT/gpu_tests.log"
+  rc1=$?
+  echo "--- tests/test_ops_reference.py" | tee -a "$OUT/gpu_tests.log"
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_ops_reference.py 2>&1 | tail -n 5 | tee -a "$OUT/gpu_tests.log"
+  rc2=$?
+  [ $rc1 -eq 0 ] && [ $rc2 -eq 0 ]
+}
+
+step_memcheck() {
+  set -o pipefail
+  local cs rc1 rc2
+  cs=$(find_tool compute-sanitizer) || { echo "memcheck: compute-sanitizer not found"; return 1; }
+  echo "--- memcheck ($cs)" | tee "$OUT/memcheck.log"
+  # No caching allocator: each tensor is its own allocation, so out-of-bounds accesses are seen.
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$cs" --tool memcheck --error-exitcode 99 --print-limit 20 \
+    "$PY" benchmarks/memcheck_cases.py 2>&1 | tee -a "$OUT/memcheck.log"
+  rc1=$?
+  echo "--- racecheck" | tee -a "$OUT/memcheck.log"
+  "$cs" --tool racecheck --error-exitcode 99 --print-limit 20 \
+    "$PY" benchmarks/memcheck_cases.py --preset race 2>&1 | tee -a "$OUT/memcheck.log"
+  rc2=$?
+  echo "memcheck exit $rc1, racecheck exit $rc2 (99 = sanitizer found errors)" | tee -a "$OUT/memcheck.log"
+  [ $rc1 -eq 0 ] && [ $rc2 -eq 0 ]
+}
+
+NCU_METRICS="gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,\
+dram__throughput.avg.pct_of_peak_sustained_elapsed,\
+l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum,\
+l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum,\
+smsp__sass_inst_executed_op_shared_ld.sum,smsp__sass_inst_executed_op_shared_st.sum,\
+sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,\
+launch__grid_size,launch__block_size,launch__registers_per_thread"
+NCU_MIN_METRICS="gpu__time_duration.sum,dram__bytes_read.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,\
+l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum"
+export NCU_METRICS NCU_MIN_METRICS
+
+step_ncu() {
+  local ncu rep="$OUT/ncu_report" cases
+  ncu=$(find_tool ncu) || { echo "ncu: not found"; return 1; }
+  cases=(--case 4096x12288:g128:M16:float16 --case 4096x12288:g128:M128:float16)
+  rm -f "$rep.ncu-rep"
+  # Only kernels between cudaProfilerStart/Stop (the GEMM calls) are profiled; NVTX ranges
+  # <backend>/<case> label them.
+  if ! "$ncu" --profile-from-start off --nvtx --clock-control none --target-processes all \
+      --section SpeedOfLight --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis_Tables \
+      --metrics "$NCU_METRICS" -f -o "$rep" \
+      "$PY" benchmarks/memcheck_cases.py --profile --backends "${NCU_BACKENDS:-quick,awq_gemm,marlin,machete}" \
+      "${cases[@]}"; then
+    echo "ncu: full profile failed; retrying with the minimal metric set, quick only"
+    "$ncu" --profile-from-start off --nvtx --clock-control none --target-processes all \
+      --metrics "$NCU_MIN_METRICS" -f -o "$rep" \
+      "$PY" benchmarks/memcheck_cases.py --profile --backends quick "${cases[@]}" || return 1
+  fi
+  [ -f "$rep.ncu-rep" ] || { echo "ncu: no report written"; return 1; }
+  "$ncu" --import "$rep.ncu-rep" --csv --page raw >"$OUT/ncu_raw.csv" || echo "ncu: csv export failed"
+  "$PY" - "$OUT/ncu_raw.csv" <<'EOF' || true
+# Compact table of the metrics that matter, one line per profiled kernel.
+import csv, os, sys
+path = sys.argv[1]
+if not os.path.exists(path) or os.path.getsize(path) == 0:
+    sys.exit("no csv")
+rows = list(csv.reader(open(path)))
+head = rows[0]
+want = os.environ["NCU_METRICS"].split(",")
+idx = {h: i for i, h in enumerate(head)}
+label_cols = [h for h in head if h in ("ID", "Kernel Name", "Block Size", "Grid Size")
+              or "nvtx" in h.lower() or "push/pop" in h.lower()]
+data = [r for r in rows[2:] if len(r) == len(head)]  # row 1 holds units
+short = {m: m.replace("l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_", "bank_conf_")
+          .replace("l1tex__data_pipe_lsu_wavefronts_mem_shared_op_", "wavefronts_")
+          .replace("smsp__sass_inst_executed_op_shared_", "shared_inst_")
+          .replace(".avg.pct_of_peak_sustained_elapsed", "_%").replace(".avg.pct_of_peak_sustained_active", "_%")
+          .replace(".sum", "") for m in want}
+print("ncu summary (%d kernels); units in %s" % (len(data), path))
+for r in data:
+    labels = " | ".join(f"{h}={r[idx[h]][:60]}" for h in label_cols)
+    vals = "  ".join(f"{short[m]}={r[idx[m]]}" for m in want if m in idx)
+    print(f"- {labels}\n    {vals}")
+EOF
+  "$ncu" --import "$rep.ncu-rep" --page details --print-units base 2>&1 | head -n 400
+  return 0
+}
+
+step_bench() {
+  local budget=$(( $(remaining) - 20 ))
+  [ $budget -lt 30 ] && budget=30
+  "$PY" benchmarks/kernel_bench.py --out-dir "$OUT" --time-budget "$budget" ${BENCH_ARGS:-}
+}
+
+step_smoke() {
+  "$PY" benchmarks/kernel_bench.py --smoke --out-dir "$OUT" ${BENCH_ARGS:-}
+}
+export -f step_env step_build step_tests step_memcheck step_ncu step_bench step_smoke
+
+# run_step NAME CAP_SECONDS: runs step_NAME under a timeout of min(CAP, time left - 10 s)
+run_step() {
+  local name=$1 cap=$2 left t rc t0
+  left=$(( $(remaining) - 10 ))
+  t=$(( cap < left ? cap : left ))
+  if [ $t -lt 20 ]; then
+    banner "$name: SKIPPED (only $left s left of DEVICE_RUN_DEADLINE_S=$DEADLINE_S)"
+    SUMMARY+=("$name: skipped (time)")
+    FAILED=1
+    return
+  fi
+  banner "$name (limit ${t}s)"
+  t0=$(date +%s)
+  timeout --kill-after=15 "$t" bash -c "step_$name"
+  rc=$?
+  local took=$(( $(date +%s) - t0 ))
+  case $rc in
+    0) SUMMARY+=("$name: ok (${took}s)") ;;
+    124|137) SUMMARY+=("$name: TIMED OUT after ${took}s (limit ${t}s)"); FAILED=1 ;;
+    *) SUMMARY+=("$name: FAILED rc=$rc (${took}s)"); FAILED=1 ;;
+  esac
+}
+
+banner "device_run: steps ${STEPS[*]}; OUT=$OUT; deadline ${DEADLINE_S}s; PYTHONPATH=$PYTHONPATH"
+for step in "${STEPS[@]}"; do
+  case $step in
+    env) run_step env 60 ;;
+    build) run_step build 360 ;;
+    tests) run_step tests 300 ;;
+    memcheck) run_step memcheck 200 ;;
+    ncu) run_step ncu 200 ;;
+    bench) run_step bench 100000 ;;
+    smoke) run_step smoke 180 ;;
+    *) banner "unknown step '$step' (env build tests memcheck ncu bench smoke)"; SUMMARY+=("$step: unknown"); FAILED=1 ;;
+  esac
+done
+
+banner "summary"
+for line in "${SUMMARY[@]}"; do
+  echo "  $line"
+done
+ls -la "$OUT"
+sleep 0.5  # let tee flush the log
+exit $FAILED
