@@ -526,12 +526,14 @@ GemmPlan plan(const GemmProblem& pr, int device) {
     pl.grid_n = (pr.n / kTileN + kWarpsN - 1) / kWarpsN;
     pl.grid_m = (pr.m + Cfg::kBlockM - 1) / Cfg::kBlockM;
     const int total_stages = pr.k / kStageK;
-    // Split K until the grid fills the GPU once: e.g. N = 4096, M = 1 on 132 SMs holding 4
-    // blocks each: 16 column blocks -> 528 / 16 = 33 splits, capped at 64 / 2 = 32 (two stages
-    // per split at least), giving 16 x 32 = 512 blocks of 128 k-rows.
+    // Split K until the grid fills the GPU once, with at most kMaxSplits splits: every split
+    // costs M x N x 4 bytes of partials to write and re-read. E.g. N = 4096, M = 1 on 132 SMs
+    // holding 3 blocks each: 16 column blocks, 396 / 16 = 24 -> 8 splits of 8 stages (512 rows).
+    // (Up to 22 splits were tried first: at M = 16 the reduction then cost more than it saved.)
+    constexpr int kMaxSplits = 8;
     const int capacity = sm_count(device) * Cfg::blocks_per_sm();
     const int mn_blocks = pl.grid_n * pl.grid_m;
-    int splits = std::max(1, std::min(capacity / std::max(mn_blocks, 1), total_stages / 2));
+    const int splits = std::max(1, std::min({capacity / std::max(mn_blocks, 1), total_stages / 2, kMaxSplits}));
     pl.stages_per_split = (total_stages + splits - 1) / splits;
     pl.splits = (total_stages + pl.stages_per_split - 1) / pl.stages_per_split;
     pl.partial_floats = pl.splits > 1 ? static_cast<size_t>(pl.splits) * pr.m * pr.n : 0;

@@ -76,6 +76,10 @@ def check_args(x, qweight, qzeros, scales, bias, group_size: int, size_n: int) -
 def reference_gemm(x, qweight, qzeros, scales, bias, group_size: int, size_n: int) -> torch.Tensor:
     """The reference path: fp32 dequantisation from the interleaved layout, fp32 matmul."""
     check_args(x, qweight, qzeros, scales, bias, group_size, size_n)
+    return _reference_unchecked(x, qweight, qzeros, scales, bias, size_n)
+
+
+def _reference_unchecked(x, qweight, qzeros, scales, bias, size_n: int) -> torch.Tensor:
     # [N, K] contiguous and F.linear: the very call an unquantised fp32 layer makes, so a
     # dequantised checkpoint served in fp32 gives bit-identical logits (the e2e test relies on it).
     w = layout.dequantize_quick(qweight, qzeros, scales)[:, :size_n].t().contiguous()
@@ -111,10 +115,11 @@ def kernel_unsupported_reason(x, group_size: int) -> str | None:
 
 
 def _cuda_gemm(x, qweight, qzeros, scales, bias, group_size: int, size_n: int):
+    check_args(x, qweight, qzeros, scales, bias, group_size, size_n)  # ValueError naming the tensor
     reason = kernel_unsupported_reason(x, group_size)
     if reason is not None:
         _warn_reference_once(reason)
-        return reference_gemm(x, qweight, qzeros, scales, bias, group_size, size_n)
+        return _reference_unchecked(x, qweight, qzeros, scales, bias, size_n)
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous() or x2.data_ptr() % 16:
         x2 = x2.contiguous()
