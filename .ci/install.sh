@@ -73,10 +73,14 @@ if [ ! -f "$ALIAS/METADATA" ]; then
 fi
 
 # 4. This repository, editable, with the test extras. No build isolation: a CUDA extension build
-#    (when CUDA is present) must see the torch installed above.
-if [ -z "$(installed_version vllm-quick)" ] || ! "$PY" -c 'import vllm_quick, pytest, requests, yaml' 2>/dev/null; then
+#    (when CUDA torch and nvcc are present) must see the torch installed above. Re-run when the
+#    packaging files change (new entry points, extras) - a stamp in the venv remembers them.
+STAMP="$VENV/.vllm-quick-install-stamp"
+WANT="$(cat "$REPO/pyproject.toml" "$REPO"/setup.py 2>/dev/null | sha256sum | cut -d' ' -f1) $REPO"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] || ! "$PY" -c 'import vllm_quick, pytest, requests, yaml' 2>/dev/null; then
     log "installing vllm-quick (editable) with test extras"
     "${PIP[@]}" install --no-build-isolation -e "$REPO[test]"
+    printf '%s' "$WANT" > "$STAMP"
 fi
 
 "$PY" - <<'PYEOF'

@@ -169,3 +169,25 @@ def test_servers_are_gone_after_stop(quick_run, plain_run):
     for run in (quick_run, plain_run):
         assert not run["port_open_after_stop"], f"port {run['port']} still open"
         assert not run["group_alive_after_stop"], "a process of the server's group survived"
+
+
+def test_cpu_demo_yaml_matches_the_demo_settings():
+    """serving_configs/cpu_demo.yaml is the `vllm serve --config` form of serve_command()."""
+    from pathlib import Path
+
+    import yaml
+
+    from vllm_quick.serve_demo import serve_command
+
+    path = Path(__file__).resolve().parents[1] / "serving_configs" / "cpu_demo.yaml"
+    from_yaml = yaml.safe_load(path.read_text())
+    args = serve_command("demo_model", from_yaml["port"], quantization="quick", dtype="float32")
+    args = args[args.index("serve") + 2:]  # drop "vllm serve demo_model"
+    from_code: dict = {}
+    for arg in args:
+        if arg.startswith("--"):
+            key = arg[2:]
+            from_code[key] = True  # a flag, unless a value follows
+        else:
+            from_code[key] = arg
+    assert {k: str(v) if not isinstance(v, bool) else v for k, v in from_yaml.items()} == from_code
