@@ -225,3 +225,47 @@ def test_lm_head_and_embeddings_stay_unquantised(vllm_dist, QuickConfig):
     cfg = QuickConfig.from_config(awq_cfg(group_size=64))
     head = ParallelLMHead(512, 256, params_dtype=torch.float16, quant_config=cfg, prefix="lm_head")
     assert isinstance(head.quant_method, UnquantizedEmbeddingMethod)
+
+
+def test_unlisted_unquantised_layers_found_in_the_files(vllm_dist, QuickConfig, tmp_path):
+    """A checkpoint that leaves layers unquantised without listing them: found from the
+    safetensors headers (maybe_update_config), matched exactly, through fused shards too."""
+    from safetensors.torch import save_file
+    from vllm.model_executor.layers.linear import ColumnParallelLinear, UnquantizedLinearMethod
+
+    from vllm_quick.linear import QuickLinearMethod
+
+    i32 = torch.zeros(2, 2, dtype=torch.int32)
+    f16 = torch.zeros(2, 2, dtype=torch.float16)
+    tensors = {"model.embed_tokens.weight": f16, "model.layers.0.mlp.down_proj.weight": f16}
+    for p in ("q_proj", "k_proj", "v_proj"):
+        tensors[f"model.layers.0.self_attn.{p}.qweight"] = i32
+        tensors[f"model.layers.0.self_attn.{p}.scales"] = f16
+        tensors[f"model.layers.1.self_attn.{p}.weight"] = f16
+    tensors["model.layers.2.self_attn.q_proj.weight"] = f16  # q unquantised, k/v quantised
+    for p in ("k_proj", "v_proj"):
+        tensors[f"model.layers.2.self_attn.{p}.qweight"] = i32
+    save_file({k: v.clone() for k, v in tensors.items()}, str(tmp_path / "model.safetensors"))
+
+    cfg = QuickConfig.from_config(awq_cfg(group_size=64))
+    cfg.maybe_update_config(str(tmp_path))
+    assert cfg.unquantized_modules == {
+        "model.embed_tokens", "model.layers.0.mlp.down_proj", "model.layers.2.self_attn.q_proj",
+        *(f"model.layers.1.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")),
+    }
+    cfg.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+    assert isinstance(_qkv(cfg, "model.layers.0.self_attn.qkv_proj").quant_method, QuickLinearMethod)
+    assert isinstance(_qkv(cfg, "model.layers.1.self_attn.qkv_proj").quant_method, UnquantizedLinearMethod)
+    down = ColumnParallelLinear(128, 64, bias=False, params_dtype=torch.float16, quant_config=cfg,
+                                prefix="model.layers.0.mlp.down_proj")
+    assert isinstance(down.quant_method, UnquantizedLinearMethod)
+    # exact names: layers.0.mlp.down_proj does not make layers.10.mlp.down_proj unquantised
+    down10 = ColumnParallelLinear(128, 64, bias=False, params_dtype=torch.float16, quant_config=cfg,
+                                  prefix="model.layers.0.mlp.down_proj_extra")
+    assert isinstance(down10.quant_method, QuickLinearMethod)
+    with pytest.raises(ValueError, match=r"layers\.2\.self_attn\.qkv_proj.*mixes"):
+        _qkv(cfg, "model.layers.2.self_attn.qkv_proj")
+    # a hub id (not a local folder) is left alone: nothing is fetched
+    other = QuickConfig.from_config(awq_cfg(group_size=64))
+    other.maybe_update_config("someone/some-model-awq")
+    assert other.unquantized_modules == set()

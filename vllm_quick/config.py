@@ -17,6 +17,8 @@ names the offending value and what is supported, never by silently producing wro
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,6 +56,8 @@ class QuickConfig(QuantizationConfig):
         self.group_size = group_size
         self.checkpoint_format = checkpoint_format
         self.modules_to_not_convert = list(modules_to_not_convert or [])
+        # Exact module names found unquantised in the checkpoint files (see maybe_update_config).
+        self.unquantized_modules: set[str] = set()
 
     def __repr__(self) -> str:
         return (
@@ -157,9 +161,20 @@ class QuickConfig(QuantizationConfig):
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         # Models that rename modules (e.g. "model." -> "language_model.model.") tell the config so
-        # that modules_to_not_convert still matches vLLM's prefixes.
+        # that checkpoint module names still match vLLM's prefixes.
         if self.modules_to_not_convert:
             self.modules_to_not_convert = hf_to_vllm_mapper.apply_list(self.modules_to_not_convert)
+        if self.unquantized_modules:
+            self.unquantized_modules = set(hf_to_vllm_mapper.apply_list(sorted(self.unquantized_modules)))
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
+        """Checkpoints may leave some linears unquantised without listing them in
+        ``modules_to_not_convert`` (AutoAWQ does, for layers it skipped). For a local checkpoint
+        folder, find them from the safetensors headers (no weights are read, nothing is
+        downloaded): a module with a floating-point ``weight`` and no ``qweight``."""
+        folder = Path(model_name)
+        if folder.is_dir():
+            self.unquantized_modules = find_unquantized_modules(folder)
 
     # ------------------------------------------------------------------------------------------
     # helpers
@@ -169,7 +184,7 @@ class QuickConfig(QuantizationConfig):
         semantics). A fused layer (``qkv_proj``, ``gate_up_proj``) is matched by its own name or
         through its checkpoint shards (``q_proj`` ...) from the model's
         ``packed_modules_mapping``; all shards must agree."""
-        if not self.modules_to_not_convert:
+        if not self.modules_to_not_convert and not self.unquantized_modules:
             return False
         if self._matches(prefix):
             return True
@@ -188,7 +203,8 @@ class QuickConfig(QuantizationConfig):
         return all(skipped)
 
     def _matches(self, prefix: str) -> bool:
-        return any(module in prefix for module in self.modules_to_not_convert)
+        # modules_to_not_convert: AutoAWQ's substring rule; names found in the files: exact.
+        return prefix in self.unquantized_modules or any(m in prefix for m in self.modules_to_not_convert)
 
     def layer_group_size(self, input_size: int) -> int:
         """The group size in rows of the full (unsharded) weight."""
@@ -201,6 +217,26 @@ def _check_group_size(group_size) -> None:
             f"quick: group_size={group_size} is not supported; supported: "
             f"{', '.join(str(g) for g in SUPPORTED_GROUP_SIZES)} (-1 = per output channel)"
         )
+
+
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+def find_unquantized_modules(folder: Path) -> set[str]:
+    """Names of modules in ``folder/*.safetensors`` that have a float ``weight`` and no
+    ``qweight``, read from the files' JSON headers only."""
+    float_weight, quantized = set(), set()
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+        for name, info in header.items():
+            module, _, param = name.rpartition(".")
+            if param == "qweight":
+                quantized.add(module)
+            elif param == "weight" and isinstance(info, dict) and info.get("dtype") in _FLOAT_DTYPES:
+                float_weight.add(module)
+    return float_weight - quantized
 
 
 def _is_moe_layer(layer: torch.nn.Module) -> bool:
