@@ -31,7 +31,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import re
 import shlex
 import statistics
@@ -265,7 +264,7 @@ def _events_ms(fn, reps: int) -> list[float]:
         fn()
         ends[i].record()
     torch.cuda.synchronize()
-    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    return [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
 
 
 def time_backend(run, states: list, x: torch.Tensor, args) -> Timing:
@@ -606,7 +605,8 @@ def merge(args) -> int:
             tag = m.group(1) if m else "gpu"
         for r in data:
             rows[(r["shape"], r["M"], r["group_size"], r["dtype"])] = r  # later files win
-    env = {"gpu": f"{tag} (merged)", "merged_from": sources, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    env = {"gpu": f"{tag} (merged)", "merged_from": sources, "date": now}
     out_dir = Path(args.out_dir)
     write_outputs(list(rows.values()), env, [], [], out_dir, tag + (f"_{args.tag}" if args.tag else ""))
     print(f"merged {len(rows)} rows from {len(sources)} files into {out_dir}/kernel_{tag}.json/.md")

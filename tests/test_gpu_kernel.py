@@ -174,7 +174,9 @@ def check_output(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, label: 
     assert y.dtype == dtype, f"{label}: output dtype {y.dtype}, expected {dtype}"
     assert tuple(y.shape) == tuple(ref.shape), f"{label}: output shape {tuple(y.shape)}, expected {tuple(ref.shape)}"
     finite = torch.isfinite(y)
-    assert bool(finite.all()), f"{label}: {int((~finite).sum())} NaN/inf outputs, first at {tuple((~finite).nonzero()[0].tolist())}"
+    if not bool(finite.all()):
+        first = tuple((~finite).nonzero()[0].tolist())
+        raise AssertionError(f"{label}: {int((~finite).sum())} NaN/inf outputs, first at {first}")
     y2 = y.float().reshape(-1, ref.shape[-1])
     r2 = ref.reshape(-1, ref.shape[-1])
     ref_norm = r2.norm()
@@ -223,7 +225,11 @@ def summary_table() -> str:
         f"{'at M':>5s} {'rounding':>9s} {'limit':>9s} {'max abs':>9s}",
     ]
     order = {name: i for i, name in enumerate(SHAPES)}
-    for (shape, dtype, group), r in sorted(RESULTS.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][0], kv[0][2], kv[0][1])):
+    def key(item):
+        (shape, dtype, group), _ = item
+        return (order.get(shape, 99), shape, group, dtype)
+
+    for (shape, dtype, group), r in sorted(RESULTS.items(), key=key):
         k, n = SHAPES.get(shape, (0, 0))
         lines.append(
             f"{shape:20s} {k:6d} {n:6d} {group:5d} {dtype:9s} {r['cases']:5d} {r['rel']:10.3e} "
@@ -326,9 +332,10 @@ def test_3d_and_noncontiguous_x(kernel_or_cpu, dtype_name):
 # ----------------------------------------------------------------------------------------------
 # determinism, CUDA graphs, torch.compile (kernel only)
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "dtype_name,m", [("float16", 1), ("float16", 16), ("float16", 128), ("float16", 255), ("bfloat16", 16), ("bfloat16", 255)]
-)
+GRAPH_CASES = [("float16", 1), ("float16", 16), ("float16", 128), ("float16", 255), ("bfloat16", 16), ("bfloat16", 255)]
+
+
+@pytest.mark.parametrize("dtype_name,m", GRAPH_CASES)
 def test_cuda_graph_equals_eager(kernel, dtype_name, m):
     k, n = 4096, 12288
     dtype = DTYPES[dtype_name]

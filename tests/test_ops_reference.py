@@ -96,7 +96,8 @@ def test_op_equals_float64_math(seed, group_size, dtype, bias_kind, ndim):
     y = torch.ops.quick.gemm(x, case["qweight"], case["qzeros"], case["scales"], bias, case["g"], n)
     assert y.dtype == dtype
     assert tuple(y.shape) == (*x.shape[:-1], n)
-    assert_matches_float64(y, x, case["w64"], bias, f"K={k} N={n} g={group_size} {dtype} bias={bias_kind} x{tuple(x.shape)}")
+    label = f"K={k} N={n} g={group_size} {dtype} bias={bias_kind} x{tuple(x.shape)}"
+    assert_matches_float64(y, x, case["w64"], bias, label)
 
 
 @pytest.mark.parametrize("n", [8, 56, 64, 72, 200, 256])
