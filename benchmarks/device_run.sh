@@ -8,7 +8,8 @@
 #   build     build vllm_quick._C in place (skipped when setup.py + csrc/ are unchanged and it imports)
 #   tests     pytest -m gpu tests/test_gpu_kernel.py (+ tests/test_ops_reference.py)
 #   memcheck  compute-sanitizer memcheck over benchmarks/memcheck_cases.py, racecheck on 3 cases
-#   ncu       Nsight Compute of quick (and awq_gemm, marlin, machete) at 4096x12288 g128 fp16, M=16/128
+#   ncu       Nsight Compute of the QUICK kernel, the op (which may take its dequant path at M=128),
+#             awq_gemm, marlin and machete at 4096x12288 g128 fp16, M=16 and M=128
 #   bench     benchmarks/kernel_bench.py, full sweep, with the time that is left
 #   smoke     benchmarks/kernel_bench.py --smoke (one small case per backend)
 #
@@ -19,7 +20,7 @@
 # output included), gpu_tests.log, ncu_report.ncu-rep, ncu_raw.csv, kernel_<gpu>.json/.md (and
 # kernel_<gpu>_smoke.json/.md): at most 8 files, what the device tool hands back.
 # Environment: PYTHON (python3), BENCH_ARGS (extra kernel_bench.py arguments), NCU_BACKENDS
-# (quick,awq_gemm,marlin,machete), QUICK_CUDA_ARCH_LIST (90), MAX_JOBS (16), PYTEST_ARGS.
+# (quick_kernel,quick,awq_gemm,marlin,machete), QUICK_CUDA_ARCH_LIST (90), MAX_JOBS (16), PYTEST_ARGS.
 
 set -u
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -168,12 +169,12 @@ step_ncu() {
   if ! "$ncu" --profile-from-start off --nvtx --clock-control none --target-processes all \
       --section SpeedOfLight --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis_Tables \
       --metrics "$NCU_METRICS" -f -o "$rep" \
-      "$PY" benchmarks/memcheck_cases.py --profile --backends "${NCU_BACKENDS:-quick,awq_gemm,marlin,machete}" \
+      "$PY" benchmarks/memcheck_cases.py --profile --backends "${NCU_BACKENDS:-quick_kernel,quick,awq_gemm,marlin,machete}" \
       "${cases[@]}"; then
     echo "ncu: full profile failed; retrying with the minimal metric set, quick only"
     "$ncu" --profile-from-start off --nvtx --clock-control none --target-processes all \
       --metrics "$NCU_MIN_METRICS" -f -o "$rep" \
-      "$PY" benchmarks/memcheck_cases.py --profile --backends quick "${cases[@]}" || return 1
+      "$PY" benchmarks/memcheck_cases.py --profile --backends quick_kernel "${cases[@]}" || return 1
   fi
   [ -f "$rep.ncu-rep" ] || { echo "ncu: no report written"; return 1; }
   "$ncu" --import "$rep.ncu-rep" --csv --page raw >"$OUT/ncu_raw.csv" || echo "ncu: csv export failed"

@@ -102,10 +102,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--group-sizes", default=",".join(map(str, GROUPS_DEFAULT)),
                    help="group sizes; -1 = one group over K (per-channel)")
     p.add_argument("--dtypes", default="float16,bfloat16", help="activation dtypes")
-    p.add_argument("--backends", default=",".join(vk.BACKEND_NAMES),
-                   help=f"backends to run, from {', '.join(vk.BACKEND_NAMES)}")
+    p.add_argument("--backends", default=",".join(vk.DEFAULT_BACKENDS),
+                   help=f"backends to run, from {', '.join(vk.BACKEND_NAMES)} (quick = the op as the "
+                   "plugin calls it, which switches to dequantise + cuBLAS at large M; quick_kernel = "
+                   "the QUICK kernel at every M)")
     p.add_argument("--quick-only", action="store_true",
-                   help="only our kernel and the cuBLAS baseline (fast iteration)")
+                   help="only ours (the op and the raw kernel) and the cuBLAS baseline (fast iteration)")
     p.add_argument("--smoke", action="store_true",
                    help=f"one small case ({SMOKE_SHAPES[0][1]}x{SMOKE_SHAPES[0][2]}, M={SMOKE_M}, g=128, "
                    "both dtypes) per backend, plus adapter self-checks; writes kernel_<gpu>_smoke.*")
@@ -133,7 +135,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.dtypes = _str_list(args.dtypes)
     args.backends = _str_list(args.backends)
     if args.quick_only:
-        args.backends = ["quick", "cublas"]
+        args.backends = ["quick", "quick_kernel", "cublas"]
     bad = [b for b in args.backends if b not in vk.BACKENDS]
     if bad:
         p.error(f"unknown backends {bad}; choose from {list(vk.BACKENDS)}")
@@ -325,15 +327,22 @@ def short(e: BaseException) -> str:
 # ----------------------------------------------------------------------------------------------
 # the sweep
 # ----------------------------------------------------------------------------------------------
-def new_row(name, k, n, m, g, dtype_name) -> dict:
-    return {
+def new_row(name, k, n, m, g, dtype_name, backends) -> dict:
+    keys = list(vk.DEFAULT_BACKENDS) + [b for b in backends if b not in vk.DEFAULT_BACKENDS]
+    row = {
         "shape": name, "K": k, "N": n, "M": m, "group_size": g, "dtype": dtype_name,
-        "us": {b: None for b in vk.BACKEND_NAMES},
+        "us": {b: None for b in keys},
         "rel_err": None,
-        "rel_err_backends": {b: None for b in vk.BACKEND_NAMES},
+        "rel_err_backends": {b: None for b in keys},
         "timing": {},
         "notes": {},
     }
+    if "quick" in backends:
+        try:  # which path the op takes at this M: its "quick" time is that path's
+            row["quick_path"] = vk.quick_op_path(m, DTYPES[dtype_name])
+        except Exception as e:
+            row["quick_path"] = f"unknown ({short(e)})"
+    return row
 
 
 def run_sweep(args) -> int:
@@ -390,7 +399,7 @@ def run_sweep(args) -> int:
                     fatal = cuda_alive()
                     continue
                 for m in args.m:
-                    rows[(name, m, g, dname)] = new_row(name, k, n, m, g, dname)
+                    rows[(name, m, g, dname)] = new_row(name, k, n, m, g, dname, args.backends)
 
                 for bname in args.backends:
                     if fatal:
@@ -525,16 +534,19 @@ def render_markdown(rows, env, skipped=(), selfchecks=(), header=True) -> str:
                      "weights cycling over copies larger than 2x L2, random inputs")
         lines.append("- speedup = cuBLAS µs / backend µs (>1: faster than cuBLAS fp16/bf16 on the "
                      "dequantised weight); last column = best of (Marlin, Machete) µs / quick µs "
-                     "(>1: quick is faster)")
+                     "(>1: quick is faster); 'quick path' = what torch.ops.quick.gemm runs at that M "
+                     "(kernel, or dequant = dequantise + cuBLAS)")
         lines.append("")
         lines.append("Calls:")
         for b, call in vk.CALLS.items():
             lines.append(f"- **{b}**: {call}")
         lines.append("")
     cols = ["quick", "awq_gemm", "marlin", "machete", "humming"]
-    lines.append("| shape | K×N | g | dtype | M | cuBLAS µs | quick µs | " + " | ".join(cols)
+    if any("quick_kernel" in r["us"] for r in rows):
+        cols.insert(1, "quick_kernel")
+    lines.append("| shape | K×N | g | dtype | M | quick path | cuBLAS µs | quick µs | " + " | ".join(cols)
                  + " | quick vs best(marlin, machete) |")
-    lines.append("|" + "---|" * (8 + len(cols)))
+    lines.append("|" + "---|" * (9 + len(cols)))
     for r in sorted(rows, key=_row_key):
         us = r["us"]
         best = [t for t in (us.get("marlin"), us.get("machete")) if t is not None]
@@ -542,7 +554,8 @@ def render_markdown(rows, env, skipped=(), selfchecks=(), header=True) -> str:
         cub = us.get("cublas")
         lines.append(
             f"| {r['shape']} | {r['K']}×{r['N']} | {r['group_size']} | {r['dtype']} | {r['M']} | "
-            f"{cub if cub is not None else '—'} | {us.get('quick') if us.get('quick') is not None else '—'} | "
+            f"{r.get('quick_path', '—')} | {cub if cub is not None else '—'} | "
+            f"{us.get('quick') if us.get('quick') is not None else '—'} | "
             + " | ".join(_fmt_speed(cub, us.get(c)) for c in cols) + f" | {vs} |"
         )
     # accuracy summary

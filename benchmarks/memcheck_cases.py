@@ -49,6 +49,7 @@ PRESETS = {
         "4096x4096:g128:M1:bfloat16",  # split-K path
         "4096x4096:g128:M16:float16",  # split-K path
         "2048x1024:g128:M256:bfloat16",  # large-M tile
+        "1024x512:g128:M256:float16",  # fp16 large M: the op's dequant path, and the kernel itself
         "512x264:g128:M5:float16:bias",  # bias, padded N
     ],
     "race": [
@@ -90,6 +91,15 @@ def host_weight(case: Case, seed: int):
     return codes, zeros, scales, gen
 
 
+def op_path(m: int, dtype: torch.dtype) -> str:
+    """The path torch.ops.quick.gemm takes for M rows ("kernel" or "dequant", vllm_quick/dispatch.py)."""
+    try:
+        from vllm_quick import dispatch
+    except ImportError:
+        return "kernel"
+    return dispatch.choose_path(m, dtype, torch.device("cuda", torch.cuda.current_device()))
+
+
 def check_mode(cases: list[Case]) -> int:
     from vllm_quick import layout, ops
 
@@ -112,18 +122,21 @@ def check_mode(cases: list[Case]) -> int:
                 print(f"FAIL {case.label}: the kernel does not take this case ({reason})", flush=True)
                 failures += 1
                 continue
-            y = torch.ops.quick.gemm(
-                x.cuda(), qw.cuda(), qz.cuda(), s.cuda(), None if bias is None else bias.cuda(), g, case.n
-            ).cpu()
-            torch.cuda.synchronize()
-            finite = bool(torch.isfinite(y).all())
-            rel = float((y.float() - ref).norm() / ref.norm()) if finite else float("inf")
-            floor = float((ref.to(dtype).float() - ref).norm() / ref.norm())
-            limit = max(2e-3, 1.25 * floor)
-            ok = finite and tuple(y.shape) == (case.m, case.n) and rel <= limit
-            failures += not ok
-            print(f"{'ok  ' if ok else 'FAIL'} {case.label}: rel_err={rel:.2e} (limit {limit:.1e})"
-                  + ("" if finite else " NaN/inf in output"), flush=True)
+            args = (x.cuda(), qw.cuda(), qz.cuda(), s.cuda(), None if bias is None else bias.cuda(), g, case.n)
+            calls = [("op", lambda args=args: torch.ops.quick.gemm(*args))]
+            if op_path(case.m, dtype) == "dequant":  # the op would not run the QUICK kernel: run it too
+                calls.append(("kernel", lambda args=args: ops.kernel_extension().gemm(*args)))
+            for what, call in calls:
+                y = call().cpu()
+                torch.cuda.synchronize()
+                finite = bool(torch.isfinite(y).all())
+                rel = float((y.float() - ref).norm() / ref.norm()) if finite else float("inf")
+                floor = float((ref.to(dtype).float() - ref).norm() / ref.norm())
+                limit = max(2e-3, 1.25 * floor)
+                ok = finite and tuple(y.shape) == (case.m, case.n) and rel <= limit
+                failures += not ok
+                print(f"{'ok  ' if ok else 'FAIL'} {case.label} [{what}]: rel_err={rel:.2e} (limit {limit:.1e})"
+                      + ("" if finite else " NaN/inf in output"), flush=True)
         except Exception as e:
             failures += 1
             print(f"FAIL {case.label}: {type(e).__name__}: {e}", flush=True)
@@ -132,7 +145,7 @@ def check_mode(cases: list[Case]) -> int:
             except Exception as sticky:
                 print(f"CUDA context broken ({sticky}); stopping", flush=True)
                 break
-    print(f"memcheck_cases: {len(cases) - failures} ok, {failures} failed", flush=True)
+    print(f"memcheck_cases: {len(cases)} cases, {failures} failed checks", flush=True)
     return 1 if failures else 0
 
 

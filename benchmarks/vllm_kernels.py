@@ -1,4 +1,4 @@
-"""One int4 GEMM, six ways: adapters that run the *same* quantised weight through each backend.
+"""One int4 GEMM, seven ways: adapters that run the *same* quantised weight through each backend.
 
 Every backend gets the same natural-order quantised weight and must compute the same function
 
@@ -40,7 +40,10 @@ PACK = 8  # int4 values per int32
 # The exact calls each adapter makes (printed into the benchmark report).
 CALLS = {
     "quick": "torch.ops.quick.gemm(x, qweight, qzeros, scales, None, group, N) on "
-    "vllm_quick.layout.awq_to_quick(awq_pack(codes), awq_pack(zeros), scales)",
+    "vllm_quick.layout.awq_to_quick(awq_pack(codes), awq_pack(zeros), scales) (the op as the plugin "
+    "calls it: it picks the QUICK kernel or dequantise + cuBLAS by M, see vllm_quick/dispatch.py)",
+    "quick_kernel": "vllm_quick._C.gemm(x, qweight, qzeros, scales, None, group, N): the QUICK kernel "
+    "itself at every M, bypassing the op's M dispatch",
     "cublas": "torch.nn.functional.linear(x, W) with W = dequant(codes, zeros, scales) as [N, K] "
     "in the activation dtype (what an unquantised vLLM layer runs)",
     "awq_gemm": "torch.ops._C.awq_gemm(x, qweight_awq, scales_fp16, qzeros_awq, split_k_iters=8) "
@@ -235,6 +238,29 @@ class QuickBackend(Backend):
     def run(self, state, x):
         w = state.weights
         return torch.ops.quick.gemm(
+            x, w["qweight"], w["qzeros"], w["scales"], None, state.meta["group"], state.meta["n"]
+        )
+
+
+def quick_op_path(m: int, act_dtype: torch.dtype) -> str:
+    """Which path torch.ops.quick.gemm takes for M rows on this GPU ("kernel" or "dequant")."""
+    try:
+        from vllm_quick import dispatch
+    except ImportError:
+        return "kernel"
+    return dispatch.choose_path(m, act_dtype, torch.device("cuda", torch.cuda.current_device()))
+
+
+class QuickKernelBackend(QuickBackend):
+    """The compiled QUICK kernel called directly, whatever path the op would choose for this M."""
+
+    name = "quick_kernel"
+
+    def run(self, state, x):
+        from vllm_quick import ops
+
+        w = state.weights
+        return ops.kernel_extension().gemm(
             x, w["qweight"], w["qzeros"], w["scales"], None, state.meta["group"], state.meta["n"]
         )
 
@@ -501,6 +527,7 @@ BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
         QuickBackend(),
+        QuickKernelBackend(),
         CublasBackend(),
         AwqGemmBackend(),
         MarlinBackend(),
@@ -509,6 +536,8 @@ BACKENDS: dict[str, Backend] = {
     )
 }
 BACKEND_NAMES = tuple(BACKENDS)
+# What kernel_bench.py runs by default, and the keys every result row has under "us".
+DEFAULT_BACKENDS = ("quick", "cublas", "awq_gemm", "marlin", "machete", "humming")
 
 
 def prepare(name: str, codes, zeros, scales, group_size: int, act_dtype: torch.dtype) -> State:

@@ -12,6 +12,10 @@ to the output dtype costs on the same data if that is larger (bf16 output roundi
 every column written (a column of zeros, or of another column's values, fails the per-column
 check), and that the kernel path (not the reference fallback) was taken.
 
+The op picks its path by M (vllm_quick/dispatch.py: the QUICK kernel, or dequantise + cuBLAS at
+large M). Each accuracy case checks the op as called, and where the op took the dequant path it
+also checks the QUICK kernel itself (``vllm_quick._C.gemm``), so the kernel is verified at every M.
+
 Coverage: all 12 layer shapes x M in {1, 2, 7, 16, 33, 64, 128, 255, 256, 1024, 4096} x
 {fp16, bf16} at group size 128; group sizes 32, 64 and per-channel (-1) on 5 of the shapes;
 padded N (N not a multiple of 64); bias; 3-D and non-contiguous x; CUDA-graph replay equal to
@@ -161,6 +165,17 @@ def assert_kernel_path(x, group: int) -> None:
     assert reason is None, f"this case would run the reference path, not the kernel: {reason}"
 
 
+def op_path(m: int, dtype: torch.dtype) -> str:
+    """The path torch.ops.quick.gemm takes for M rows here: "kernel" or "dequant"."""
+    if ON_CPU:
+        return "reference"
+    try:
+        from vllm_quick import dispatch
+    except ImportError:
+        return "kernel"
+    return dispatch.choose_path(m, dtype, torch.device("cuda", torch.cuda.current_device()))
+
+
 @dataclass
 class Check:
     rel: float
@@ -207,8 +222,8 @@ def check_output(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, label: 
 RESULTS: dict[tuple, dict] = {}
 
 
-def record(shape: str, dtype: str, group: int, m: int, c: Check) -> None:
-    key = (shape, dtype, group)
+def record(shape: str, dtype: str, group: int, path: str, m: int, c: Check) -> None:
+    key = (shape, dtype, group, path)
     cur = RESULTS.get(key)
     if cur is None:
         RESULTS[key] = cur = {"cases": 0, "rel": -1.0, "m": None, "max_abs": 0.0, "floor": 0.0, "limit": c.limit}
@@ -220,19 +235,20 @@ def record(shape: str, dtype: str, group: int, m: int, c: Check) -> None:
 
 def summary_table() -> str:
     lines = [
-        "QUICK kernel accuracy vs fp32 reference (worst case per shape/dtype/group)",
-        f"{'shape':20s} {'K':>6s} {'N':>6s} {'group':>5s} {'dtype':9s} {'cases':>5s} {'worst rel':>10s} "
-        f"{'at M':>5s} {'rounding':>9s} {'limit':>9s} {'max abs':>9s}",
+        "QUICK accuracy vs fp32 reference, worst case per shape/dtype/group/path "
+        "(path: kernel = QUICK kernel, dequant = the op's dequantise + cuBLAS path)",
+        f"{'shape':20s} {'K':>6s} {'N':>6s} {'group':>5s} {'dtype':9s} {'path':9s} {'cases':>5s} "
+        f"{'worst rel':>10s} {'at M':>5s} {'rounding':>9s} {'limit':>9s} {'max abs':>9s}",
     ]
     order = {name: i for i, name in enumerate(SHAPES)}
     def key(item):
-        (shape, dtype, group), _ = item
-        return (order.get(shape, 99), shape, group, dtype)
+        (shape, dtype, group, path), _ = item
+        return (order.get(shape, 99), shape, group, dtype, path)
 
-    for (shape, dtype, group), r in sorted(RESULTS.items(), key=key):
+    for (shape, dtype, group, path), r in sorted(RESULTS.items(), key=key):
         k, n = SHAPES.get(shape, (0, 0))
         lines.append(
-            f"{shape:20s} {k:6d} {n:6d} {group:5d} {dtype:9s} {r['cases']:5d} {r['rel']:10.3e} "
+            f"{shape:20s} {k:6d} {n:6d} {group:5d} {dtype:9s} {path:9s} {r['cases']:5d} {r['rel']:10.3e} "
             f"{r['m']!s:>5s} {r['floor']:9.2e} {r['limit']:9.2e} {r['max_abs']:9.2e}"
         )
     return "\n".join(lines)
@@ -262,10 +278,16 @@ def test_accuracy(kernel_or_cpu, shape, group_size, dtype_name, m):
     w = make_weight(k, n, group_size)
     x = random_x((m, k), dtype, seed=zlib.crc32(f"{shape}/{group_size}/{dtype_name}/{m}".encode()))
     assert_kernel_path(x, w.group)
+    label = f"{shape} K={k} N={n} g={group_size} {dtype_name} M={m}"
+    path = op_path(m, dtype)
     y = quick_gemm(x, w)
     ref = x.float() @ w.w32
-    c = check_output(y, ref, dtype, f"{shape} K={k} N={n} g={group_size} {dtype_name} M={m}")
-    record(shape, dtype_name, group_size, m, c)
+    c = check_output(y, ref, dtype, f"{label} (op, {path} path)")
+    record(shape, dtype_name, group_size, path, m, c)
+    if path == "dequant":  # the op did not run the QUICK kernel: check the kernel itself too
+        y_kernel = kernel_or_cpu.gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, n)
+        c = check_output(y_kernel, ref, dtype, f"{label} (QUICK kernel called directly)")
+        record(shape, dtype_name, group_size, "kernel", m, c)
 
 
 @pytest.fixture
@@ -372,6 +394,19 @@ def test_cuda_graph_equals_eager(kernel, dtype_name, m):
     assert torch.equal(static_y, eager_new), "graph replay on new input differs from eager"
     check_output(static_y, x_new.float() @ w.w32, dtype, f"graph replay {dtype_name} M={m}")
     del graph
+    # The QUICK kernel itself under a graph too (the op may have taken the dequant path above).
+    k_graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(k_graph):
+        static_k = kernel.gemm(static_x, w.qweight, w.qzeros, w.scales, None, w.group, n)
+    k_graph.replay()
+    k_graph.replay()
+    torch.cuda.synchronize()
+    eager_k = kernel.gemm(x_new, w.qweight, w.qzeros, w.scales, None, w.group, n)
+    assert torch.equal(static_k, eager_k), "QUICK kernel: graph replay differs from eager"
+    assert torch.equal(eager_k, kernel.gemm(x_new, w.qweight, w.qzeros, w.scales, None, w.group, n)), (
+        "QUICK kernel: two eager calls differ (split-K reduction not deterministic?)"
+    )
+    del k_graph
 
 
 class _QuickLinear(torch.nn.Module):
