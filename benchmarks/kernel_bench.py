@@ -70,7 +70,7 @@ M_DEFAULT = [1, 16, 32, 64, 128, 256, 512, 1024, 4096]
 GROUPS_DEFAULT = [128]
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 SMOKE_SHAPES = [("smoke.4096x4096", 4096, 4096)]
-SMOKE_M = [16]
+SMOKE_M = [16, 256]  # a decode-sized and a prefill-sized M (the op switches path by M)
 REL_ERR_LIMIT = 2e-2  # a backend above this computes a different function (bf16 rounding is ~3e-3)
 DEVICE = "cuda"  # a module global so that the CPU dry-run in development can point it elsewhere
 
