@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +63,3 @@ def demo_model_dir(tmp_path_factory) -> Path:
 
     return make_demo_model(tmp_path_factory.mktemp("demo") / "quick-demo-awq", fmt="awq", group_size=64)
 
-
-@pytest.fixture(autouse=True)
-def _deterministic_seed():
-    torch.manual_seed(0)

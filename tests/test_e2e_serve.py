@@ -191,3 +191,21 @@ def test_cpu_demo_yaml_matches_the_demo_settings():
         else:
             from_code[key] = arg
     assert {k: str(v) if not isinstance(v, bool) else v for k, v in from_yaml.items()} == from_code
+
+
+def test_server_refuses_unsupported_checkpoint_at_start(demo_model_dir, tmp_path):
+    """An AWQ "gemv" checkpoint: vllm serve --quantization quick stops at start-up, saying why."""
+    import shutil
+
+    bad = tmp_path / "gemv-model"
+    shutil.copytree(demo_model_dir, bad, ignore=shutil.ignore_patterns("*.log"))
+    config = json.loads((bad / "config.json").read_text())
+    config["quantization_config"]["version"] = "gemv"
+    (bad / "config.json").write_text(json.dumps(config))
+    server = VllmServer(bad, quantization="quick", dtype="float32", log_path=tmp_path / "gemv.log",
+                        startup_timeout=300)
+    with pytest.raises(RuntimeError, match=r"exited with code"):
+        with server:
+            pass
+    assert "AWQ version='gemv' is not supported; only gemm" in (tmp_path / "gemv.log").read_text()
+    assert not port_is_open(server.port)

@@ -18,6 +18,11 @@ from vllm_quick import layout
 FORMATS = ("awq", "quick")
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
 # ----------------------------------------------------------------------------------------------
 # checkpoint tensors
 # ----------------------------------------------------------------------------------------------
