@@ -92,7 +92,7 @@ def timing(shapes, m_values, copies=8):
             tc = time_us(lambda i=0: x @ dense[i % copies])
             plan = ops.kernel_extension().describe_plan(m, k, n, 128, False, 0)
             print(f"{name:15s} {m:5d} {tq:9.1f} {tc:9.1f} {tc / tq:7.2f}x  {list(plan)}", flush=True)
-        del quick, dense
+
         torch.cuda.empty_cache()
 
 

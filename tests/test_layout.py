@@ -1,0 +1,149 @@
+"""The interleaved layout: round trips, the documented fragment mapping, and agreement between the
+Python description (vllm_quick/layout.py) and the CUDA one (csrc/quick_layout.cuh).
+
+The CUDA header is compiled on the host with g++ (its index functions are plain C++ there) into a
+probe that prints every table; the test compares them with the Python tables. The kernel
+translation units are compiled with nvcc when it is installed (CI has it), so a kernel that does
+not compile fails the test suite even on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_quick import layout
+
+REPO = Path(__file__).resolve().parents[1]
+CSRC = REPO / "csrc"
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, -1])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_awq_to_quick_round_trip(group, seed):
+    g = torch.Generator().manual_seed(seed)
+    k = 16 * int(torch.randint(2, 24, (1,), generator=g)) * (2 if group == 32 else 1)
+    k = k if group == -1 else -(-k // group) * group
+    n = 8 * int(torch.randint(1, 40, (1,), generator=g))  # any multiple of 8: padded to 64
+    gs = k if group == -1 else group
+    codes = torch.randint(0, 16, (k, n), dtype=torch.int32, generator=g)
+    zeros = torch.randint(0, 16, (k // gs, n), dtype=torch.int32, generator=g)
+    scales = torch.rand(k // gs, n, generator=g).half()
+    qw, qz, sc = layout.awq_to_quick(layout.awq_pack(codes), layout.awq_pack(zeros), scales)
+    n_pad = layout.padded_n(n)
+    assert qw.shape == (k // 16, n_pad // 64, 128) and qz.shape == (k // gs, n_pad // 8)
+    c2, z2, s2 = layout.quick_to_codes(qw, qz, sc)
+    assert torch.equal(c2[:, :n], codes) and torch.equal(z2[:, :n], zeros)
+    assert torch.equal(s2[:, :n], scales)
+    assert torch.all(s2[:, n:] == 0), "padding columns must have zero scale"
+    assert torch.equal(layout.awq_unpack(layout.awq_pack(codes)), codes)
+
+
+def test_worked_example_from_the_docstring():
+    """Lane 5, word 0 of tile (0, 0) holds exactly the elements the layout docstring lists."""
+    codes = torch.randint(0, 16, (16, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
+    word = int(layout.interleave_weight(codes)[0, 0, 5 * 4 + 0])
+    nibbles = [(word >> (4 * i)) & 0xF for i in range(8)]
+    expected = [(2, 1), (10, 1), (2, 9), (10, 9), (3, 1), (11, 1), (3, 9), (11, 9)]
+    assert nibbles == [int(codes[k, n]) for k, n in expected]
+
+
+def test_weight_nibbles_are_mma_b_fragments():
+    """Pair m = nibbles (m, m+4) of word j of lane t is (b0, b1) or (b2, b3) of n8 block 2j + m//2:
+    rows 2(t%4) + {0,1} (+8 for odd m), column t//4 (PTX mma.m16n8k16 B fragment)."""
+    src = layout.weight_tile_source().view(32, 4, 8)
+    for t in range(32):
+        for j in range(4):
+            for m in range(4):
+                lo, hi = int(src[t, j, m]), int(src[t, j, m + 4])
+                block = 2 * j + m // 2
+                k0 = 2 * (t % 4) + 8 * (m % 2)
+                assert divmod(lo, 64) == (k0, 8 * block + t // 4)
+                assert divmod(hi, 64) == (k0 + 1, 8 * block + t // 4)
+
+
+def test_scales_follow_the_accumulator_fragment():
+    """Lane t's half2 number nb (positions 16(t%4) + 2nb + {0,1}) holds the scales of its two
+    accumulator columns 8nb + 2(t%4) + {0,1}."""
+    src = layout.scale_tile_source()
+    for t in range(4):
+        for nb in range(8):
+            assert [int(src[16 * t + 2 * nb + e]) for e in range(2)] == [8 * nb + 2 * t + e for e in range(2)]
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match="K % 16"):
+        layout.check_shape(40, 64, 8)
+    with pytest.raises(ValueError, match="N % 64"):
+        layout.check_shape(64, 72, 64)
+    with pytest.raises(ValueError, match="group size"):
+        layout.check_shape(128, 64, 48)
+    with pytest.raises(ValueError, match="AWQ shapes disagree"):
+        layout.awq_to_quick(torch.zeros(64, 8, dtype=torch.int32), torch.zeros(1, 4, dtype=torch.int32),
+                            torch.zeros(1, 64, dtype=torch.float16))
+
+
+PROBE = r"""
+#include <cstdio>
+#include "quick_layout.cuh"
+int main() {
+  using namespace quick;
+  std::printf("version %d %d %d %d\n", kLayoutVersion, kTileK, kTileN, kWordsPerTile);
+  for (int t = 0; t < 32; ++t)
+    for (int j = 0; j < 4; ++j)
+      for (int i = 0; i < 8; ++i)
+        std::printf("w %d\n", weight_nibble_k(t, i) * kTileN + weight_nibble_n(t, j, i));
+  for (int p = 0; p < kTileN; ++p) std::printf("s %d\n", scale_column(p));
+  for (int i = 0; i < 8; ++i) std::printf("z %d\n", zero_nibble_block(i));
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def cuda_layout_tables(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler to build the layout probe")
+    tmp = tmp_path_factory.mktemp("probe")
+    (tmp / "probe.cpp").write_text(PROBE)
+    subprocess.run([cxx, "-std=c++17", f"-I{CSRC}", str(tmp / "probe.cpp"), "-o", str(tmp / "probe")],
+                   check=True)
+    out = subprocess.run([str(tmp / "probe")], check=True, capture_output=True, text=True).stdout
+    tables: dict[str, list[int]] = {"w": [], "s": [], "z": []}
+    header = None
+    for line in out.splitlines():
+        key, *vals = line.split()
+        if key == "version":
+            header = [int(v) for v in vals]
+        else:
+            tables[key].append(int(vals[0]))
+    return header, tables
+
+
+def test_cuda_header_agrees_with_python(cuda_layout_tables):
+    header, tables = cuda_layout_tables
+    assert header == [layout.LAYOUT_VERSION, layout.TILE_K, layout.TILE_N, layout.WORDS_PER_TILE]
+    assert tables["w"] == layout.weight_tile_source().tolist()
+    assert tables["s"] == layout.scale_tile_source().tolist()
+    assert tables["z"] == list(layout.ZERO_NIBBLE_BLOCK)
+
+
+@pytest.mark.parametrize("source", ["quick_gemm.cu", "quick_dequant.cu"])
+def test_kernel_compiles_with_nvcc(source, tmp_path):
+    """Compile the kernel translation units (no torch headers) for sm_80 and sm_90; fail on a
+    compile error or on register spills in the GEMM kernel."""
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+    if nvcc is None:
+        pytest.skip("nvcc not installed")
+    cmd = [nvcc, "-c", str(CSRC / source), "-o", str(tmp_path / "k.o"), "-std=c++20", "-O3",
+           "--expt-relaxed-constexpr", "-Xptxas", "-v",
+           "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    spills = [line for line in result.stderr.splitlines() if "spill" in line and not line.strip().startswith("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads")]
+    assert not spills, "register spills:\n" + "\n".join(spills)
