@@ -97,7 +97,7 @@ EOF
 step_build() {
   local hash stamp=build/.quick_build_hash
   hash=$(cat setup.py pyproject.toml csrc/* 2>/dev/null | sha256sum | cut -c1-16)
-  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$hash" ] && "$PY" -c "import vllm_quick._C" 2>/dev/null; then
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$hash" ] && "$PY" -c "import torch, vllm_quick._C" 2>/dev/null; then
     echo "build: vllm_quick._C is up to date (sources hash $hash)"
     return 0
   fi
@@ -106,7 +106,7 @@ step_build() {
     echo "build: setup.py build_ext --inplace failed; trying pip install --no-build-isolation --no-deps -e ."
     "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . || return 1
   fi
-  if "$PY" -c "import vllm_quick._C as c; print('built', c.__file__)"; then
+  if "$PY" -c "import torch, vllm_quick._C as c; print('built', c.__file__)"; then
     mkdir -p build && echo "$hash" >"$stamp"
     return 0
   fi
@@ -117,7 +117,7 @@ step_build() {
 step_tests() {
   set -o pipefail
   local rc1 rc2 extra=""
-  if ! "$PY" -c "import vllm_quick._C" 2>/dev/null; then
+  if ! "$PY" -c "import torch, vllm_quick._C" 2>/dev/null; then
     echo "tests: vllm_quick._C does not import; the GPU tests will fail (stopping after 3)"
     extra="--maxfail=3"
   fi

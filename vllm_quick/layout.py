@@ -275,6 +275,9 @@ def padded_n(n: int) -> int:
     return -(-n // TILE_N) * TILE_N
 
 
+CONVERT_ROWS = 512  # rows of K converted at once by awq_to_quick (a multiple of TILE_K)
+
+
 def awq_to_quick(
     qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -289,11 +292,18 @@ def awq_to_quick(
             f"scales {tuple(scales.shape)} (expected qzeros [G, {n // PACK}] and scales [G, {n}])"
         )
     n_pad = padded_n(n)
-    codes = pad_columns(awq_unpack(qweight), n_pad)
+    check_shape(k, n_pad, k // g)
+    # Row blocks of the weight are converted one at a time: the int64 temporaries of a whole
+    # 8192 x 57344 layer would need several GB at load time; 512 rows keep them to ~1 GB at most.
+    qweight_il = torch.cat(
+        [
+            interleave_weight(pad_columns(awq_unpack(qweight[r : r + CONVERT_ROWS]), n_pad))
+            for r in range(0, k, CONVERT_ROWS)
+        ]
+    )
     zeros = pad_columns(awq_unpack(qzeros), n_pad)
     s = pad_columns(scales.to(torch.float16), n_pad)
-    check_shape(k, n_pad, k // g)
-    return interleave_weight(codes), interleave_zeros(zeros), interleave_scales(s)
+    return qweight_il, interleave_zeros(zeros), interleave_scales(s)
 
 
 def quick_to_codes(
