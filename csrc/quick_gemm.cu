@@ -56,6 +56,12 @@ __device__ __forceinline__ uint64_t evict_first_policy() {
   return policy;
 }
 
+__device__ __forceinline__ uint64_t evict_normal_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+
 // 16-byte global -> shared copy that bypasses L1 (.cg), with an L2 cache-policy hint.
 __device__ __forceinline__ void cp_async_16_hint(void* smem, const void* gmem, uint64_t policy) {
   asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)),
@@ -216,7 +222,7 @@ struct SmemLayout {
 __device__ __forceinline__ int swizzled_chunk(int row, int chunk) { return row * 8 + (chunk ^ (row & 7)); }
 
 template <typename T, int kWarpTilesM, int kWarpsM>
-__global__ void __launch_bounds__(32 * kWarpsN * kWarpsM)
+__global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kWarpTilesM == 1 ? 4 : 1)
     quick_gemm_kernel(const KernelParams p) {
   constexpr int kThreads = 32 * kWarpsN * kWarpsM;
   constexpr int kBlockM = 16 * kWarpTilesM * kWarpsM;
@@ -238,59 +244,70 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM)
   const int stage_count = min(total_stages - stage_begin, p.stages_per_split);
 
   const T* x = static_cast<const T*>(p.x);
-  const uint64_t policy = evict_first_policy();
+  // Weights read once per call stream past L2; when several row blocks re-read them, keep them.
+  const uint64_t policy = p.weights_evict_first ? evict_first_policy() : evict_normal_policy();
+
+  // Issue the copies of one stage (global stage index gs) into shared-memory slot `slot`.
+  // ---- Copy plan: fixed per thread for the whole K loop; a stage only adds its offset. ----
+  // Weights: a stage is kStageKTiles k-tile rows of the block's 4 tiles, each row 2 KB
+  // contiguous in global memory and stored as-is in shared memory (chunk c = kt * 128 + lane
+  // chunk). Thread tid copies chunk tid % 128 of rows tid / 128 + i * kRowsPerIter.
+  constexpr int kChunksPerKTile = kWarpsN * 32;
+  constexpr int kWeightIters = kStageKTiles * kChunksPerKTile / kThreads;
+  constexpr int kRowsPerIter = kThreads / kChunksPerKTile;
+  const size_t w_row_stride = static_cast<size_t>(n_tiles) * 32;  // uint4 per k-tile row
+  const bool w_valid = (tid % kChunksPerKTile) / 32 < block_tiles;
+  const uint4* w_src = p.qweight + static_cast<size_t>(tile_n0) * 32 + tid % kChunksPerKTile +
+                       (tid / kChunksPerKTile) * w_row_stride;
+  // Activations: kBlockM rows x 8 chunks of 16 B; rows past M are zero-filled.
+  constexpr int kActIters = kBlockM * 8 / kThreads;
+  static_assert(kActIters * kThreads == kBlockM * 8, "activation chunks must divide evenly");
+  const T* a_src[kActIters];
+  int a_dst[kActIters];
+  bool a_valid[kActIters];
+#pragma unroll
+  for (int i = 0; i < kActIters; ++i) {
+    const int c = tid + i * kThreads, r = c / 8, chunk = c % 8;
+    a_valid[i] = row0 + r < p.m;
+    a_src[i] = x + static_cast<size_t>(a_valid[i] ? row0 + r : 0) * p.k + chunk * 8;
+    a_dst[i] = swizzled_chunk(r, chunk);
+  }
+  // Scales and zeros: per group row 32 scale chunks + 8 zero chunks of the block's 256
+  // columns; threads 0..79 own one chunk each of (up to) two group rows.
+  constexpr int kScaleChunks = kBlockN * 2 / 16, kZeroChunks = kBlockN / 2 / 16;
+  constexpr int kGroupChunks = kScaleChunks + kZeroChunks;
+  static_assert(kMaxGroupRowsPerStage * kGroupChunks <= kThreads, "one chunk per thread");
+  const int sz_row = tid / kGroupChunks, sz_chunk = tid % kGroupChunks;
+  const bool sz_is_scale = sz_chunk < kScaleChunks;
+  const bool sz_valid = sz_row < kMaxGroupRowsPerStage &&
+                        (sz_is_scale ? sz_chunk < block_tiles * 8 : sz_chunk - kScaleChunks < block_tiles * 2);
+  const char* sz_src = sz_is_scale
+      ? reinterpret_cast<const char*>(p.scales + tile_n0 * kTileN + sz_chunk * 8)
+      : reinterpret_cast<const char*>(p.qzeros + tile_n0 * 8 + (sz_chunk - kScaleChunks) * 4);
+  const size_t sz_row_bytes = sz_is_scale ? static_cast<size_t>(p.n) * 2 : static_cast<size_t>(p.n) / 2;
+  const int sz_dst = Smem::kWeightBytes + Smem::kActBytes +
+                     (sz_is_scale ? (sz_row * kScaleChunks + sz_chunk) * 16
+                                  : Smem::kScaleBytes + (sz_row * kZeroChunks + sz_chunk - kScaleChunks) * 16);
 
   // Issue the copies of one stage (global stage index gs) into shared-memory slot `slot`.
   auto load_stage = [&](int gs, int slot) {
     unsigned char* base = smem + slot * Smem::kStageBytes;
-    // Weights: the block's 4 tiles of one k-tile row are 2 KB contiguous in global memory.
-    uint4* w_dst = reinterpret_cast<uint4*>(base);
-    for (int c = tid; c < kStageKTiles * kWarpsN * 32; c += kThreads) {
-      const int kt = c / (kWarpsN * 32);
-      const int rest = c % (kWarpsN * 32);
-      if (rest / 32 < block_tiles) {
-        const size_t tile = static_cast<size_t>(gs * kStageKTiles + kt) * n_tiles + tile_n0;
-        const uint4* src = p.qweight + tile * 32 + rest;
-        if (p.weights_evict_first) {
-          cp_async_16_hint(w_dst + c, src, policy);
-        } else {
-          cp_async_16_zfill(w_dst + c, src, true);
-        }
-      }
+    if (w_valid) {
+      const uint4* src = w_src + static_cast<size_t>(gs) * kStageKTiles * w_row_stride;
+      uint4* dst = reinterpret_cast<uint4*>(base) + tid;
+#pragma unroll
+      for (int i = 0; i < kWeightIters; ++i)
+        cp_async_16_hint(dst + i * kThreads, src + i * kRowsPerIter * w_row_stride, policy);
     }
-    // Activations: kBlockM rows x 8 chunks; rows past M are zero-filled.
-    uint4* a_dst = reinterpret_cast<uint4*>(base + Smem::kWeightBytes);
-    for (int c = tid; c < kBlockM * 8; c += kThreads) {
-      const int r = c / 8, chunk = c % 8;
-      const int row = row0 + r;
-      const bool valid = row < p.m;
-      const T* src = x + (static_cast<size_t>(valid ? row : 0) * p.k + gs * kStageK + chunk * 8);
-      cp_async_16_zfill(a_dst + swizzled_chunk(r, chunk), src, valid);
-    }
-    // Scales and zeros of the (one or two) groups this stage touches.
-    const int g_first = gs * kStageK / p.group_size;
-    const int g_rows = (gs * kStageK + kStageK - 1) / p.group_size - g_first + 1;
-    uint4* s_dst = reinterpret_cast<uint4*>(base + Smem::kWeightBytes + Smem::kActBytes);
-    uint4* z_dst = reinterpret_cast<uint4*>(base + Smem::kWeightBytes + Smem::kActBytes +
-                                            Smem::kScaleBytes);
-    constexpr int kScaleChunks = kBlockN * 2 / 16;  // 32 per group row
-    constexpr int kZeroChunks = kBlockN / 2 / 16;   // 8 per group row
-    for (int c = tid; c < g_rows * (kScaleChunks + kZeroChunks); c += kThreads) {
-      const int r = c / (kScaleChunks + kZeroChunks);
-      const int rest = c % (kScaleChunks + kZeroChunks);
-      const size_t g = g_first + r;
-      if (rest < kScaleChunks) {
-        if (rest < block_tiles * 8) {
-          const __half* src = p.scales + g * p.n + tile_n0 * kTileN + rest * 8;
-          cp_async_16_zfill(s_dst + r * kScaleChunks + rest, src, true);
-        }
-      } else {
-        const int zc = rest - kScaleChunks;
-        if (zc < block_tiles * 2) {
-          const uint32_t* src = p.qzeros + g * (p.n / 8) + tile_n0 * 8 + zc * 4;
-          cp_async_16_zfill(z_dst + r * kZeroChunks + zc, src, true);
-        }
-      }
+    uint4* a_base = reinterpret_cast<uint4*>(base + Smem::kWeightBytes);
+#pragma unroll
+    for (int i = 0; i < kActIters; ++i)
+      cp_async_16_zfill(a_base + a_dst[i], a_src[i] + gs * kStageK, a_valid[i]);
+    if (sz_valid) {
+      const int g_first = gs * kStageK / p.group_size;
+      const int g_rows = (gs * kStageK + kStageK - 1) / p.group_size - g_first + 1;
+      if (sz_row < g_rows)
+        cp_async_16_zfill(base + sz_dst, sz_src + (g_first + sz_row) * sz_row_bytes, true);
     }
   };
 
@@ -528,7 +545,7 @@ GemmPlan plan(const GemmProblem& pr, int device) {
     const int total_stages = pr.k / kStageK;
     // Split K until the grid fills the GPU once, with at most kMaxSplits splits: every split
     // costs M x N x 4 bytes of partials to write and re-read. E.g. N = 4096, M = 1 on 132 SMs
-    // holding 3 blocks each: 16 column blocks, 396 / 16 = 24 -> 8 splits of 8 stages (512 rows).
+    // holding 4 blocks each: 16 column blocks, 528 / 16 = 33 -> 8 splits of 8 stages (512 rows).
     // (Up to 22 splits were tried first: at M = 16 the reduction then cost more than it saved.)
     constexpr int kMaxSplits = 8;
     const int capacity = sm_count(device) * Cfg::blocks_per_sm();
