@@ -20,9 +20,9 @@ from vllm_quick.quantize import (
     DEFAULT_MAX_SHARD_SIZE,
     CheckpointReader,
     ShardWriter,
+    add_output_arguments,
     copy_extra_files,
     group_by_layer,
-    parse_size,
     prepare_output_dir,
     read_config,
     set_config_dtype,
@@ -165,12 +165,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=DTYPES, default="float32",
         help="dtype of the written weights (default float32: exact dequantised values)",
     )
-    parser.add_argument(
-        "--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_SIZE,
-        help="split the output into shards of at most this size (default 5GB)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in DST")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_output_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

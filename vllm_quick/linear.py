@@ -97,23 +97,19 @@ class QuickLinearMethod(LinearMethodBase):
         loader = extra_weight_attrs.get("weight_loader")
         groups = k // group_size
         if cfg.checkpoint_format == "quick":
-            qweight = PackedvLLMParameter(
-                data=torch.empty(k // layout.TILE_K, n // layout.TILE_N, layout.WORDS_PER_TILE, dtype=torch.int32),
-                input_dim=0,
-                output_dim=1,
-                packed_dim=1,
-                packed_factor=layout.TILE_N,  # dimension 1 counts 64-column tiles
-                weight_loader=loader,
-            )
+            # [K/16, N/64, 128]: dimension 1 counts 64-column tiles
+            qweight_shape, qweight_packing = (k // layout.TILE_K, n // layout.TILE_N, layout.WORDS_PER_TILE), layout.TILE_N
         else:
-            qweight = PackedvLLMParameter(
-                data=torch.empty(k, n // layout.PACK, dtype=torch.int32),
-                input_dim=0,
-                output_dim=1,
-                packed_dim=1,
-                packed_factor=layout.PACK,
-                weight_loader=loader,
-            )
+            # AWQ: [K, N/8], eight 4-bit columns per int32
+            qweight_shape, qweight_packing = (k, n // layout.PACK), layout.PACK
+        qweight = PackedvLLMParameter(
+            data=torch.empty(qweight_shape, dtype=torch.int32),
+            input_dim=0,
+            output_dim=1,
+            packed_dim=1,
+            packed_factor=qweight_packing,
+            weight_loader=loader,
+        )
         qzeros = PackedvLLMParameter(
             data=torch.empty(groups, n // layout.PACK, dtype=torch.int32),
             input_dim=0,

@@ -187,25 +187,13 @@ def quantization_config(fmt: str, group_size: int, modules_to_not_convert: list[
     """The ``quantization_config`` entry of config.json (the contract with vllm_quick.config)."""
     from vllm_quick import layout
 
-    if fmt == "awq":
-        return {
-            "quant_method": "awq",
-            "bits": BITS,
-            "group_size": group_size,
-            "zero_point": True,
-            "version": "gemm",
-            "modules_to_not_convert": list(modules_to_not_convert),
-        }
-    if fmt == "quick":
-        return {
-            "quant_method": "quick",
-            "bits": BITS,
-            "group_size": group_size,
-            "zero_point": True,
-            "layout_version": layout.LAYOUT_VERSION,
-            "modules_to_not_convert": list(modules_to_not_convert),
-        }
-    raise ValueError(f"unknown format {fmt!r}; supported: {', '.join(FORMATS)}")
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; supported: {', '.join(FORMATS)}")
+    config = {"quant_method": fmt, "bits": BITS, "group_size": group_size, "zero_point": True}
+    # AWQ names its packing version; ours names the interleaved layout it was written for.
+    config.update({"version": "gemm"} if fmt == "awq" else {"layout_version": layout.LAYOUT_VERSION})
+    config["modules_to_not_convert"] = list(modules_to_not_convert)
+    return config
 
 
 def quantize_checkpoint(
@@ -507,6 +495,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--modules-to-not-convert", nargs="*", default=[], metavar="NAME",
         help="leave Linears whose name contains any of these unquantised",
     )
+    add_output_arguments(parser)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options every checkpoint-writing command shares (quantize, dequantize)."""
     parser.add_argument(
         "--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_SIZE,
         help="split the output into shards of at most this size (default 5GB)",
