@@ -105,7 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backends", default=",".join(vk.DEFAULT_BACKENDS),
                    help=f"backends to run, from {', '.join(vk.BACKEND_NAMES)} (quick = the op as the "
                    "plugin calls it, which switches to dequantise + cuBLAS at large M; quick_kernel = "
-                   "the QUICK kernel at every M)")
+                   "the QUICK kernel at every M; quick_dequant = dequantise + cuBLAS at every M)")
     p.add_argument("--quick-only", action="store_true",
                    help="only ours (the op and the raw kernel) and the cuBLAS baseline (fast iteration)")
     p.add_argument("--smoke", action="store_true",
@@ -135,7 +135,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.dtypes = _str_list(args.dtypes)
     args.backends = _str_list(args.backends)
     if args.quick_only:
-        args.backends = ["quick", "quick_kernel", "cublas"]
+        args.backends = ["quick", "quick_kernel", "quick_dequant", "cublas"]
     bad = [b for b in args.backends if b not in vk.BACKENDS]
     if bad:
         p.error(f"unknown backends {bad}; choose from {list(vk.BACKENDS)}")
@@ -542,8 +542,9 @@ def render_markdown(rows, env, skipped=(), selfchecks=(), header=True) -> str:
             lines.append(f"- **{b}**: {call}")
         lines.append("")
     cols = ["quick", "awq_gemm", "marlin", "machete", "humming"]
-    if any("quick_kernel" in r["us"] for r in rows):
-        cols.insert(1, "quick_kernel")
+    for extra in ("quick_dequant", "quick_kernel"):  # the op's two paths, when timed separately
+        if any(extra in r["us"] for r in rows):
+            cols.insert(1, extra)
     lines.append("| shape | K×N | g | dtype | M | quick path | cuBLAS µs | quick µs | " + " | ".join(cols)
                  + " | quick vs best(marlin, machete) |")
     lines.append("|" + "---|" * (9 + len(cols)))

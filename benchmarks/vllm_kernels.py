@@ -44,6 +44,8 @@ CALLS = {
     "calls it: it picks the QUICK kernel or dequantise + cuBLAS by M, see vllm_quick/dispatch.py)",
     "quick_kernel": "vllm_quick._C.gemm(x, qweight, qzeros, scales, None, group, N): the QUICK kernel "
     "itself at every M, bypassing the op's M dispatch",
+    "quick_dequant": "vllm_quick.ops.dequant_matmul(x, ...): the op's large-M path (dequantise "
+    "kernel + cuBLAS) at every M, to measure where it overtakes the kernel (benchmarks/dispatch_table.py)",
     "cublas": "torch.nn.functional.linear(x, W) with W = dequant(codes, zeros, scales) as [N, K] "
     "in the activation dtype (what an unquantised vLLM layer runs)",
     "awq_gemm": "torch.ops._C.awq_gemm(x, qweight_awq, scales_fp16, qzeros_awq, split_k_iters=8) "
@@ -261,6 +263,20 @@ class QuickKernelBackend(QuickBackend):
 
         w = state.weights
         return ops.kernel_extension().gemm(
+            x, w["qweight"], w["qzeros"], w["scales"], None, state.meta["group"], state.meta["n"]
+        )
+
+
+class QuickDequantBackend(QuickBackend):
+    """The op's large-M path (dequantise + cuBLAS) called directly, whatever M."""
+
+    name = "quick_dequant"
+
+    def run(self, state, x):
+        from vllm_quick import ops
+
+        w = state.weights
+        return ops.dequant_matmul(
             x, w["qweight"], w["qzeros"], w["scales"], None, state.meta["group"], state.meta["n"]
         )
 
@@ -528,6 +544,7 @@ BACKENDS: dict[str, Backend] = {
     for b in (
         QuickBackend(),
         QuickKernelBackend(),
+        QuickDequantBackend(),
         CublasBackend(),
         AwqGemmBackend(),
         MarlinBackend(),

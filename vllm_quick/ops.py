@@ -125,13 +125,18 @@ def _cuda_gemm(x, qweight, qzeros, scales, bias, group_size: int, size_n: int):
         x2 = x2.contiguous()
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    ext = kernel_extension()
     if dispatch.choose_path(x2.shape[0], x.dtype, x.device) == "dequant":
-        w = ext.dequantize(qweight, qzeros, scales, group_size, x.dtype)[:, :size_n]
-        y = torch.addmm(bias, x2, w) if bias is not None else x2 @ w
+        y = dequant_matmul(x2, qweight, qzeros, scales, bias, group_size, size_n)
     else:
-        y = ext.gemm(x2, qweight, qzeros, scales, bias, group_size, size_n)
+        y = kernel_extension().gemm(x2, qweight, qzeros, scales, bias, group_size, size_n)
     return y.reshape(*x.shape[:-1], size_n)
+
+
+def dequant_matmul(x2, qweight, qzeros, scales, bias, group_size: int, size_n: int) -> torch.Tensor:
+    """The large-M path on a CUDA ``[M, K]`` x: dense weight from the dequantise kernel, then
+    cuBLAS (``bias`` already in x's dtype)."""
+    w = kernel_extension().dequantize(qweight, qzeros, scales, group_size, x2.dtype)[:, :size_n]
+    return torch.addmm(bias, x2, w) if bias is not None else x2 @ w
 
 
 torch.library.impl(_lib, "gemm", "CUDA")(_cuda_gemm)
