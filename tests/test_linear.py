@@ -3,82 +3,32 @@
 Each test builds a vLLM layer with ``QuickConfig``, feeds checkpoint-format tensors (AWQ or
 pre-interleaved QUICK) through the layer's own ``weight_loader`` exactly as model loading does,
 runs ``process_weights_after_loading`` and ``apply``, and compares with ``x @ dequant(W)`` in fp32.
-Fused layers (gate_up, qkv) and tensor-parallel sharding (simulated ranks) are covered for both
-formats: for the interleaved format this is what proves that vLLM's packed-parameter loaders cut
-whole 64-column tiles in the right places.
+Fused layers (gate_up, qkv) are covered for both formats. Tensor-parallel sharding (simulated
+ranks, TP = 2 and 4) is in tests/test_tensor_parallel.py; the helpers both use are in
+tests/_layer_helpers.py.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from _layer_helpers import (
+    FORMATS,
+    assert_matches,
+    checkpoint_tensors,
+    finish,
+    load_into,
+    quick_config,
+    random_quantized,
+    run,
+)
 
 from vllm_quick import layout
-
-FORMATS = ("awq", "quick")
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-# ----------------------------------------------------------------------------------------------
-# checkpoint tensors
-# ----------------------------------------------------------------------------------------------
-def random_quantized(k: int, n: int, group_size: int, scale_dtype=torch.float16):
-    """Random codes/zeros/scales for a K x N weight: returns (codes, zeros, scales, W fp32)."""
-    group = k if group_size == -1 else group_size
-    codes = torch.randint(0, 16, (k, n), dtype=torch.int32)
-    zeros = torch.randint(0, 16, (k // group, n), dtype=torch.int32)
-    scales = (torch.rand(k // group, n) * 0.02 + 0.001).to(scale_dtype)
-    return codes, zeros, scales, layout.dequantize(codes, zeros, scales)
-
-
-def checkpoint_tensors(fmt: str, codes, zeros, scales) -> dict[str, torch.Tensor]:
-    """What a checkpoint of format ``fmt`` stores for one linear layer."""
-    if fmt == "awq":
-        return {"qweight": layout.awq_pack(codes), "qzeros": layout.awq_pack(zeros), "scales": scales}
-    return {
-        "qweight": layout.interleave_weight(codes),
-        "qzeros": layout.interleave_zeros(zeros),
-        "scales": layout.interleave_scales(scales),
-    }
-
-
-def load_into(layer, tensors: dict[str, torch.Tensor], shard_id=None) -> None:
-    """Load tensors the way vLLM's model loader does: through each parameter's weight_loader."""
-    for name, tensor in tensors.items():
-        param = getattr(layer, name)
-        if shard_id is None:
-            param.weight_loader(param, tensor)
-        else:
-            param.weight_loader(param, tensor, shard_id)
-
-
-def quick_config(fmt: str, group_size: int = 64, **kw):
-    from vllm_quick.config import QuickConfig
-
-    return QuickConfig(group_size=group_size, checkpoint_format=fmt, **kw)
-
-
-def finish(layer):
-    from vllm_quick.linear import QuickLinearMethod
-
-    assert isinstance(layer.quant_method, QuickLinearMethod)
-    layer.quant_method.process_weights_after_loading(layer)
-    return layer
-
-
-def run(layer, x, bias=None):
-    return layer.quant_method.apply(layer, x, bias)
-
-
-def assert_matches(y, x, w, bias=None):
-    expected = x.to(torch.float32) @ w
-    if bias is not None:
-        expected = expected + bias.to(torch.float32)
-    torch.testing.assert_close(y.to(torch.float32), expected, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,61 +181,3 @@ def test_qkv_three_shards(vllm_dist, fmt):
     x = torch.randn(6, hidden)
     out, _ = layer(x)
     assert_matches(out, x, w, bias)
-
-
-# ----------------------------------------------------------------------------------------------
-# tensor parallelism, simulated: build and load rank r of 2, compare with that rank's slice
-# ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("rank", [0, 1])
-def test_tp2_qkv_and_gate_up(fake_tp, fmt, rank):
-    from vllm.model_executor.layers.linear import MergedColumnParallelLinear
-
-    tp, hidden, head_dim, heads, kv_heads = 2, 256, 64, 4, 2
-    sizes = {"q": heads * head_dim, "k": kv_heads * head_dim, "v": kv_heads * head_dim}
-    qkv = {sid: random_quantized(hidden, n, 64) for sid, n in sizes.items()}
-    gate_up = [random_quantized(hidden, 256, 64) for _ in range(2)]
-    with fake_tp(rank, tp):
-        attn = build_qkv(fmt, hidden, head_dim, heads, kv_heads)
-        mlp = MergedColumnParallelLinear(hidden, [256, 256], bias=False, params_dtype=torch.float32,
-                                         quant_config=quick_config(fmt), prefix="model.layers.0.mlp.gate_up_proj")
-        for sid, (codes, zeros, scales, _) in qkv.items():
-            load_into(attn, checkpoint_tensors(fmt, codes, zeros, scales), sid)
-        for sid, (codes, zeros, scales, _) in enumerate(gate_up):
-            load_into(mlp, checkpoint_tensors(fmt, codes, zeros, scales), sid)
-    finish(attn)
-    finish(mlp)
-
-    def rank_slice(w):
-        width = w.shape[1] // tp
-        return w[:, rank * width:(rank + 1) * width]
-
-    x = torch.randn(3, hidden)
-    assert_matches(run(attn, x), x, torch.cat([rank_slice(qkv[s][3]) for s in "qkv"], dim=1))
-    assert_matches(run(mlp, x), x, torch.cat([rank_slice(g[3]) for g in gate_up], dim=1))
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("rank", [0, 1])
-def test_tp2_row_parallel(fake_tp, fmt, rank):
-    from vllm.model_executor.layers.linear import RowParallelLinear
-
-    tp, k, n = 2, 512, 128
-    codes, zeros, scales, w = random_quantized(k, n, 128)
-    with fake_tp(rank, tp):
-        layer = RowParallelLinear(k, n, bias=False, params_dtype=torch.float32,
-                                  quant_config=quick_config(fmt, 128), prefix="model.layers.0.mlp.down_proj")
-        load_into(layer, checkpoint_tensors(fmt, codes, zeros, scales))
-    finish(layer)
-    rows = slice(rank * k // tp, (rank + 1) * k // tp)
-    x = torch.randn(3, k // tp)
-    assert_matches(run(layer, x), x, w[rows])
-
-
-def test_tp2_per_channel_row_parallel_is_refused(fake_tp):
-    """group_size -1 spans the whole input: a row-parallel rank cannot hold a whole group."""
-    from vllm.model_executor.layers.linear import RowParallelLinear
-
-    with fake_tp(0, 2), pytest.raises(ValueError, match=r"o_proj.*group_size 256 does not divide.*128"):
-        RowParallelLinear(256, 128, bias=False, params_dtype=torch.float32,
-                          quant_config=quick_config("awq", -1), prefix="model.layers.0.self_attn.o_proj")

@@ -206,10 +206,6 @@ class QuickConfig(QuantizationConfig):
         # modules_to_not_convert: AutoAWQ's substring rule; names found in the files: exact.
         return prefix in self.unquantized_modules or any(m in prefix for m in self.modules_to_not_convert)
 
-    def layer_group_size(self, input_size: int) -> int:
-        """The group size in rows of the full (unsharded) weight."""
-        return input_size if self.group_size == -1 else self.group_size
-
 
 def _check_group_size(group_size) -> None:
     if group_size not in SUPPORTED_GROUP_SIZES:

@@ -23,7 +23,9 @@ Sharding the interleaved ``qweight`` with vLLM's loaders works because its dimen
 64-column tiles: declared with ``packed_factor=64`` along the output dimension, the loader divides
 a shard's column offset and size by 64 and narrows whole tiles, which is right as long as every
 shard's width is a multiple of 64 (checked in ``create_weights``). Row sharding narrows
-dimension 0 (16-row tiles, and groups for zeros/scales) the same way.
+dimension 0 (16-row tiles, and groups for zeros/scales) the same way; a group may not straddle
+two ranks (refused in ``create_weights``), except per-channel zeros/scales (group_size -1), which
+every row-parallel rank holds whole.
 """
 
 from __future__ import annotations
@@ -33,7 +35,12 @@ from vllm.model_executor.layers.linear import (
     LinearMethodBase,
     register_weight_loader_v2_supported_method,
 )
-from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter
+from vllm.model_executor.parameter import (
+    ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
+    PackedColumnParameter,
+    PackedvLLMParameter,
+)
 
 import vllm_quick.ops  # noqa: F401  (registers torch.ops.quick.gemm)
 from vllm_quick import layout
@@ -66,12 +73,20 @@ class QuickLinearMethod(LinearMethodBase):
         name = self.prefix or getattr(layer, "prefix", "") or type(layer).__name__
         k = input_size_per_partition
         n = sum(output_partition_sizes)
-        group_size = cfg.layer_group_size(input_size)
+        # Per-channel (group_size -1): one group spanning the whole input. Its zeros and scales
+        # ([1, N]) do not depend on k, so a row-parallel rank (k = input_size / tp) keeps all of
+        # them: they are registered below without an input dimension, and vLLM's row loader then
+        # copies them whole to every rank (as vLLM does for channel-wise GPTQ / compressed-tensors
+        # weights), while column-parallel layers still split them along N. The rank's single
+        # group is then its own k rows.
+        per_channel = cfg.group_size == -1
+        group_size = k if per_channel else cfg.group_size
         if k % group_size:
             raise ValueError(
                 f"quick: layer {name!r}: group_size {group_size} does not divide its input size "
-                f"per partition {k} (input size {input_size}); use a tensor-parallel size that "
-                "keeps whole groups on each rank"
+                f"per partition {k} (input size {input_size}): a group would straddle two "
+                "tensor-parallel ranks; use a tensor-parallel size that keeps whole groups on "
+                "each rank"
             )
         if k % layout.TILE_K:
             raise ValueError(
@@ -83,15 +98,18 @@ class QuickLinearMethod(LinearMethodBase):
             if bad:
                 raise ValueError(
                     f"quick: layer {name!r}: output sizes per partition {output_partition_sizes} "
-                    f"must each be a multiple of {layout.TILE_N} for a pre-interleaved (quick) "
-                    "checkpoint; serve the AWQ form of this model instead (it is padded at load)"
+                    "(this tensor-parallel rank's share of each fused part) must each be a "
+                    f"multiple of {layout.TILE_N} for a pre-interleaved (quick) checkpoint; serve "
+                    "the AWQ form of this model instead (it is padded at load), or use a smaller "
+                    "tensor-parallel size"
                 )
         else:
             bad = [s for s in output_partition_sizes if s % layout.PACK]
             if bad:
                 raise ValueError(
                     f"quick: layer {name!r}: output sizes per partition {output_partition_sizes} "
-                    f"must each be a multiple of {layout.PACK} (eight 4-bit values per int32)"
+                    "(this tensor-parallel rank's share of each fused part) must each be a "
+                    f"multiple of {layout.PACK} (eight 4-bit values per int32)"
                 )
 
         loader = extra_weight_attrs.get("weight_loader")
@@ -110,20 +128,34 @@ class QuickLinearMethod(LinearMethodBase):
             packed_factor=qweight_packing,
             weight_loader=loader,
         )
-        qzeros = PackedvLLMParameter(
-            data=torch.empty(groups, n // layout.PACK, dtype=torch.int32),
-            input_dim=0,
-            output_dim=1,
-            packed_dim=1,
-            packed_factor=layout.PACK,
-            weight_loader=loader,
-        )
-        scales = GroupQuantScaleParameter(
-            data=torch.empty(groups, n, dtype=LOAD_SCALES_DTYPE),
-            input_dim=0,
-            output_dim=1,
-            weight_loader=loader,
-        )
+        if per_channel:  # replicated over row-parallel ranks (see above)
+            qzeros = PackedColumnParameter(
+                data=torch.empty(1, n // layout.PACK, dtype=torch.int32),
+                output_dim=1,
+                packed_dim=1,
+                packed_factor=layout.PACK,
+                weight_loader=loader,
+            )
+            scales = ChannelQuantScaleParameter(
+                data=torch.empty(1, n, dtype=LOAD_SCALES_DTYPE),
+                output_dim=1,
+                weight_loader=loader,
+            )
+        else:
+            qzeros = PackedvLLMParameter(
+                data=torch.empty(groups, n // layout.PACK, dtype=torch.int32),
+                input_dim=0,
+                output_dim=1,
+                packed_dim=1,
+                packed_factor=layout.PACK,
+                weight_loader=loader,
+            )
+            scales = GroupQuantScaleParameter(
+                data=torch.empty(groups, n, dtype=LOAD_SCALES_DTYPE),
+                input_dim=0,
+                output_dim=1,
+                weight_loader=loader,
+            )
         layer.register_parameter("qweight", qweight)
         layer.register_parameter("qzeros", qzeros)
         layer.register_parameter("scales", scales)
