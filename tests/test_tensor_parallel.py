@@ -14,7 +14,8 @@ over, and is finished with ``process_weights_after_loading``. Then
     by rank 0, as vLLM's RowParallelLinear does before its all-reduce).
 
 Covered: plain column-parallel, MergedColumnParallel (gate_up), QKVParallel (GQA, and kv heads
-fewer than ranks, which vLLM replicates), RowParallel; AWQ (interleaved at load) and
+fewer than ranks, which vLLM replicates), RowParallel; fused layers stored per part or already
+fused on disk; AWQ (interleaved at load) and
 pre-interleaved checkpoints; group sizes 32/64/128/-1 (per-channel zeros and scales are kept
 whole on every row-parallel rank); AWQ layers whose per-rank width needs padding to whole
 64-column tiles. Refused at start-up (layer construction = ``create_weights``) with a ValueError
@@ -130,8 +131,16 @@ def make_checkpoint(case: Case, group_size: int):
     return quantized, biases
 
 
-def load(layer, fmt: str, quantized, biases) -> None:
-    """Every checkpoint tensor, full size, through the layer's loaders (vLLM slices per rank)."""
+def load(layer, fmt: str, quantized, biases, fused_on_disk: bool = False) -> None:
+    """Every checkpoint tensor, full size, through the layer's loaders (vLLM slices per rank).
+    ``fused_on_disk``: the checkpoint stores the fused layer as one tensor per name (Phi-3's
+    qkv_proj / gate_up_proj), loaded without a shard id; vLLM cuts it into its parts."""
+    if fused_on_disk:
+        per_part = [checkpoint_tensors(fmt, *quantized[sid][:3]) for sid in quantized]
+        load_into(layer, {name: torch.cat([t[name] for t in per_part], dim=1) for name in per_part[0]})
+        if layer.bias is not None:
+            layer.bias.weight_loader(layer.bias, torch.cat(list(biases.values())))
+        return
     for sid, (codes, zeros, scales, _) in quantized.items():
         load_into(layer, checkpoint_tensors(fmt, codes, zeros, scales), sid)
         if layer.bias is not None:
@@ -139,10 +148,10 @@ def load(layer, fmt: str, quantized, biases) -> None:
             layer.bias.weight_loader(layer.bias, biases[sid], *extra)
 
 
-def build_rank(fake_tp, case, fmt, group_size, quantized, biases, rank: int, tp: int):
+def build_rank(fake_tp, case, fmt, group_size, quantized, biases, rank: int, tp: int, fused_on_disk=False):
     with fake_tp(rank, tp):
         layer = build(case, fmt, group_size)
-        load(layer, fmt, quantized, biases)
+        load(layer, fmt, quantized, biases, fused_on_disk)
     return finish(layer)
 
 
@@ -193,12 +202,14 @@ def reassemble_columns(case: Case, tp: int, per_rank: list[torch.Tensor]) -> tor
 # ----------------------------------------------------------------------------------------------
 # the check itself
 # ----------------------------------------------------------------------------------------------
-def check_sharding(fake_tp, case: Case, fmt: str, group_size: int, tp: int) -> list:
+def check_sharding(fake_tp, case: Case, fmt: str, group_size: int, tp: int, fused_on_disk=False) -> list:
     """Build TP=1 and all ``tp`` ranks from one checkpoint; assert (a) and (b) of the module
     docstring. Returns the rank layers."""
     quantized, biases = make_checkpoint(case, group_size)
     full = build_rank(fake_tp, case, fmt, group_size, quantized, biases, 0, 1)
-    ranks = [build_rank(fake_tp, case, fmt, group_size, quantized, biases, r, tp) for r in range(tp)]
+    ranks = [
+        build_rank(fake_tp, case, fmt, group_size, quantized, biases, r, tp, fused_on_disk) for r in range(tp)
+    ]
     w_checkpoint = torch.cat([quantized[sid][3] for sid, _ in case.parts], dim=1)
     assert torch.equal(layer_weight(full), w_checkpoint)
 
@@ -269,6 +280,17 @@ def test_row_parallel_odd_group_counts_per_rank(fake_tp, fmt, k, group_size, tp)
     """Ranks holding an odd number of whole groups (192 = 3 x 64 rows, 96 = 3 x 32), and a
     per-channel layer whose rank input (96) is no power of two."""
     check_sharding(fake_tp, row(k, 128), fmt, group_size, tp)
+
+
+@pytest.mark.parametrize("tp", TP_SIZES, ids=lambda tp: f"tp{tp}")
+@pytest.mark.parametrize("group_size", (64, -1), ids=lambda g: f"g{g}")
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("case", ALIGNED_CASES[1:3], ids=str)
+def test_fused_on_disk_checkpoint(fake_tp, case, fmt, group_size, tp):
+    """gate_up / qkv stored as one tensor per name (loaded with no shard id): vLLM cuts the
+    parts out of the packed tensors (tiles of 64 columns for a pre-interleaved qweight) and then
+    shards each part as above."""
+    check_sharding(fake_tp, case, fmt, group_size, tp, fused_on_disk=True)
 
 
 # ----------------------------------------------------------------------------------------------
