@@ -13,6 +13,9 @@ What locust records per request (see ``workload.py`` for the definitions):
 * ``TTFT <path>``: time to first token; ``TPOT <path>``: time per output token (custom events,
   ``request_type`` "TTFT" / "TPOT", so they appear as their own rows in locust's stats and CSVs).
 
+``--stats-csv PREFIX`` writes locust's stats and failures tables once the test is over (complete,
+unlike ``--csv``, which locust rewrites once a second and does not update at the very end).
+
 Exact per-request values (locust rounds its histogram) go to ``--records-out`` as JSON lines;
 ``run_load.py`` turns them into the result rows. Targets must be loopback (127.0.0.0/8, ::1,
 localhost): anything else is refused before a request is sent.
@@ -21,7 +24,7 @@ Stand-alone (the runner does the same per concurrency step)::
 
     locust -f load_tests/locustfile.py --headless -u 16 -r 16 --run-time 300s \\
         --host http://127.0.0.1:8000 --prompt-tokens 512 --output-tokens 128 \\
-        --request-budget 64 --csv results/c16 --records-out results/c16_requests.jsonl
+        --request-budget 64 --stats-csv results/c16 --records-out results/c16_requests.jsonl
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ def _add_arguments(parser) -> None:
     group.add_argument("--request-budget", type=int, default=0,
                        help="stop after this many requests have finished (0: run until --run-time)")
     group.add_argument("--records-out", default="", help="write one JSON line per request here at the end")
+    group.add_argument("--stats-csv", default="", metavar="PREFIX",
+                       help="write PREFIX_stats.csv and PREFIX_failures.csv (locust's columns) once the test "
+                            "is over (locust's own --csv is rewritten only every second, so it can miss the end)")
     group.add_argument("--temperature", type=float, default=0.0)
     group.add_argument("--seed", type=int, default=0, help="seed of the prompt generator")
     group.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
@@ -152,6 +158,23 @@ def _write_records(environment, **_kw) -> None:
         with open(path, "w") as f:
             for rec in STATE.records:
                 f.write(rec.to_json() + "\n")
+
+
+@events.quitting.add_listener
+def _write_final_stats(environment, **_kw) -> None:
+    import csv
+
+    from locust.stats import PERCENTILES_TO_REPORT, StatsCSV
+
+    prefix = getattr(environment.parsed_options, "stats_csv", "")
+    if not prefix:
+        return
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    writer = StatsCSV(environment, PERCENTILES_TO_REPORT)
+    with open(f"{prefix}_stats.csv", "w", newline="") as f:
+        writer.requests_csv(csv.writer(f))
+    with open(f"{prefix}_failures.csv", "w", newline="") as f:
+        writer.failures_csv(csv.writer(f))
 
 
 class OpenAIStreamUser(HttpUser):

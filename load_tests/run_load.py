@@ -19,7 +19,8 @@ step's time limit. Streamed requests with exact prompt and output lengths (defau
 Outputs in ``--out-dir`` (stem ``serving_<device>`` unless ``--stem``): ``<stem>.json`` (result
 rows), ``<stem>.meta.json``, ``<stem>.md`` (device, date, versions, command, tables),
 ``<stem>.png`` (output tok/s and p50/p99 TPOT against concurrency, a line per server), and
-``<stem>_steps/``: each step's locust CSVs, its per-request JSON lines and locust log, and each
+``<stem>_steps/``: each step's locust stats and failures CSVs (``_stats.csv``, ``_failures.csv``:
+requests, TTFT and TPOT rows), its per-request JSON lines and locust log, and each
 started server's log. The side-by-side table is also printed. Results are rewritten after every
 step, so a run cut short keeps what it measured.
 
@@ -137,11 +138,21 @@ def server_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
+@dataclass
+class Running:
+    """A server being measured: its base URL and, if this run started it, the process."""
+
+    url: str
+    server: object | None = None  # vllm_quick.serve_demo.VllmServer
+    log_path: Path | None = None
+
+
 @contextmanager
 def running(target: Target, log_dir: Path, startup_timeout: float):
-    """Yield the target's base URL; start (and afterwards stop) its server if it has a config."""
+    """Yield a :class:`Running` for the target; start (and afterwards stop) its server if it
+    comes from a config file."""
     if target.url:
-        yield target.url
+        yield Running(target.url)
         return
     from vllm_quick.serve_demo import VllmServer, free_port, vllm_executable
 
@@ -161,7 +172,7 @@ def running(target: Target, log_dir: Path, startup_timeout: float):
     with server:
         target.info["startup_s"] = round(time.monotonic() - t0, 1)
         print(f"[run_load] {target.name} ready after {target.info['startup_s']:.0f} s at {server.url}", flush=True)
-        yield server.url
+        yield Running(server.url, server, log_path)
     print(f"[run_load] {target.name} stopped", flush=True)
 
 
@@ -199,7 +210,7 @@ def run_step(url: str, concurrency: int, n_requests: int, args, prefix: Path) ->
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
         "-u", str(concurrency), "-r", str(args.spawn_rate or concurrency),
         "--run-time", f"{int(args.step_timeout)}s", "--stop-timeout", "5",
-        "--host", url, "--csv", str(prefix), "--records-out", str(records_path),
+        "--host", url, "--stats-csv", str(prefix), "--records-out", str(records_path),
         "--request-budget", str(n_requests), "--prompt-tokens", str(args.prompt_tokens),
         "--output-tokens", str(args.output_tokens), "--endpoint", args.endpoint,
         "--token-ids", args.token_ids, "--temperature", str(args.temperature), "--seed", str(args.seed),
@@ -456,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for target in targets:
         try:
-            with running(target, steps_dir, args.startup_timeout) as url:
+            with running(target, steps_dir, args.startup_timeout) as live:
+                url = live.url
                 target.info.setdefault("url", url)
                 target.info["vllm_version"] = server_version(url)
                 meta["servers"][target.name] = target.info

@@ -7,6 +7,9 @@
   and loading a layer, so TP sharding can be checked in one process (collectives are never called:
   the tests call ``quant_method.apply`` directly).
 * ``demo_model_dir``: the tiny demo model (AWQ), built once per session.
+* ``demo_server``: one ``vllm serve --config serving_configs/cpu_demo.yaml`` of the demo model,
+  shared by tests/test_load_tests.py and tests/test_malformed_requests.py (started on first use,
+  after the e2e tests' own servers are gone, and stopped when the session ends).
 """
 
 from __future__ import annotations
@@ -63,3 +66,16 @@ def demo_model_dir(tmp_path_factory) -> Path:
 
     return make_demo_model(tmp_path_factory.mktemp("demo") / "quick-demo-awq", fmt="awq", group_size=64)
 
+
+@pytest.fixture(scope="session")
+def demo_server(demo_model_dir, tmp_path_factory):
+    """One CPU demo server for the load-test and malformed-request tests: ``vllm serve <demo
+    model> --config serving_configs/cpu_demo.yaml`` on a free loopback port, started the way
+    ``load_tests/run_load.py --serve`` starts servers, stopped (its whole process group) when the
+    session ends. Yields a ``load_tests.run_load.Running`` (``url``, ``server``, ``log_path``)."""
+    from load_tests.run_load import running, target_from_config
+
+    config = Path(__file__).resolve().parents[1] / "serving_configs" / "cpu_demo.yaml"
+    target = target_from_config(str(config), None, str(demo_model_dir))
+    with running(target, tmp_path_factory.mktemp("demo_server"), startup_timeout=600) as live:
+        yield live
