@@ -141,7 +141,7 @@ def _prepare(environment, **_kw) -> None:
                 r = s.get(base + "/v1/models", timeout=60)
                 r.raise_for_status()
                 model = r.json()["data"][0]["id"]
-            STATE.pool = workload.build_token_pool(post, model, opts.token_ids)
+            STATE.pool = workload.build_token_pool(post, model, opts.token_ids, opts.endpoint)
             STATE.model = model
     except Exception as e:  # noqa: BLE001 - report any set-up failure and stop the test
         environment.process_exit_code = 2

@@ -50,6 +50,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -354,6 +355,10 @@ def versions() -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+def _terminate(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m load_tests.run_load",
                                 description="Headless locust concurrency sweep against vLLM servers on this machine.",
@@ -395,6 +400,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     o.add_argument("--out-dir", default="benchmarks/results/serving", help="where to write (created)")
     o.add_argument("--stem", default="", help="file name stem (default serving_<device>, e.g. serving_h100)")
     o.add_argument("--title", default="", help="report title (default: the stem)")
+    o.add_argument("--command-label", default="",
+                   help="the command to name in the report (default: this run_load command line); "
+                        "benchmarks/serving_bench.sh passes its own")
     args = p.parse_args(argv)
     if not args.merge and not (args.url or args.serve):
         p.error("give at least one --url or --serve (or --merge)")
@@ -404,14 +412,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     raw_argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(raw_argv)
-    command = "python -m load_tests.run_load " + " ".join(shlex.quote(a) for a in raw_argv)
+    command = args.command_label or "python -m load_tests.run_load " + " ".join(shlex.quote(a) for a in raw_argv)
     out_dir = Path(args.out_dir)
+    # `timeout` and the device tool stop a run with SIGTERM: turn it into SystemExit so that the
+    # server this run started (its own process group) and the locust child are stopped on the way out.
+    signal.signal(signal.SIGTERM, _terminate)
 
     if args.merge:
         rows, meta = report.merge(args.merge)
         stem = args.stem or Path(args.merge[0]).stem
         meta.update(stem=stem, title=args.title or meta.get("title") or stem)
-        meta["merge_command"] = command
+        meta["command"] = command
         written = report.write_all(rows, meta, out_dir, stem)
         print(report.side_by_side(rows, meta))
         print("[run_load] wrote " + ", ".join(str(p) for p in written.values()))

@@ -132,30 +132,41 @@ def parse_id_range(spec: str) -> list[int]:
 MIN_DISTINCT_IDS = 32
 
 
-def build_token_pool(post, model: str, token_ids: str = "auto") -> TokenPool:
+def build_token_pool(post, model: str, token_ids: str = "auto", endpoint: str = "completions") -> TokenPool:
     """The :class:`TokenPool` for one server. ``post(path, body) -> dict`` sends one JSON request
-    to it (the locustfile passes its HTTP client, tests a fake). With ``token_ids="auto"`` the
-    ordinary ids come from ``/tokenize`` of the seed words; a tokenizer that maps them to fewer
-    than :data:`MIN_DISTINCT_IDS` distinct ids (a word-level one with other words) needs an
-    explicit ``LOW:HIGH`` range."""
-    text = seed_text()
-    seed = post("/tokenize", {"model": model, "prompt": text, "add_special_tokens": False})
-    seed_ids = seed["tokens"]
+    to it (the locustfile passes its HTTP session, tests a fake). Only what the workload needs is
+    asked for:
+
+    * completion prompts: with ``token_ids="auto"`` the ordinary ids come from ``/tokenize`` of
+      the seed words; a tokenizer that maps them to fewer than :data:`MIN_DISTINCT_IDS` distinct
+      ids (a word-level one with other words) needs an explicit ``LOW:HIGH`` range, which needs
+      no request at all;
+    * chat prompts (``endpoint`` "chat" or "mixed"): tokens per seed word, and the chat
+      template's own tokens (``/tokenize`` of a one-word conversation).
+    """
+    pool = TokenPool(ids=[])
+    seed_ids: list[int] | None = None
+
+    def tokenize_seed() -> list[int]:
+        return post("/tokenize", {"model": model, "prompt": seed_text(), "add_special_tokens": False})["tokens"]
+
     if token_ids == "auto":
-        ids = sorted(set(seed_ids))
-        if len(ids) < MIN_DISTINCT_IDS:
+        seed_ids = tokenize_seed()
+        pool.ids = sorted(set(seed_ids))
+        if len(pool.ids) < MIN_DISTINCT_IDS:
             raise ValueError(
-                f"the server's tokenizer turned {len(SEED_WORDS)} seed words into only {len(ids)} "
+                f"the server's tokenizer turned {len(SEED_WORDS)} seed words into only {len(pool.ids)} "
                 f"distinct token ids; pass --token-ids LOW:HIGH (a range of its ordinary ids)"
             )
     else:
-        ids = parse_id_range(token_ids)
-    tokens_per_word = max(len(seed_ids), 1) / len(SEED_WORDS)
-    # The chat template's own tokens: a one-word message, tokenized as the server will.
-    chat = post("/tokenize", {"model": model, "messages": [{"role": "user", "content": SEED_WORDS[0]}],
-                              "add_generation_prompt": True})
-    overhead = max(0, len(chat["tokens"]) - round(tokens_per_word))
-    return TokenPool(ids=ids, tokens_per_word=tokens_per_word, chat_overhead_tokens=overhead)
+        pool.ids = parse_id_range(token_ids)
+    if endpoint in ("chat", "mixed"):
+        seed_ids = seed_ids if seed_ids is not None else tokenize_seed()
+        pool.tokens_per_word = max(len(seed_ids), 1) / len(SEED_WORDS)
+        chat = post("/tokenize", {"model": model, "messages": [{"role": "user", "content": SEED_WORDS[0]}],
+                                  "add_generation_prompt": True})
+        pool.chat_overhead_tokens = max(0, len(chat["tokens"]) - round(pool.tokens_per_word))
+    return pool
 
 
 def request_body(endpoint: str, model: str, pool: TokenPool, prompt_tokens: int, output_tokens: int,

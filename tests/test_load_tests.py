@@ -117,6 +117,51 @@ def test_stream_reader_failures(lines, error):
     assert rec.tpot_s is None
 
 
+class FakeTokenizer:
+    """``post(path, body)`` of a server whose tokenizer knows ``known`` (word -> id) and maps other
+    words to id 0; records the requests."""
+
+    def __init__(self, known: dict[str, int]):
+        self.known, self.calls = known, []
+
+    def __call__(self, path, body):
+        self.calls.append((path, body))
+        assert path == "/tokenize"
+        if "messages" in body:  # a template of 5 tokens around the one-word message
+            return {"tokens": [1, 2, 3] + [self.known.get(body["messages"][0]["content"], 0)] + [4, 5]}
+        return {"tokens": [self.known.get(w, 0) for w in body["prompt"].split()]}
+
+
+def test_token_pool_from_the_server_tokenizer():
+    fake = FakeTokenizer({w: 100 + i for i, w in enumerate(workload.SEED_WORDS)})
+    pool = workload.build_token_pool(fake, "m", "auto", "completions")
+    assert len(pool.ids) == len(set(workload.SEED_WORDS)) and [c[0] for c in fake.calls] == ["/tokenize"]
+    import random
+
+    prompt = pool.completion_prompt(512, random.Random(0))
+    assert len(prompt) == 512 and set(prompt) <= set(pool.ids)
+    assert prompt != pool.completion_prompt(512, random.Random(1))  # no shared prompts to cache
+
+
+def test_token_pool_explicit_range_needs_no_request():
+    fake = FakeTokenizer({})
+    pool = workload.build_token_pool(fake, "m", "0:128000", "completions")
+    assert fake.calls == [] and pool.ids == list(range(128000))
+
+
+def test_token_pool_refuses_a_tokenizer_that_knows_no_seed_word():
+    with pytest.raises(ValueError, match="--token-ids LOW:HIGH"):
+        workload.build_token_pool(FakeTokenizer({}), "m", "auto", "completions")
+
+
+def test_token_pool_chat_calibration():
+    import random
+
+    pool = workload.build_token_pool(FakeTokenizer({}), "m", "0:1000", "chat")
+    assert (pool.tokens_per_word, pool.chat_overhead_tokens) == (1.0, 5)
+    assert len(pool.chat_prompt(40, random.Random(0)).split()) == 35
+
+
 def test_percentile_and_summary():
     assert workload.percentile([], 50) is None
     assert workload.percentile([4.0, 1.0, 3.0, 2.0], 50) == pytest.approx(2.5)

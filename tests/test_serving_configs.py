@@ -244,3 +244,33 @@ def test_awq_legacy_plugin_loads_only_with_the_config_env(awq_legacy):
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env,
                             cwd="/")
     assert loaded.stdout.split() == ["True", "AWQLegacyConfig"], loaded.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks/serving_bench.sh (the GPU-side run): what it would run
+# ----------------------------------------------------------------------------------------------
+def test_serving_bench_dry_run():
+    import shlex
+
+    from load_tests.run_load import parse_args
+
+    r = subprocess.run(["bash", str(REPO / "benchmarks" / "serving_bench.sh")], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "SERVING_BENCH_DRY_RUN": "1"}, cwd="/")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == len(SERVERS)
+    for line, name in zip(lines, SERVERS):
+        argv = shlex.split(line)
+        assert argv[1:3] == ["-m", "load_tests.run_load"]
+        args = parse_args(argv[3:])  # every option is one run_load knows
+        assert args.serve == [f"serving_configs/llama3_8b_{name}.yaml"]
+        assert (args.concurrency, args.requests_per_user, args.prompt_tokens, args.output_tokens) == (
+            "16,64,256", 4, 512, 128)
+        assert args.token_ids == "0:128000"  # the bench tokenizer's ordinary words
+        assert args.crosscheck == (["quick:64"] if name == "quick" else [])
+
+
+def test_serving_bench_refuses_unknown_server():
+    r = subprocess.run(["bash", str(REPO / "benchmarks" / "serving_bench.sh"), "quick", "int8"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "unknown server 'int8'" in r.stderr
