@@ -83,8 +83,20 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] || ! "$PY" -c 'import vllm_quick
     printf '%s' "$WANT" > "$STAMP"
 fi
 
+# 5. The load tests' tools (load_tests/): locust drives the servers, matplotlib draws the plot,
+#    pyyaml reads the serving configs. Pinned, so CI measures with what the GPU machine is given
+#    (benchmarks/load_wheels.sh carries the same locust there).
+LOCUST_VERSION="2.47.0"
+MATPLOTLIB_VERSION="3.11.2"
+if [ "$(installed_version locust)" != "$LOCUST_VERSION" ] || [ "$(installed_version matplotlib)" != "$MATPLOTLIB_VERSION" ] \
+    || [ -z "$(installed_version pyyaml)" ]; then
+    log "installing locust==$LOCUST_VERSION, matplotlib==$MATPLOTLIB_VERSION, pyyaml (load tests)"
+    "${PIP[@]}" install "locust==$LOCUST_VERSION" "matplotlib==$MATPLOTLIB_VERSION" pyyaml "torch==$TORCH_VERSION"
+fi
+
 "$PY" - <<'PYEOF'
 import importlib.metadata as md
 import torch, vllm, vllm_quick  # noqa: F401
-print(f"[install] ok: torch {torch.__version__}, vllm {md.version('vllm')}, vllm-quick {vllm_quick.__version__}")
+print(f"[install] ok: torch {torch.__version__}, vllm {md.version('vllm')}, vllm-quick {vllm_quick.__version__}, "
+      f"locust {md.version('locust')}, matplotlib {md.version('matplotlib')}")
 PYEOF

@@ -4,14 +4,16 @@
 # of quick, awq (Machete), awq_marlin, awq_legacy (vLLM's old AutoAWQ GEMM path) and fp16 with
 # identical settings (serving_configs/llama3_8b_<server>.yaml), one server after another, each
 # measured with the locust load test at concurrency 16 / 64 / 256, 4 x concurrency requests of
-# 512 random prompt tokens and exactly 128 output tokens; plus one `vllm bench serve` cross-check
-# of the quick server at concurrency 64.
+# 512 random prompt tokens and exactly 128 output tokens; plus, on the quick server, one
+# `vllm bench serve` cross-check at concurrency 64 and a soak step of 2,000 requests at
+# concurrency 256 (issue 5: nothing lost under load).
 #
 #   bash benchmarks/serving_bench.sh [SERVER ...]    # default: quick awq awq_marlin awq_legacy fp16
 #
 # One server takes about 3-4 minutes (start with torch.compile + CUDA graphs ~1.5 min, the three
-# steps 1-2 min, awq_legacy the slowest): all five do not fit one 10-minute device command, so
-# name two per call (README.md, "Serving benchmark on the GPU", gives the exact calls). Before
+# steps 1-2 min, awq_legacy the slowest; quick 1.5 min more for its cross-check and soak): all
+# five do not fit one 10-minute device command, so name one or two per call (README.md, "Serving
+# benchmark on the GPU", gives the exact calls). Before
 # each server the script checks the time left (SERVING_BENCH_DEADLINE_S, default 540 s from its
 # start) and skips servers that would not finish, saying how to run them later.
 #
@@ -36,7 +38,8 @@
 #   python -m load_tests.run_load --merge A.json B.json C.json --out-dir benchmarks/results --stem serving_h100
 #
 # Environment: OUT (default benchmarks/results/serving_run), PYTHON (python3), CONCURRENCY
-# (16,64,256), REQUESTS_PER_USER (4), CROSSCHECK (quick:64; empty: none), STEP_TIMEOUT (240 s per
+# (16,64,256), REQUESTS_PER_USER (4), CROSSCHECK (quick:64; empty: none), SOAK (quick:2000:256;
+# empty: none), STEP_TIMEOUT (240 s per
 # step), STARTUP_TIMEOUT (420 s per server), SERVING_BENCH_DEADLINE_S (540), SERVING_BENCH_WORK
 # (/tmp/serving_bench), SERVING_BENCH_DRY_RUN=1 (print the run_load commands, run nothing).
 # Marlin: llama3_8b_awq_marlin.yaml sets VLLM_DISABLED_KERNELS=CutlassW4A8LinearKernel,
@@ -60,14 +63,22 @@ DEADLINE_S="${SERVING_BENCH_DEADLINE_S:-540}"
 CONCURRENCY="${CONCURRENCY:-16,64,256}"
 REQUESTS_PER_USER="${REQUESTS_PER_USER:-4}"
 CROSSCHECK="${CROSSCHECK-quick:64}"
+SOAK="${SOAK-quick:2000:256}"
 STEP_TIMEOUT="${STEP_TIMEOUT:-240}"
 STARTUP_TIMEOUT="${STARTUP_TIMEOUT:-420}"
 DRY_RUN="${SERVING_BENCH_DRY_RUN:-0}"
 START=$(date +%s)
 elapsed() { echo $(($(date +%s) - START)); }
 remaining() { echo $((DEADLINE_S - $(elapsed))); }
-# Seconds one server needs (start + warm-up + 3 steps + stop), from the bundle's measurements.
-estimate() { case "$1" in awq_legacy) echo 270 ;; *) echo 210 ;; esac; }
+# Seconds one server needs (start + warm-up + 3 steps + stop), from the bundle's measurements
+# (server start ~1.5 min; awq_legacy is 2-6x slower per token), plus the cross-check and soak.
+estimate() {
+  local t
+  case "$1" in awq_legacy) t=270 ;; *) t=210 ;; esac
+  if [ -n "$CROSSCHECK" ] && [ "${CROSSCHECK%%:*}" = "$1" ]; then t=$((t + 40)); fi
+  if [ -n "$SOAK" ] && [ "${SOAK%%:*}" = "$1" ]; then t=$((t + 70)); fi
+  echo "$t"
+}
 
 run_load_cmd() {  # the run_load command line for one server
   local s=$1 cmd
@@ -76,6 +87,7 @@ run_load_cmd() {  # the run_load command line for one server
        --output-tokens 128 --token-ids 0:128000 --step-timeout "$STEP_TIMEOUT" --startup-timeout "$STARTUP_TIMEOUT"
        --out-dir "$WORK/parts" --stem "${STEM}__$s" --command-label "bash benchmarks/serving_bench.sh ${SERVERS[*]}")
   if [ -n "$CROSSCHECK" ] && [ "${CROSSCHECK%%:*}" = "$s" ]; then cmd+=(--crosscheck "$CROSSCHECK"); fi
+  if [ -n "$SOAK" ] && [ "${SOAK%%:*}" = "$s" ]; then cmd+=(--soak "$SOAK"); fi
   printf '%q ' "${cmd[@]}"
 }
 

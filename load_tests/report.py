@@ -175,6 +175,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
             if c.get("command"):
                 parts.append(f"- `{c['command']}`")
         parts.append("")
+    soak = meta.get("soak") or []
+    if soak:
+        parts += ["## Soak: one long step after the sweep (nothing may be lost under load)", "",
+                  full_table([{k: r[k] for k in ROW_KEYS} for r in soak], meta), ""]
     notes = meta.get("notes") or []
     if notes:
         parts += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
@@ -271,6 +275,8 @@ def merge(json_paths: list[str | Path]) -> tuple[list[dict], dict]:
                 meta["notes"].append(f"{Path(path).name} has a different {key}: {m[key]}")
         meta["servers"].update(m.get("servers") or {})
         meta["crosscheck"] += m.get("crosscheck") or []
+        meta.setdefault("soak", [])
+        meta["soak"] += m.get("soak") or []
         meta["notes"] += m.get("notes") or []
         for s in m.get("server_order") or []:
             if s not in meta["server_order"]:

@@ -395,6 +395,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="after NAME's sweep, run `vllm bench serve` at that concurrency with the same shapes "
                         "and requests-per-step rule, and report both")
     c.add_argument("--crosscheck-tokenizer", help="tokenizer folder for vllm bench serve (default: the --serve model)")
+    c.add_argument("--soak", action="append", default=[], metavar="NAME:REQUESTS:CONCURRENCY",
+                   help="after NAME's sweep, one more step of REQUESTS requests at CONCURRENCY (e.g. quick:2000:256), "
+                        "reported apart from the sweep (issue 5: nothing lost under load)")
 
     o = p.add_argument_group("output")
     o.add_argument("--out-dir", default="benchmarks/results/serving", help="where to write (created)")
@@ -436,16 +439,20 @@ def main(argv: list[str] | None = None) -> int:
             workload.parse_id_range(args.token_ids)
         targets = [target_from_url(u) for u in args.url]
         targets += [target_from_config(c, args.models_dir, args.model) for c in args.serve]
-        crosschecks = {}
+        crosschecks: dict[str, list[int]] = {}
         for spec in args.crosscheck:
             name, _, conc = spec.rpartition(":")
             crosschecks.setdefault(name, []).append(int(conc))
+        soaks: dict[str, list[tuple[int, int]]] = {}
+        for spec in args.soak:
+            name, n, conc = spec.rsplit(":", 2)
+            soaks.setdefault(name, []).append((int(n), int(conc)))
         names = [t.name for t in targets]
         if len(set(names)) != len(names):
             raise ValueError(f"server names must differ: {names}")
-        unknown = set(crosschecks) - set(names)
+        unknown = (set(crosschecks) | set(soaks)) - set(names)
         if unknown:
-            raise ValueError(f"--crosscheck names unknown servers: {sorted(unknown)}")
+            raise ValueError(f"--crosscheck/--soak name unknown servers: {sorted(unknown)}")
     except (ValueError, FileNotFoundError) as e:
         print(f"run_load: error: {e}", file=sys.stderr)
         return 2
@@ -468,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
             "temperature": args.temperature, "requests_rule": rule, "concurrency": concurrencies,
             "warmup_requests": args.warmup_requests,
         },
-        "server_order": [t.name for t in targets], "servers": {}, "steps": [], "crosscheck": [], "notes": [],
+        "server_order": [t.name for t in targets], "servers": {}, "steps": [], "crosscheck": [], "soak": [],
+        "notes": [],
     }
     rows: list[dict] = []
     status = 0
@@ -514,6 +522,15 @@ def main(argv: list[str] | None = None) -> int:
                     meta["crosscheck"].append(entry)
                     print(f"[run_load] cross-check {target.name} c={conc}: "
                           f"{entry.get('bench') or entry.get('error')}", flush=True)
+                    save()
+                for n, conc in soaks.get(target.name, []):
+                    records, facts = run_step(url, conc, n, args, steps_dir / f"{target.name}_soak{n}_c{conc}")
+                    row = step_row(target.name, conc, n, records)
+                    meta["soak"].append({**row, **facts, **workload.step_details(records)})
+                    if row["failed"]:
+                        status = max(status, 1)
+                    print(f"[run_load] soak {target.name}: {n} requests at concurrency {conc}: {row['failed']} failed, "
+                          f"{row['output_tok_s']:.1f} output tok/s ({facts['wall_s']} s)", flush=True)
                     save()
         except (RuntimeError, TimeoutError, OSError) as e:
             msg = f"{target.name}: {type(e).__name__}: {e}"

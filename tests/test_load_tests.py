@@ -221,7 +221,7 @@ def sweep(demo_server, demo_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     r = run_load("--url", f"demo={demo_server.url}", "--concurrency", "1,4", "--requests-per-user", "2",
                  "--prompt-tokens", "48", "--output-tokens", "8", "--warmup-requests", "2",
-                 "--crosscheck", "demo:4", "--crosscheck-tokenizer", str(demo_model_dir),
+                 "--crosscheck", "demo:4", "--crosscheck-tokenizer", str(demo_model_dir), "--soak", "demo:6:3",
                  "--out-dir", str(out), "--stem", "serving_test")
     print(r.stdout[-3000:], r.stderr[-3000:])
     return r, out
@@ -289,6 +289,17 @@ def test_crosscheck_with_vllm_bench_serve(sweep):
     assert check["bench"]["completed"] == 8 and check["bench"]["output_tok_s"] > 0
     assert check["ours"]["concurrency"] == 4
     assert "vllm bench serve" in (out / "serving_test.md").read_text().replace("`vllm bench serve`", "vllm bench serve")
+
+
+@pytest.mark.e2e
+def test_soak_step(sweep):
+    _, out = sweep
+    [soak] = json.loads((out / "serving_test.meta.json").read_text())["soak"]
+    assert (soak["server"], soak["concurrency"], soak["requests"], soak["failed"]) == ("demo", 3, 6, 0)
+    assert soak["finished"] == 6 and soak["output_tokens"] == 6 * 8
+    rows = json.loads((out / "serving_test.json").read_text())
+    assert len(rows) == 2, "the soak step is reported apart from the sweep rows"
+    assert "## Soak" in (out / "serving_test.md").read_text()
 
 
 @pytest.mark.e2e

@@ -268,6 +268,7 @@ def test_serving_bench_dry_run():
             "16,64,256", 4, 512, 128)
         assert args.token_ids == "0:128000"  # the bench tokenizer's ordinary words
         assert args.crosscheck == (["quick:64"] if name == "quick" else [])
+        assert args.soak == (["quick:2000:256"] if name == "quick" else [])  # issue 5: 2,000 at 256
 
 
 def test_serving_bench_refuses_unknown_server():
