@@ -313,8 +313,9 @@ def test_chat_endpoint(demo_server, tmp_path):
     records = [RequestRecord.from_json(x) for x in (tmp_path / "chat_steps" / "demo_c2_requests.jsonl")
                .read_text().split("\n") if x]
     assert {r.endpoint for r in records} == {"chat"}
-    # word prompts through the chat template: about the asked length
-    assert all(30 <= r.prompt_tokens <= 50 for r in records), [r.prompt_tokens for r in records]
+    # random words through the chat template: about the asked length (the demo's byte-level BPE
+    # gives 1-6 tokens a word; 2,000 random prompts of this size measured 26-59 tokens)
+    assert all(20 <= r.prompt_tokens <= 70 for r in records), [r.prompt_tokens for r in records]
 
 
 @pytest.mark.e2e
