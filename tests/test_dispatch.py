@@ -41,3 +41,14 @@ def test_dispatch_table_needs_both_paths(tmp_path, capsys):
     result = tmp_path / "r.json"
     result.write_text('[{"dtype": "float16", "M": 1, "us": {"quick": 1.0}}]')
     assert dispatch_table.main([str(result)]) == 1
+
+
+def test_force_reference_env_overrides_the_kernel(monkeypatch):
+    from vllm_quick import ops
+
+    x = torch.empty(2, 128, dtype=torch.float16)
+    monkeypatch.setenv(ops.FORCE_REFERENCE_ENV, "1")
+    assert ops.kernel_unsupported_reason(x, 128) == f"{ops.FORCE_REFERENCE_ENV}=1"
+    monkeypatch.delenv(ops.FORCE_REFERENCE_ENV)
+    # without the variable, the reason (if any) is about the kernel itself, never the variable
+    assert ops.FORCE_REFERENCE_ENV not in (ops.kernel_unsupported_reason(x, 128) or "")

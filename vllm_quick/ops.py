@@ -27,6 +27,7 @@ Schema (a contract with csrc/quick_ops.cpp)::
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -101,8 +102,13 @@ KERNEL_K_MULTIPLE = 64  # the kernel's k stage (kStageK in csrc/quick_gemm.cu)
 KERNEL_GROUP_MULTIPLE = 32  # at most two groups per 64-row stage (kMaxGroupRowsPerStage)
 
 
+FORCE_REFERENCE_ENV = "VLLM_QUICK_FORCE_REFERENCE"  # "1": reference path on CUDA too (for checks)
+
+
 def kernel_unsupported_reason(x, group_size: int) -> str | None:
     """Why the compiled kernel cannot run this call, or None if it can."""
+    if os.environ.get(FORCE_REFERENCE_ENV) == "1":
+        return f"{FORCE_REFERENCE_ENV}=1"
     if kernel_extension() is None:
         return "the compiled extension vllm_quick._C is not available"
     if x.dtype not in (torch.float16, torch.bfloat16):

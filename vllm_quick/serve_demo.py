@@ -90,15 +90,18 @@ def serve_command(
     served_model_name: str = SERVED_MODEL_NAME,
     max_model_len: int = MAX_MODEL_LEN,
     kv_cache_bytes: int = KV_CACHE_BYTES,
+    enforce_eager: bool = True,
     extra_args: Sequence[str] = (),
 ) -> list[str]:
-    """The ``vllm serve`` command line for the demo settings (``quantization=None``: none)."""
+    """The ``vllm serve`` command line for the demo settings (``quantization=None``: none;
+    ``enforce_eager=False``: vLLM's default torch.compile + CUDA graphs)."""
     cmd = [*vllm_executable(), "serve", str(model)]
     if quantization:
         cmd += ["--quantization", quantization]
+    cmd += ["--dtype", dtype]
+    if enforce_eager:
+        cmd += ["--enforce-eager"]  # no torch.compile / graph capture: starts in seconds on a CPU
     cmd += [
-        "--dtype", dtype,
-        "--enforce-eager",  # no torch.compile / graph capture: starts in seconds on a CPU
         "--host", HOST,
         "--port", str(port),
         "--served-model-name", served_model_name,
@@ -129,12 +132,14 @@ class VllmServer:
         port: int | None = None,
         log_path: str | Path | None = None,
         startup_timeout: float = STARTUP_TIMEOUT_S,
+        enforce_eager: bool = True,
         extra_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
         progress: Callable[[float], None] | None = None,
     ) -> None:
         self.port = port or free_port()
-        self.cmd = serve_command(model, self.port, quantization=quantization, dtype=dtype, extra_args=extra_args)
+        self.cmd = serve_command(model, self.port, quantization=quantization, dtype=dtype,
+                                 enforce_eager=enforce_eager, extra_args=extra_args)
         self.log_path = Path(log_path) if log_path else Path(model) / "vllm-serve.log"
         self.startup_timeout = startup_timeout
         self.env = {**os.environ, **(env or {})}
