@@ -52,7 +52,6 @@ def enabled() -> bool:
 def register() -> None:
     """The ``vllm.general_plugins`` entry point: registers ``awq_legacy`` when
     ``VLLM_QUICK_BENCH_AWQ_LEGACY=1``; otherwise does nothing. Idempotent."""
-    global _registered
     if _registered:
         return
     if not enabled():

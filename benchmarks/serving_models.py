@@ -103,8 +103,7 @@ def words() -> list[str]:
 
 def build_tokenizer():
     """The word-level ``tokenizers.Tokenizer`` described in the module docstring."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from tokenizers import AddedToken
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
     specials = special_tokens()
     vocab = {w: i for i, w in enumerate(words())}

@@ -156,8 +156,7 @@ def _write_records(environment, **_kw) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w") as f:
-            for rec in STATE.records:
-                f.write(rec.to_json() + "\n")
+            f.writelines(rec.to_json() + "\n" for rec in STATE.records)
 
 
 @events.quitting.add_listener

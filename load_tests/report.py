@@ -116,9 +116,9 @@ def crosscheck_table(meta: dict) -> str | None:
     checks = meta.get("crosscheck") or []
     if not checks:
         return None
-    lines = ["| server | concurrency | requests | output tok/s (locust) | output tok/s (vllm bench serve) "
-             "| ratio | TPOT p50 ms (locust / bench) | TTFT p50 ms (locust / bench) | bench failed |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    head = ("| server | concurrency | requests | output tok/s (locust) | output tok/s (vllm bench serve) "
+            "| ratio | TPOT p50 ms (locust / bench) | TTFT p50 ms (locust / bench) | bench failed |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in checks:
         ours, theirs = c.get("ours") or {}, c.get("bench") or {}
         ratio = (f"{ours['output_tok_s'] / theirs['output_tok_s']:.3f}"

@@ -215,7 +215,7 @@ class RequestRecord:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, line: str) -> "RequestRecord":
+    def from_json(cls, line: str) -> RequestRecord:
         return cls(**json.loads(line))
 
 

@@ -64,6 +64,17 @@ def test_runner_refuses_config_bound_elsewhere(tmp_path):
     assert r.returncode == 2 and "only loopback targets" in r.stderr, r.stderr
 
 
+def test_runner_reports_a_server_that_does_not_answer(tmp_path):
+    from vllm_quick.serve_demo import free_port
+
+    r = run_load("--url", f"down=http://127.0.0.1:{free_port()}", "--concurrency", "1", "--requests", "1",
+                 "--warmup-requests", "0", "--out-dir", str(tmp_path), "--stem", "down", timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "cannot prepare the workload" in r.stderr and "ConnectionError" in r.stderr
+    meta = json.loads((tmp_path / "down.meta.json").read_text())
+    assert meta["notes"] and json.loads((tmp_path / "down.json").read_text()) == []
+
+
 def test_locustfile_refuses_non_loopback_host(tmp_path):
     r = subprocess.run([sys.executable, "-m", "locust", "-f", str(REPO / "load_tests" / "locustfile.py"),
                         "--headless", "-u", "1", "-r", "1", "--run-time", "5s", "--host", "http://192.168.7.7:8000"],

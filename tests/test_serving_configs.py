@@ -156,8 +156,9 @@ def test_tokenizer_covers_the_vocabulary(serving_models):
     ("llama3-8b-fp16", None, None),
 ])
 def test_vllm_model_config_accepts_folders(serving_models, folder, quantization, expected):
-    import vllm_quick
     from vllm.config import ModelConfig
+
+    import vllm_quick
 
     vllm_quick.register()
     mc = ModelConfig(model=str(serving_models[folder]), quantization=quantization, dtype="float16",
