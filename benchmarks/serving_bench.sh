@@ -14,7 +14,7 @@
 # steps 1-2 min, awq_legacy the slowest; quick 1.5 min more for its cross-check and soak): all
 # five do not fit one 10-minute device command, so name one or two per call (README.md, "Serving
 # benchmark on the GPU", gives the exact calls). Before
-# each server the script checks the time left (SERVING_BENCH_DEADLINE_S, default 540 s from its
+# each server the script checks the time left (SERVING_BENCH_DEADLINE_S, default 520 s from its
 # start) and skips servers that would not finish, saying how to run them later.
 #
 # What it does, in order:
@@ -40,7 +40,7 @@
 # Environment: OUT (default benchmarks/results/serving_run), PYTHON (python3), CONCURRENCY
 # (16,64,256), REQUESTS_PER_USER (4), CROSSCHECK (quick:64; empty: none), SOAK (quick:2000:256;
 # empty: none), STEP_TIMEOUT (240 s per
-# step), STARTUP_TIMEOUT (420 s per server), SERVING_BENCH_DEADLINE_S (540), SERVING_BENCH_WORK
+# step), STARTUP_TIMEOUT (420 s per server), SERVING_BENCH_DEADLINE_S (520), SERVING_BENCH_WORK
 # (/tmp/serving_bench), SERVING_BENCH_DRY_RUN=1 (print the run_load commands, run nothing).
 # Marlin: llama3_8b_awq_marlin.yaml sets VLLM_DISABLED_KERNELS=CutlassW4A8LinearKernel,
 # MacheteLinearKernel,AllSparkLinearKernel for that server (vLLM 0.26 picks Machete otherwise).
@@ -59,7 +59,7 @@ done
 OUT="${OUT:-$REPO/benchmarks/results/serving_run}"
 PY="${PYTHON:-python3}"
 WORK="${SERVING_BENCH_WORK:-/tmp/serving_bench}"
-DEADLINE_S="${SERVING_BENCH_DEADLINE_S:-540}"
+DEADLINE_S="${SERVING_BENCH_DEADLINE_S:-520}"
 CONCURRENCY="${CONCURRENCY:-16,64,256}"
 REQUESTS_PER_USER="${REQUESTS_PER_USER:-4}"
 CROSSCHECK="${CROSSCHECK-quick:64}"
