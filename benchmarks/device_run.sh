@@ -12,6 +12,7 @@
 #             awq_gemm, marlin and machete at 4096x12288 g128 fp16, M=16 and M=128
 #   bench     benchmarks/kernel_bench.py, full sweep, with the time that is left
 #   smoke     benchmarks/kernel_bench.py --smoke (one small case per backend)
+#   gpuserve  tests/test_gpu_serving.py: demo-model servers, graphs == eager == reference (needs vLLM)
 #
 # Every step is guarded: a failing step is reported and the next one runs. The whole run keeps to
 # DEVICE_RUN_DEADLINE_S seconds (default 540); a step that would start with too little time left
@@ -106,6 +107,10 @@ step_build() {
     echo "build: setup.py build_ext --inplace failed; trying pip install --no-build-isolation --no-deps -e ."
     "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . || return 1
   fi
+  # Register the package (and its vllm.general_plugins entry point) so that `vllm serve` child
+  # processes find the quick method; the extension built above is reused (QUICK_SKIP_CUDA=1).
+  QUICK_SKIP_CUDA=1 "$PY" -m pip install -q --no-build-isolation --no-deps --no-index -e . \
+    || echo "build: editable install failed: vllm serve will not find the quick plugin"
   if "$PY" -c "import torch, vllm_quick._C as c; print('built', c.__file__)"; then
     mkdir -p build && echo "$hash" >"$stamp"
     return 0
@@ -215,7 +220,13 @@ step_bench() {
 step_smoke() {
   "$PY" benchmarks/kernel_bench.py --smoke --out-dir "$OUT" ${BENCH_ARGS:-}
 }
-export -f step_env step_build step_tests step_memcheck step_ncu step_bench step_smoke
+
+step_gpuserve() {
+  # vLLM servers of the demo model: compile + CUDA graphs == eager == reference path.
+  set -o pipefail
+  "$PY" -m pytest -q -s -p no:cacheprovider tests/test_gpu_serving.py 2>&1 | tail -n 30
+}
+export -f step_env step_build step_tests step_memcheck step_ncu step_bench step_smoke step_gpuserve
 
 # run_step NAME CAP_SECONDS: runs step_NAME under a timeout of min(CAP, time left - 10 s)
 run_step() {
@@ -250,7 +261,8 @@ for step in "${STEPS[@]}"; do
     ncu) run_step ncu 200 ;;
     bench) run_step bench 100000 ;;
     smoke) run_step smoke 180 ;;
-    *) banner "unknown step '$step' (env build tests memcheck ncu bench smoke)"; SUMMARY+=("$step: unknown"); FAILED=1 ;;
+    gpuserve) run_step gpuserve 420 ;;
+    *) banner "unknown step '$step' (env build tests memcheck ncu bench smoke gpuserve)"; SUMMARY+=("$step: unknown"); FAILED=1 ;;
   esac
 done
 
