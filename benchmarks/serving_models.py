@@ -26,6 +26,8 @@ import json
 import sys
 from pathlib import Path
 
+from vllm_quick.demo_model import llama_config
+
 # ----------------------------------------------------------------------------------------------
 # Llama-3-8B (Meta-Llama-3-8B config.json values)
 # ----------------------------------------------------------------------------------------------
@@ -141,36 +143,17 @@ def tokenizer_config() -> dict:
 # ----------------------------------------------------------------------------------------------
 def model_config(quantized: bool) -> dict:
     """config.json. RoPE is written both as transformers 5 ``rope_parameters`` and as the older
-    ``rope_theta``/``rope_scaling`` keys, so either generation of transformers reads it."""
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": VOCAB,
-        "hidden_size": HIDDEN,
-        "intermediate_size": INTERMEDIATE,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS,
-        "head_dim": HIDDEN // HEADS,
-        "hidden_act": "silu",
-        "max_position_embeddings": MAX_POSITIONS,
-        "rms_norm_eps": RMS_NORM_EPS,
-        "rope_theta": ROPE_THETA,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA},
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "tie_word_embeddings": False,
-        "initializer_range": 0.02,
-        "bos_token_id": ORDINARY,  # <|begin_of_text|>
-        "eos_token_id": ORDINARY + 1,  # <|end_of_text|>
-        "use_cache": True,
-        "torch_dtype": "float16",
-        "dtype": "float16",
-        # As in Meta's config.json. Without the key, transformers 5 warns about a Mistral regex.
-        "transformers_version": "4.40.0",
-    }
+    ``rope_theta``/``rope_scaling`` keys, so either generation of transformers reads it
+    (:func:`vllm_quick.demo_model.llama_config`)."""
+    config = llama_config(
+        vocab_size=VOCAB, hidden=HIDDEN, intermediate=INTERMEDIATE, layers=LAYERS, heads=HEADS,
+        kv_heads=KV_HEADS, head_dim=HIDDEN // HEADS, max_positions=MAX_POSITIONS,
+        rms_norm_eps=RMS_NORM_EPS, rope_theta=ROPE_THETA,
+        bos_token_id=ORDINARY,  # <|begin_of_text|>
+        eos_token_id=ORDINARY + 1,  # <|end_of_text|>
+    )
+    # As in Meta's config.json. Without the key, transformers 5 warns about a Mistral regex.
+    config["transformers_version"] = "4.40.0"
     if quantized:
         config["quantization_config"] = dict(AWQ_QUANTIZATION_CONFIG)
     return config

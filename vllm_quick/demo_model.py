@@ -114,37 +114,52 @@ def padded_vocab(tokenizer_size: int) -> int:
 # ----------------------------------------------------------------------------------------------
 # model
 # ----------------------------------------------------------------------------------------------
-def model_config(vocab_size: int) -> dict:
-    """config.json of the demo model. RoPE is written both as transformers 5 ``rope_parameters``
-    and as the older ``rope_theta``/``rope_scaling`` keys so either generation reads it."""
+def llama_config(
+    *, vocab_size: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
+    head_dim: int, max_positions: int, rms_norm_eps: float, rope_theta: float,
+    bos_token_id: int, eos_token_id: int,
+) -> dict:
+    """A ``LlamaForCausalLM`` config.json (fp16, untied embeddings). RoPE is written both as
+    transformers 5 ``rope_parameters`` and as the older ``rope_theta``/``rope_scaling`` keys so
+    either generation of transformers reads it. Also used by benchmarks/serving_models.py."""
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": vocab_size,
-        "hidden_size": HIDDEN,
-        "intermediate_size": INTERMEDIATE,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS,
-        "head_dim": HEAD_DIM,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": MAX_POSITIONS,
-        "rms_norm_eps": RMS_NORM_EPS,
-        "rope_theta": ROPE_THETA,
+        "max_position_embeddings": max_positions,
+        "rms_norm_eps": rms_norm_eps,
+        "rope_theta": rope_theta,
         "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA},
+        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
         "tie_word_embeddings": False,
         "initializer_range": 0.02,
-        "bos_token_id": SPECIAL_TOKENS.index(BOS),
-        "eos_token_id": SPECIAL_TOKENS.index(EOS),
-        "pad_token_id": SPECIAL_TOKENS.index(PAD),
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
         "use_cache": True,
         "torch_dtype": "float16",
         "dtype": "float16",
     }
+
+
+def model_config(vocab_size: int) -> dict:
+    """config.json of the demo model."""
+    config = llama_config(
+        vocab_size=vocab_size, hidden=HIDDEN, intermediate=INTERMEDIATE, layers=LAYERS, heads=HEADS,
+        kv_heads=KV_HEADS, head_dim=HEAD_DIM, max_positions=MAX_POSITIONS, rms_norm_eps=RMS_NORM_EPS,
+        rope_theta=ROPE_THETA, bos_token_id=SPECIAL_TOKENS.index(BOS), eos_token_id=SPECIAL_TOKENS.index(EOS),
+    )
+    config["pad_token_id"] = SPECIAL_TOKENS.index(PAD)
+    return config
 
 
 def generation_config() -> dict:
