@@ -130,20 +130,9 @@ torch::Tensor dequantize(const torch::Tensor& qweight, const torch::Tensor& qzer
   return out;
 }
 
-// The plan for an (M, K, N) call, for benchmarks and tests: (block_m, splits, stages_per_split).
-std::vector<int64_t> describe_plan(int64_t m, int64_t k, int64_t n, int64_t group_size, bool bf16,
-                                   int64_t device) {
-  quick::GemmProblem problem{static_cast<int>(m), static_cast<int>(k), static_cast<int>(n),
-                             static_cast<int>(n), static_cast<int>(group_size),
-                             bf16 ? quick::ActType::kBFloat16 : quick::ActType::kFloat16};
-  const quick::GemmPlan plan = quick::plan(problem, static_cast<int>(device));
-  return {plan.block_m, plan.splits, plan.stages_per_split};
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "QUICK W4A16 GEMM (CUDA); use torch.ops.quick.gemm from vllm_quick.ops";
   module.def("gemm", &gemm, "y = x @ dequant(W) (+ bias) on the interleaved layout");
   module.def("dequantize", &dequantize, "dense [K, Np] weight in the given dtype");
-  module.def("describe_plan", &describe_plan, "(block_m, splits, stages_per_split) for a call");
   module.attr("LAYOUT_VERSION") = quick::kLayoutVersion;
 }

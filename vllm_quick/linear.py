@@ -93,24 +93,21 @@ class QuickLinearMethod(LinearMethodBase):
                 f"quick: layer {name!r}: input size per partition {k} is not a multiple of "
                 f"{layout.TILE_K}, which the QUICK kernel needs"
             )
+        # Every fused part of this rank must be whole int32 words (AWQ, padded to 64 at load) or
+        # whole 64-column tiles (pre-interleaved: cannot be padded).
         if cfg.checkpoint_format == "quick":
-            bad = [s for s in output_partition_sizes if s % layout.TILE_N]
-            if bad:
-                raise ValueError(
-                    f"quick: layer {name!r}: output sizes per partition {output_partition_sizes} "
-                    "(this tensor-parallel rank's share of each fused part) must each be a "
-                    f"multiple of {layout.TILE_N} for a pre-interleaved (quick) checkpoint; serve "
-                    "the AWQ form of this model instead (it is padded at load), or use a smaller "
-                    "tensor-parallel size"
-                )
+            multiple, why = layout.TILE_N, (
+                "for a pre-interleaved (quick) checkpoint; serve the AWQ form of this model "
+                "instead (it is padded at load), or use a smaller tensor-parallel size"
+            )
         else:
-            bad = [s for s in output_partition_sizes if s % layout.PACK]
-            if bad:
-                raise ValueError(
-                    f"quick: layer {name!r}: output sizes per partition {output_partition_sizes} "
-                    "(this tensor-parallel rank's share of each fused part) must each be a "
-                    f"multiple of {layout.PACK} (eight 4-bit values per int32)"
-                )
+            multiple, why = layout.PACK, "(eight 4-bit values per int32)"
+        if any(s % multiple for s in output_partition_sizes):
+            raise ValueError(
+                f"quick: layer {name!r}: output sizes per partition {output_partition_sizes} "
+                "(this tensor-parallel rank's share of each fused part) must each be a "
+                f"multiple of {multiple} {why}"
+            )
 
         loader = extra_weight_attrs.get("weight_loader")
         groups = k // group_size

@@ -172,8 +172,3 @@ def kernel_extension():
         except ImportError as e:
             logger.info("vllm_quick._C not available (%s); CUDA falls back to the reference", e)
     return _EXT
-
-
-def gemm(x, qweight, qzeros, scales, bias, group_size: int, size_n: int) -> torch.Tensor:
-    """Python entry point: ``torch.ops.quick.gemm``."""
-    return torch.ops.quick.gemm(x, qweight, qzeros, scales, bias, group_size, size_n)
