@@ -11,6 +11,10 @@
 #   ncu       Nsight Compute of the QUICK kernel, the op (which may take its dequant path at M=128),
 #             awq_gemm, marlin and machete at 4096x12288 g128 fp16, M=16 and M=128
 #   bench     benchmarks/kernel_bench.py, full sweep, with the time that is left
+#   tiles     fp16 sweep of every kernel tile + dequant + cuBLAS (+ Marlin, Machete) on the 12
+#             shapes, M = 1..512 (kernel_<gpu>_tiles.json/.md), then benchmarks/dispatch_table.py:
+#             the suggested plan goes to dispatch_plan.txt in $OUT and /tmp/quick_dispatch_plan.txt
+#             (export VLLM_QUICK_DISPATCH_PLAN=$(cat /tmp/quick_dispatch_plan.txt) to serve with it)
 #   smoke     benchmarks/kernel_bench.py --smoke (one small case per backend)
 #   gpuserve  tests/test_gpu_serving.py: demo-model servers, graphs == eager == reference (needs vLLM)
 #
@@ -217,6 +221,20 @@ step_bench() {
   "$PY" benchmarks/kernel_bench.py --out-dir "$OUT" --time-budget "$budget" ${BENCH_ARGS:-}
 }
 
+TILE_BACKENDS="quick_x16,quick_x32,quick_x64,quick_s16,quick_s32,quick_s64,quick_s128,quick_dequant,cublas,marlin,machete"
+export TILE_BACKENDS
+
+step_tiles() {
+  local budget=$(( $(remaining) - 30 )) tag json
+  [ $budget -lt 30 ] && budget=30
+  "$PY" benchmarks/kernel_bench.py --out-dir "$OUT" --tag tiles --time-budget "$budget" --dtypes float16 \
+    --m "${TILE_M:-1,16,32,64,128,256,512}" --backends "${TILE_BACKENDS}" --target-ms "${TILE_TARGET_MS:-40}" \
+    ${BENCH_ARGS:-} || return 1
+  json=$(ls "$OUT"/kernel_*_tiles.json | head -n 1)
+  "$PY" benchmarks/dispatch_table.py "$json" || return 1
+  "$PY" benchmarks/dispatch_table.py --spec "$json" | tee "$OUT/dispatch_plan.txt" >/tmp/quick_dispatch_plan.txt
+}
+
 step_smoke() {
   "$PY" benchmarks/kernel_bench.py --smoke --out-dir "$OUT" ${BENCH_ARGS:-}
 }
@@ -226,7 +244,7 @@ step_gpuserve() {
   set -o pipefail
   "$PY" -m pytest -q -s -p no:cacheprovider tests/test_gpu_serving.py 2>&1 | tail -n 30
 }
-export -f step_env step_build step_tests step_memcheck step_ncu step_bench step_smoke step_gpuserve
+export -f step_env step_build step_tests step_memcheck step_ncu step_bench step_tiles step_smoke step_gpuserve
 
 # run_step NAME CAP_SECONDS: runs step_NAME under a timeout of min(CAP, time left - 10 s)
 run_step() {
@@ -260,9 +278,10 @@ for step in "${STEPS[@]}"; do
     memcheck) run_step memcheck 200 ;;
     ncu) run_step ncu 200 ;;
     bench) run_step bench 100000 ;;
+    tiles) run_step tiles 100000 ;;
     smoke) run_step smoke 180 ;;
     gpuserve) run_step gpuserve 420 ;;
-    *) banner "unknown step '$step' (env build tests memcheck ncu bench smoke gpuserve)"; SUMMARY+=("$step: unknown"); FAILED=1 ;;
+    *) banner "unknown step '$step' (env build tests memcheck ncu bench tiles smoke gpuserve)"; SUMMARY+=("$step: unknown"); FAILED=1 ;;
   esac
 done
 

@@ -1,51 +1,105 @@
-"""Suggest ``vllm_quick.dispatch.DEQUANT_MIN_M`` from a kernel_bench.py result.
+"""Suggest ``vllm_quick.dispatch.PLANS`` from a kernel_bench.py result.
 
-    python benchmarks/dispatch_table.py benchmarks/results/kernel_h100.json
+    python benchmarks/dispatch_table.py benchmarks/results/kernel_h100_tiles.json
+    python benchmarks/dispatch_table.py --spec RESULT.json   # only the VLLM_QUICK_DISPATCH_PLAN string
 
-Needs rows timed with both of the op's paths (``--backends quick_kernel,quick_dequant,...`` or
-``--quick-only``). For each activation dtype it prints, per M, on how many shapes the
-dequantise + cuBLAS path beats the kernel, and the smallest M from which it wins on most shapes
-at that M and every larger M measured (``None``: never). Copy the result into the table in
-vllm_quick/dispatch.py together with the GPU and date of the run.
+Needs rows timed with the op's candidate paths: the kernel tiles (``--backends quick_x16,...,
+quick_s128``) and dequantise + cuBLAS (``quick_dequant``). For each activation dtype and M it
+scores every candidate by the geometric mean, over the shapes, of its time divided by the best
+candidate's time on that shape (1.0 = fastest everywhere), and picks the lowest score. A
+candidate must have been timed on every shape at that M to compete. bf16 never gets the dequant
+path (a dense bf16 weight costs ~2.3e-3 of error, over the 2e-3 budget; vllm_quick/dispatch.py).
+
+The plan covers M up to each measured M with that M's winner (M = 17..32 takes the winner at 32),
+and everything above the largest measured M with the winner there. Copy the printed plan into
+vllm_quick/dispatch.py with the GPU and date of the run, or export the printed spec as
+VLLM_QUICK_DISPATCH_PLAN to try it first.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from vllm_quick import dispatch  # noqa: E402
+
+TILE_PREFIX = "quick_"
+NOT_A_TILE = ("quick_kernel", "quick_dequant")
 
 
-def suggest(rows: list[dict]) -> dict[str, int | None]:
-    """dtype -> smallest M from which dequant + cuBLAS wins on a majority of shapes."""
-    wins: dict[str, dict[int, list[bool]]] = defaultdict(lambda: defaultdict(list))
+def candidates(us: dict, dtype: str) -> dict[str, float]:
+    """path -> µs for one result row: tiles from quick_<tile>, 'dequant' from quick_dequant."""
+    out = {b[len(TILE_PREFIX):]: t for b, t in us.items()
+           if b.startswith(TILE_PREFIX) and b not in NOT_A_TILE and t is not None}
+    if us.get("quick_dequant") is not None and dtype != "bfloat16":
+        out["dequant"] = us["quick_dequant"]
+    return out
+
+
+def scores(rows: list[dict]) -> dict[str, dict[int, dict[str, float]]]:
+    """dtype -> M -> path -> geometric-mean slowdown against the per-shape best."""
+    by: dict[tuple[str, int], list[dict[str, float]]] = defaultdict(list)
     for r in rows:
-        kernel, dequant = r["us"].get("quick_kernel"), r["us"].get("quick_dequant")
-        if kernel is not None and dequant is not None:
-            wins[r["dtype"]][r["M"]].append(dequant < kernel)
-    table: dict[str, int | None] = {}
-    for dtype, by_m in wins.items():
-        threshold = None
-        for m in sorted(by_m, reverse=True):  # walk down while dequant keeps winning
-            if sum(by_m[m]) * 2 > len(by_m[m]):
-                threshold = m
+        c = candidates(r.get("us", {}), r["dtype"])
+        if c:
+            by[(r["dtype"], r["M"])].append(c)
+    out: dict[str, dict[int, dict[str, float]]] = defaultdict(dict)
+    for (dtype, m), shapes in by.items():
+        common = set.intersection(*(set(c) for c in shapes))
+        out[dtype][m] = {
+            path: math.exp(sum(math.log(c[path] / min(c[p] for p in common)) for c in shapes) / len(shapes))
+            for path in sorted(common)
+        }
+    return out
+
+
+def suggest(rows: list[dict]) -> dict[str, tuple[tuple[int | None, str], ...]]:
+    """dtype -> plan, in the form of vllm_quick.dispatch.PLANS."""
+    plans = {}
+    for dtype, by_m in scores(rows).items():
+        winners = [(m, min(s, key=s.get)) for m, s in sorted(by_m.items()) if s]
+        plan: list[tuple[int | None, str]] = []
+        for m, path in winners:
+            if plan and plan[-1][1] == path:
+                plan[-1] = (m, path)  # extend the previous range
             else:
-                break
-        table[dtype] = threshold
-        for m in sorted(by_m):
-            print(f"{dtype:9s} M={m:5d}: dequant + cuBLAS faster on {sum(by_m[m])}/{len(by_m[m])} shapes")
-    return table
+                plan.append((m, path))
+        if plan:
+            plan[-1] = (None, plan[-1][1])
+            plans[dtype] = tuple(plan)
+    return plans
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("result", help="kernel_<gpu>.json written by benchmarks/kernel_bench.py")
+    ap.add_argument("result", help="kernel_<gpu>*.json written by benchmarks/kernel_bench.py")
+    ap.add_argument("--spec", action="store_true", help="print only the VLLM_QUICK_DISPATCH_PLAN string")
     args = ap.parse_args(argv)
-    table = suggest(json.load(open(args.result)))
-    if not table:
-        print("no row has both quick_kernel and quick_dequant timings: rerun kernel_bench.py with them")
+    rows = json.load(open(args.result))
+    plans = suggest(rows)
+    if not plans:
+        print("no row has kernel-tile or dequant timings: rerun kernel_bench.py with "
+              "--backends quick_x16,...,quick_s128,quick_dequant", file=sys.stderr)
         return 1
-    print("suggested DEQUANT_MIN_M:", table)
+    spec = dispatch.format_plan_spec({getattr(torch, d): p for d, p in plans.items()})
+    if args.spec:
+        print(spec)
+        return 0
+    for dtype, by_m in sorted(scores(rows).items()):
+        for m, s in sorted(by_m.items()):
+            ranked = ", ".join(f"{p} {v:.2f}" for p, v in sorted(s.items(), key=lambda kv: kv[1]))
+            print(f"{dtype:9s} M={m:5d}: {ranked}")
+    for dtype, plan in plans.items():
+        print(f"suggested plan for {dtype}: {plan}")
+    print(f"as {dispatch.PLAN_ENV}: {spec}")
     return 0
 
 

@@ -535,16 +535,16 @@ def render_markdown(rows, env, skipped=(), selfchecks=(), header=True) -> str:
         lines.append("- speedup = cuBLAS µs / backend µs (>1: faster than cuBLAS fp16/bf16 on the "
                      "dequantised weight); last column = best of (Marlin, Machete) µs / quick µs "
                      "(>1: quick is faster); 'quick path' = what torch.ops.quick.gemm runs at that M "
-                     "(kernel, or dequant = dequantise + cuBLAS)")
+                     "(a kernel tile such as x16 or s64, or dequant = dequantise + cuBLAS)")
         lines.append("")
         lines.append("Calls:")
         for b, call in vk.CALLS.items():
             lines.append(f"- **{b}**: {call}")
         lines.append("")
     cols = ["quick", "awq_gemm", "marlin", "machete", "humming"]
-    for extra in ("quick_dequant", "quick_kernel"):  # the op's two paths, when timed separately
-        if any(extra in r["us"] for r in rows):
-            cols.insert(1, extra)
+    # the op's paths when timed separately: the raw kernel, each kernel tile, dequant + cuBLAS
+    extras = [b for b in vk.BACKEND_NAMES if b.startswith("quick_") and any(b in r["us"] for r in rows)]
+    cols[1:1] = extras
     lines.append("| shape | K×N | g | dtype | M | quick path | cuBLAS µs | quick µs | " + " | ".join(cols)
                  + " | quick vs best(marlin, machete) |")
     lines.append("|" + "---|" * (9 + len(cols)))

@@ -245,12 +245,13 @@ class QuickBackend(Backend):
 
 
 def quick_op_path(m: int, act_dtype: torch.dtype) -> str:
-    """Which path torch.ops.quick.gemm takes for M rows on this GPU ("kernel" or "dequant")."""
+    """Which path torch.ops.quick.gemm takes for M rows on this GPU: a kernel tile name
+    ("x16", ...), "auto" or "dequant" (vllm_quick/dispatch.py)."""
     try:
         from vllm_quick import dispatch
     except ImportError:
         return "kernel"
-    return dispatch.choose_path(m, act_dtype, torch.device("cuda", torch.cuda.current_device()))
+    return dispatch.choose(m, act_dtype, torch.device("cuda", torch.cuda.current_device()))
 
 
 class QuickKernelBackend(QuickBackend):
@@ -265,6 +266,38 @@ class QuickKernelBackend(QuickBackend):
         return ops.kernel_extension().gemm(
             x, w["qweight"], w["qzeros"], w["scales"], None, state.meta["group"], state.meta["n"]
         )
+
+
+# The kernel's tile configurations, in the order of vllm_quick._C.TILES (csrc/quick_gemm.cu,
+# with_tile): "x" tiles keep exact integer fragments (fp16 and bf16), "s" tiles scale inside the
+# fragments (fp16 only). One backend per tile, "quick_<tile>", to derive vllm_quick/dispatch.py.
+KERNEL_TILES = ("x16", "x32", "x64", "s16", "s32", "s64", "s128")
+for _tile in KERNEL_TILES:
+    CALLS[f"quick_{_tile}"] = (f"vllm_quick._C.gemm(x, qweight, qzeros, scales, None, group, N, tile) with "
+                               f"tile = TILES.index({_tile!r}): the QUICK kernel with that tile at every M")
+
+
+class QuickTileBackend(QuickKernelBackend):
+    """The QUICK kernel forced onto one tile configuration."""
+
+    def __init__(self, tile: str):
+        self.tile = tile
+        self.name = f"quick_{tile}"
+
+    def unsupported(self, k, n, group_size, act_dtype):
+        if self.tile.startswith("s") and act_dtype != torch.float16:
+            return f"tile {self.tile} (scaled fragments) is fp16 only"
+        return super().unsupported(k, n, group_size, act_dtype)
+
+    def run(self, state, x):
+        from vllm_quick import ops
+
+        ext = ops.kernel_extension()
+        if tuple(ext.TILES) != KERNEL_TILES:
+            raise RuntimeError(f"vllm_quick._C.TILES is {ext.TILES}, this script knows {KERNEL_TILES}")
+        w = state.weights
+        return ext.gemm(x, w["qweight"], w["qzeros"], w["scales"], None, state.meta["group"],
+                        state.meta["n"], KERNEL_TILES.index(self.tile))
 
 
 class QuickDequantBackend(QuickBackend):
@@ -545,6 +578,7 @@ BACKENDS: dict[str, Backend] = {
         QuickBackend(),
         QuickKernelBackend(),
         QuickDequantBackend(),
+        *(QuickTileBackend(t) for t in KERNEL_TILES),
         CublasBackend(),
         AwqGemmBackend(),
         MarlinBackend(),

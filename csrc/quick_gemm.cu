@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "quick_gemm.h"
 #include "quick_layout.cuh"
@@ -109,6 +110,10 @@ struct Act<__half> {
     __half2 r = __hsub2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
     return *reinterpret_cast<uint32_t*>(&r);
   }
+  static __device__ __forceinline__ uint32_t mul2(uint32_t a, uint32_t b) {
+    __half2 r = __hmul2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
     asm(
@@ -185,6 +190,39 @@ __device__ __forceinline__ void dequant_tile(const uint4& words, const uint32_t 
   }
 }
 
+// fp16 only ("scaled" tiles): the fragments hold (q - z) * s rounded to fp16, so one accumulator
+// set suffices and no per-group flush is needed (32-64 registers fewer, which buys 64-row warp
+// tiles). q - z stays exact; the product costs one fp16 rounding per weight (~2^-12 relative).
+// bf16 keeps the exact tiles: the same rounding there (2^-9) would exceed the 2e-3 budget.
+__device__ __forceinline__ void dequant_tile_scaled(const uint4& words, const uint32_t (&biased_zero)[8],
+                                                    const uint32_t (&scale)[8], uint32_t (&frag)[8][2]) {
+  const uint32_t w[4] = {words.x, words.y, words.z, words.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+      const int block = 2 * j + (m >> 1);
+      const uint32_t biased = and_or(w[j] >> (4 * m), 0x000f000fu, Act<__half>::kMagic);
+      frag[block][m & 1] = Act<__half>::mul2(Act<__half>::sub2(biased, biased_zero[block]), scale[block]);
+    }
+  }
+}
+
+// Scales for the scaled tiles, in B-fragment order: the lane's B column in n8 block nb is
+// 8 nb + g (g = lane / 4), while the stored order is the accumulator's (layout.py: position
+// 16 a + 2 nb + e holds column 8 nb + 2 a + e). So column 8 nb + g sits at 16 (g / 2) + 2 nb +
+// g % 2: the low (g even) or high (g odd) half of word nb of the 32 bytes at 16 (g / 2).
+// byte_perm 0x1010 / 0x3232 broadcasts that half to both halves of the fragment multiplier.
+__device__ __forceinline__ void load_fragment_scales(const __half* tile_scales, int lane, uint32_t (&scale)[8]) {
+  const int g = lane / 4;
+  const uint4* src = reinterpret_cast<const uint4*>(tile_scales + 16 * (g / 2));
+  const uint4 lo = src[0], hi = src[1];
+  const uint32_t w[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+  const uint32_t select = (g & 1) ? 0x3232u : 0x1010u;
+#pragma unroll
+  for (int nb = 0; nb < 8; ++nb) scale[nb] = __byte_perm(w[nb], 0, select);
+}
+
 // ------------------------------------------------------------------------------------------
 // The kernel
 // ------------------------------------------------------------------------------------------
@@ -221,9 +259,13 @@ struct SmemLayout {
 // they cover all 32 banks.
 __device__ __forceinline__ int swizzled_chunk(int row, int chunk) { return row * 8 + (chunk ^ (row & 7)); }
 
-template <typename T, int kWarpTilesM, int kWarpsM>
-__global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kWarpTilesM == 1 ? 4 : 1)
+// kWarpTilesM: 16-row mma tiles per warp; kWarpsM: warps along M; kScaled: scaled fp16 fragments
+// (dequant_tile_scaled) instead of exact integers + per-group accumulator scaling; kMinBlocks:
+// blocks per SM the register allocation must allow.
+template <typename T, int kWarpTilesM, int kWarpsM, bool kScaled, int kMinBlocks>
+__global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
     quick_gemm_kernel(const KernelParams p) {
+  static_assert(!kScaled || std::is_same_v<T, __half>, "scaled fragments are fp16 only");
   constexpr int kThreads = 32 * kWarpsN * kWarpsM;
   constexpr int kBlockM = 16 * kWarpTilesM * kWarpsM;
   using Smem = SmemLayout<kBlockM>;
@@ -311,17 +353,27 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kWarpTilesM == 1 ? 4 :
     }
   };
 
+  constexpr int kGroupTiles = kScaled ? 1 : kWarpTilesM;  // scaled tiles need no group sums
   float acc[kWarpTilesM][8][4];        // scaled running sum
-  float group_acc[kWarpTilesM][8][4];  // exact partial sum of the current group
+  float group_acc[kGroupTiles][8][4];  // exact partial sum of the current group (exact tiles)
 #pragma unroll
   for (int mi = 0; mi < kWarpTilesM; ++mi)
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mi][nb][e] = group_acc[mi][nb][e] = 0.f;
+      for (int e = 0; e < 4; ++e) acc[mi][nb][e] = 0.f;
+#pragma unroll
+  for (int mi = 0; mi < kGroupTiles; ++mi)
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) group_acc[mi][nb][e] = 0.f;
 
   uint32_t biased_zero[8];
-  __half2 scale[8];  // this lane's two accumulator columns in each n8 block (fp16 as stored)
+  // Exact tiles: this lane's two accumulator columns in each n8 block (fp16 as stored).
+  // Scaled tiles: the lane's B-fragment column in each n8 block, broadcast to both halves.
+  __half2 scale[8];
+  uint32_t frag_scale[8];
   const bool warp_active = warp_n < block_tiles;
 
   // First k row of the next group: a group starts where k_row reaches it (no modulo per k-tile).
@@ -329,18 +381,20 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kWarpTilesM == 1 ? 4 :
 
   // acc += group_acc * scale, then start a new group sum.
   auto flush_group = [&]() {
+    if constexpr (!kScaled) {  // (scaled tiles: the scale is already inside the fragments)
 #pragma unroll
-    for (int mi = 0; mi < kWarpTilesM; ++mi)
+      for (int mi = 0; mi < kWarpTilesM; ++mi)
 #pragma unroll
-      for (int nb = 0; nb < 8; ++nb) {
-        const float2 s = __half22float2(scale[nb]);  // fp16 -> fp32 is exact
-        acc[mi][nb][0] = fmaf(group_acc[mi][nb][0], s.x, acc[mi][nb][0]);
-        acc[mi][nb][1] = fmaf(group_acc[mi][nb][1], s.y, acc[mi][nb][1]);
-        acc[mi][nb][2] = fmaf(group_acc[mi][nb][2], s.x, acc[mi][nb][2]);
-        acc[mi][nb][3] = fmaf(group_acc[mi][nb][3], s.y, acc[mi][nb][3]);
+        for (int nb = 0; nb < 8; ++nb) {
+          const float2 s = __half22float2(scale[nb]);  // fp16 -> fp32 is exact
+          acc[mi][nb][0] = fmaf(group_acc[mi][nb][0], s.x, acc[mi][nb][0]);
+          acc[mi][nb][1] = fmaf(group_acc[mi][nb][1], s.y, acc[mi][nb][1]);
+          acc[mi][nb][2] = fmaf(group_acc[mi][nb][2], s.x, acc[mi][nb][2]);
+          acc[mi][nb][3] = fmaf(group_acc[mi][nb][3], s.y, acc[mi][nb][3]);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) group_acc[mi][nb][e] = 0.f;
-      }
+          for (int e = 0; e < 4; ++e) group_acc[mi][nb][e] = 0.f;
+        }
+    }
   };
 
 #pragma unroll
@@ -374,14 +428,21 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kWarpTilesM == 1 ? 4 :
           const int r = k_row / p.group_size - g_first;
           // Zeros: word (lane / 4) of this warp's tile (8 words per tile).
           unpack_zeros<T>(z_src[r * (kBlockN / 8) + warp_n * 8 + lane / 4], biased_zero);
-          // Scales: 16 halves at 16 * (lane % 4) of this warp's tile, half2 nb = block nb.
-          const __half2* sc = reinterpret_cast<const __half2*>(s_src + r * kBlockN * 2) +
-                              (warp_n * kTileN + 16 * (lane % 4)) / 2;
+          const __half* tile_scales = reinterpret_cast<const __half*>(s_src + r * kBlockN * 2) + warp_n * kTileN;
+          if constexpr (kScaled) {
+            load_fragment_scales(tile_scales, lane, frag_scale);
+          } else {
+            // Scales: 16 halves at 16 * (lane % 4) of this warp's tile, half2 nb = block nb.
+            const __half2* sc = reinterpret_cast<const __half2*>(tile_scales + 16 * (lane % 4));
 #pragma unroll
-          for (int nb = 0; nb < 8; ++nb) scale[nb] = sc[nb];
+            for (int nb = 0; nb < 8; ++nb) scale[nb] = sc[nb];
+          }
         }
         uint32_t frag[8][2];
-        dequant_tile<T>(w_src[(kt * kWarpsN + warp_n) * 32 + lane], biased_zero, frag);
+        if constexpr (kScaled)
+          dequant_tile_scaled(w_src[(kt * kWarpsN + warp_n) * 32 + lane], biased_zero, frag_scale, frag);
+        else
+          dequant_tile<T>(w_src[(kt * kWarpsN + warp_n) * 32 + lane], biased_zero, frag);
 #pragma unroll
         for (int mi = 0; mi < kWarpTilesM; ++mi) {
           // A fragment of rows [16 mi, 16 mi + 16) of this warp, k-tile kt: lanes 0-15 give
@@ -390,7 +451,12 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kWarpTilesM == 1 ? 4 :
           uint32_t a[4];
           ldmatrix_x4(a, a_src + swizzled_chunk(r, 2 * kt + lane / 16));
 #pragma unroll
-          for (int nb = 0; nb < 8; ++nb) Act<T>::mma(group_acc[mi][nb], a, frag[nb][0], frag[nb][1]);
+          for (int nb = 0; nb < 8; ++nb) {
+            if constexpr (kScaled)
+              Act<T>::mma(acc[mi][nb], a, frag[nb][0], frag[nb][1]);
+            else
+              Act<T>::mma(group_acc[mi][nb], a, frag[nb][0], frag[nb][1]);
+          }
         }
       }
     }
@@ -483,12 +549,12 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kWarpTilesM == 1 ? 4 :
 // ------------------------------------------------------------------------------------------
 // Launcher
 // ------------------------------------------------------------------------------------------
-template <typename T, int kWarpTilesM, int kWarpsM>
+template <typename T, int kWarpTilesM, int kWarpsM, bool kScaled, int kMinBlocks>
 struct Config {
   static constexpr int kThreads = 32 * kWarpsN * kWarpsM;
   static constexpr int kBlockM = 16 * kWarpTilesM * kWarpsM;
   static constexpr int kSmem = SmemLayout<kBlockM>::kTotalBytes;
-  static constexpr auto kernel = quick_gemm_kernel<T, kWarpTilesM, kWarpsM>;
+  static constexpr auto kernel = quick_gemm_kernel<T, kWarpTilesM, kWarpsM, kScaled, kMinBlocks>;
 
   // Blocks of this configuration one SM holds at once (registers / shared memory permitting).
   static int blocks_per_sm() {
@@ -510,21 +576,34 @@ struct Config {
   }
 };
 
-// Calls f.template operator()<Cfg>() with the configuration chosen for M:
-//   M <= 16: 16-row blocks (1 warp tile, 128 threads);  M <= 32: 32-row blocks (2 warp tiles);
-//   larger M: 64-row blocks (2 x 2 warps, 256 threads). A 128-row block (512 threads) was tried:
-//   at 512 threads a thread may keep only 128 registers and the two accumulator sets spilled.
+// The tile configurations (quick_gemm.h, enum Tile): calls f.template operator()<Cfg>().
+//   x16 / x32 / x64: exact fragments, blocks of 16 rows (1 warp tile, 128 threads, 4 blocks per
+//     SM at <= 128 registers), 32 rows (2 warp tiles) and 64 rows (2 x 2 warps, 256 threads).
+//     A 128-row exact block (512 threads) was tried: at 512 threads a thread may keep only 128
+//     registers and the two accumulator sets spilled.
+//   s16 / s32 / s64 / s128 (fp16): scaled fragments, one accumulator set; s64 is one warp of 4
+//     mma tiles along M (64 rows, 128 registers of accumulators, 2 blocks per SM), s128 two.
+//     (s32 at 4 blocks per SM, i.e. 128 registers, spilled 32 bytes: it asks for 3.)
+// A tile the activation type does not support (scaled tiles for bf16) falls back to x64.
 template <typename T, typename F>
-auto with_config(int m, F&& f) {
-  if (m <= 16) return f.template operator()<Config<T, 1, 1>>();
-  if (m <= 32) return f.template operator()<Config<T, 2, 1>>();
-  return f.template operator()<Config<T, 2, 2>>();
+auto with_tile(int tile, F&& f) {
+  constexpr bool kHalf = std::is_same_v<T, __half>;
+  switch (tile) {
+    case kTileX16: return f.template operator()<Config<T, 1, 1, false, 4>>();
+    case kTileX32: return f.template operator()<Config<T, 2, 1, false, 1>>();
+    case kTileS16: if constexpr (kHalf) return f.template operator()<Config<T, 1, 1, true, 4>>(); break;
+    case kTileS32: if constexpr (kHalf) return f.template operator()<Config<T, 2, 1, true, 3>>(); break;
+    case kTileS64: if constexpr (kHalf) return f.template operator()<Config<T, 4, 1, true, 2>>(); break;
+    case kTileS128: if constexpr (kHalf) return f.template operator()<Config<T, 4, 2, true, 1>>(); break;
+    default: break;
+  }
+  return f.template operator()<Config<T, 2, 2, false, 1>>();  // kTileX64
 }
 
 template <typename F>
-auto with_act(ActType act, int m, F&& f) {
-  if (act == ActType::kBFloat16) return with_config<__nv_bfloat16>(m, f);
-  return with_config<__half>(m, f);
+auto with_act(ActType act, int tile, F&& f) {
+  if (act == ActType::kBFloat16) return with_tile<__nv_bfloat16>(tile, f);
+  return with_tile<__half>(tile, f);
 }
 
 int sm_count(int device) {
@@ -536,8 +615,29 @@ int sm_count(int device) {
 
 }  // namespace
 
+const char* tile_name(int tile) {
+  static const char* const kNames[kTileCount] = {"x16", "x32", "x64", "s16", "s32", "s64", "s128"};
+  return tile >= 0 && tile < kTileCount ? kNames[tile] : "auto";
+}
+
+bool tile_supports(int tile, ActType act) {
+  if (tile == kTileAuto) return true;
+  if (tile < 0 || tile >= kTileCount) return false;
+  return tile <= kTileX64 || act == ActType::kFloat16;
+}
+
+int default_tile(int m, ActType) {
+  if (m <= 16) return kTileX16;
+  if (m <= 32) return kTileX32;
+  return kTileX64;
+}
+
+static int resolve_tile(const GemmProblem& pr) {
+  return tile_supports(pr.tile, pr.act) && pr.tile != kTileAuto ? pr.tile : default_tile(pr.m, pr.act);
+}
+
 GemmPlan plan(const GemmProblem& pr, int device) {
-  return with_act(pr.act, pr.m, [&]<typename Cfg>() {
+  return with_act(pr.act, resolve_tile(pr), [&]<typename Cfg>() {
     GemmPlan pl{};
     pl.block_m = Cfg::kBlockM;
     pl.grid_n = (pr.n / kTileN + kWarpsN - 1) / kWarpsN;
@@ -579,7 +679,7 @@ cudaError_t run(const GemmProblem& pr, const GemmPlan& pl, const GemmArgs& a, cu
   // With one row of blocks along M every weight byte is read once: stream it past L2. With
   // several, neighbouring row blocks re-read the same tiles, so let L2 keep them.
   kp.weights_evict_first = pl.grid_m == 1;
-  return with_act(pr.act, pr.m, [&]<typename Cfg>() { return Cfg::launch(pl, kp, stream); });
+  return with_act(pr.act, resolve_tile(pr), [&]<typename Cfg>() { return Cfg::launch(pl, kp, stream); });
 }
 
 }  // namespace quick

@@ -9,6 +9,14 @@ namespace quick {
 
 enum class ActType { kFloat16, kBFloat16 };
 
+// Tile configurations of the kernel (quick_gemm.cu, with_tile, says what each one is). plan()
+// takes GemmProblem::tile, or chooses from M when it is kTileAuto; vllm_quick/dispatch.py holds
+// the measured choice per GPU and passes it down.
+enum Tile : int { kTileAuto = -1, kTileX16 = 0, kTileX32, kTileX64, kTileS16, kTileS32, kTileS64, kTileS128, kTileCount };
+const char* tile_name(int tile);                // "x16", ..., "auto" for anything else
+bool tile_supports(int tile, ActType act);      // scaled ("s") tiles are fp16 only
+int default_tile(int m, ActType act);           // the choice for kTileAuto
+
 struct GemmProblem {
   int m;           // rows of x / y
   int k;           // input features; must be a multiple of 64 (kStageK)
@@ -16,6 +24,7 @@ struct GemmProblem {
   int size_n;      // real output features (<= n); columns >= size_n are not written
   int group_size;  // multiple of 16 dividing k (k itself for per-channel)
   ActType act;
+  int tile = kTileAuto;  // a Tile; kTileAuto: default_tile(m, act)
 };
 
 // How one call is cut up; chosen by plan() from M and the GPU, so that small-M calls still fill

@@ -45,7 +45,7 @@ int* split_counters(const torch::Tensor& x, int needed) {
 
 torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& qzeros,
                    const torch::Tensor& scales, const c10::optional<torch::Tensor>& bias,
-                   int64_t group_size, int64_t size_n) {
+                   int64_t group_size, int64_t size_n, int64_t tile) {
   QUICK_CHECK(x.is_cuda(), "x must be a CUDA tensor");
   QUICK_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.stride(0) == x.size(1),
               "x must be a contiguous [M, K] matrix, got sizes ", x.sizes(), " strides ", x.strides());
@@ -82,14 +82,19 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& qweight, const t
     bias_ptr = bias->data_ptr();
   }
 
+  const quick::ActType act =
+      x.scalar_type() == torch::kBFloat16 ? quick::ActType::kBFloat16 : quick::ActType::kFloat16;
+  QUICK_CHECK(quick::tile_supports(static_cast<int>(tile), act), "tile=", tile, " (",
+              quick::tile_name(static_cast<int>(tile)), ") is not a tile configuration for ",
+              x.scalar_type(), " (see TILES; -1 chooses by M)");
+
   const at::cuda::OptionalCUDAGuard guard(x.device());
   torch::Tensor y = torch::empty({m, size_n}, x.options());
   if (m == 0) return y;
 
   quick::GemmProblem problem{static_cast<int>(m), static_cast<int>(k), static_cast<int>(n),
-                             static_cast<int>(size_n), static_cast<int>(group_size),
-                             x.scalar_type() == torch::kBFloat16 ? quick::ActType::kBFloat16
-                                                                  : quick::ActType::kFloat16};
+                             static_cast<int>(size_n), static_cast<int>(group_size), act,
+                             static_cast<int>(tile)};
   const quick::GemmPlan plan = quick::plan(problem, x.get_device());
   torch::Tensor partials;
   quick::GemmArgs args{x.data_ptr(), qweight.data_ptr(), qzeros.data_ptr(), scales.data_ptr(),
@@ -132,7 +137,13 @@ torch::Tensor dequantize(const torch::Tensor& qweight, const torch::Tensor& qzer
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "QUICK W4A16 GEMM (CUDA); use torch.ops.quick.gemm from vllm_quick.ops";
-  module.def("gemm", &gemm, "y = x @ dequant(W) (+ bias) on the interleaved layout");
+  module.def("gemm", &gemm, "y = x @ dequant(W) (+ bias) on the interleaved layout; tile: an index "
+             "into TILES, or -1 to let the kernel choose by M", pybind11::arg("x"), pybind11::arg("qweight"),
+             pybind11::arg("qzeros"), pybind11::arg("scales"), pybind11::arg("bias"),
+             pybind11::arg("group_size"), pybind11::arg("size_n"), pybind11::arg("tile") = -1);
   module.def("dequantize", &dequantize, "dense [K, Np] weight in the given dtype");
   module.attr("LAYOUT_VERSION") = quick::kLayoutVersion;
+  pybind11::list tiles;
+  for (int t = 0; t < quick::kTileCount; ++t) tiles.append(quick::tile_name(t));
+  module.attr("TILES") = tiles;  // tile names by index: "x16", ..., "s128" (quick_gemm.cu)
 }

@@ -2,45 +2,111 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from benchmarks import dispatch_table
 from vllm_quick import dispatch
 
 
-def test_choose_path_follows_the_table(monkeypatch):
+def test_choose_follows_the_table(monkeypatch):
     monkeypatch.setattr(dispatch, "_major", lambda device: 9)
-    monkeypatch.setitem(dispatch.DEQUANT_MIN_M, 9, {torch.float16: 256, torch.bfloat16: None})
+    monkeypatch.setattr(dispatch, "_env_plans", {})
+    monkeypatch.setitem(dispatch.PLANS, 9, {
+        torch.float16: ((16, "x16"), (255, "s64"), (None, "dequant")),
+        torch.bfloat16: ((16, "x16"), (None, "x64")),
+    })
     dev = torch.device("cuda", 0)
+    assert [dispatch.choose(m, torch.float16, dev) for m in (1, 16, 17, 255, 256, 9999)] == [
+        "x16", "x16", "s64", "s64", "dequant", "dequant"]
     assert dispatch.choose_path(255, torch.float16, dev) == "kernel"
     assert dispatch.choose_path(256, torch.float16, dev) == "dequant"
-    assert dispatch.choose_path(4096, torch.bfloat16, dev) == "kernel"  # None: never
+    assert dispatch.choose(4096, torch.bfloat16, dev) == "x64"
 
 
-def test_unmeasured_gpu_family_uses_the_kernel(monkeypatch):
+def test_unmeasured_gpu_family_lets_the_kernel_choose(monkeypatch):
     monkeypatch.setattr(dispatch, "_major", lambda device: 7)
+    monkeypatch.setattr(dispatch, "_env_plans", {})
+    assert dispatch.choose(8192, torch.float16, torch.device("cuda", 0)) == "auto"
     assert dispatch.choose_path(8192, torch.float16, torch.device("cuda", 0)) == "kernel"
 
 
-def _row(dtype, m, kernel, dequant):
-    return {"dtype": dtype, "M": m, "us": {"quick_kernel": kernel, "quick_dequant": dequant}}
+def test_plan_env_overrides_the_table(monkeypatch):
+    monkeypatch.setattr(dispatch, "_major", lambda device: 9)
+    monkeypatch.setattr(dispatch, "_env_plans", None)
+    monkeypatch.setenv(dispatch.PLAN_ENV, "float16=32:s32,*:s128")
+    dev = torch.device("cuda", 0)
+    assert dispatch.choose(8, torch.float16, dev) == "s32"
+    assert dispatch.choose(4096, torch.float16, dev) == "s128"
+    assert dispatch.choose(8, torch.bfloat16, dev) == dispatch.PLANS[9][torch.bfloat16][0][1]  # not named: table
 
 
-def test_dispatch_table_takes_the_smallest_m_of_a_winning_tail():
+@pytest.mark.parametrize("spec,match", [
+    ("float32=*:x16", "dtypes"),
+    ("float16", "must look like"),
+    ("float16=16:x16", "must end with"),
+    ("float16=64:x64,16:x16,*:x64", "increase"),
+    ("float16=*:x64,*:x16", "increase"),
+    ("float16=abc:x16,*:x64", "max M"),
+])
+def test_bad_plan_specs_are_refused(spec, match):
+    with pytest.raises(ValueError, match=match):
+        dispatch.parse_plan_spec(spec)
+
+
+def test_plan_spec_round_trip():
+    plans = {torch.float16: ((16, "x16"), (None, "dequant")), torch.bfloat16: ((None, "x64"),)}
+    assert dispatch.parse_plan_spec(dispatch.format_plan_spec(plans)) == plans
+
+
+def test_tile_index_names_known_tiles():
+    tiles = ["x16", "x32", "x64", "s16", "s32", "s64", "s128"]
+    dispatch._tile_index.clear()
+    assert dispatch.tile_index("auto", tiles) == -1
+    assert dispatch.tile_index("s64", tiles) == 5
+    with pytest.raises(ValueError, match="unknown kernel tile 'y7'"):
+        dispatch.tile_index("y7", tiles)
+    dispatch._tile_index.clear()
+
+
+def _row(dtype, m, shape, **us):
+    return {"dtype": dtype, "M": m, "shape": shape, "us": {f"quick_{k}": v for k, v in us.items()}}
+
+
+def test_dispatch_table_picks_the_geometric_mean_winner_per_m():
     rows = [
-        _row("float16", 64, 10, 20), _row("float16", 64, 10, 30),
-        _row("float16", 128, 10, 9), _row("float16", 128, 10, 11),  # a tie of shapes: not a majority
-        _row("float16", 256, 30, 20), _row("float16", 256, 30, 25),
-        _row("float16", 1024, 90, 60), _row("float16", 1024, 90, 70),
-        _row("bfloat16", 1024, 50, 60),
+        # M = 16: x16 fastest on both shapes
+        _row("float16", 16, "a", x16=10, s64=20, dequant=50), _row("float16", 16, "b", x16=12, s64=30, dequant=60),
+        # M = 32: x16 wins one shape by a hair, s64 the other by a lot -> s64
+        _row("float16", 32, "a", x16=20, s64=21, dequant=50), _row("float16", 32, "b", x16=40, s64=20, dequant=60),
+        _row("float16", 64, "a", x16=40, s64=22, dequant=50), _row("float16", 64, "b", x16=80, s64=25, dequant=60),
+        _row("float16", 256, "a", x16=160, s64=80, dequant=50), _row("float16", 256, "b", x16=320, s64=90, dequant=60),
+        # bf16: dequant never competes, s tiles are simply absent
+        _row("bfloat16", 256, "a", x16=160, x64=100, dequant=50),
     ]
-    assert dispatch_table.suggest(rows) == {"float16": 256, "bfloat16": None}
+    plans = dispatch_table.suggest(rows)
+    assert plans == {
+        "float16": ((16, "x16"), (64, "s64"), (None, "dequant")),
+        "bfloat16": ((None, "x64"),),
+    }
 
 
-def test_dispatch_table_needs_both_paths(tmp_path, capsys):
+def test_dispatch_table_needs_candidate_timings(tmp_path, capsys):
     result = tmp_path / "r.json"
     result.write_text('[{"dtype": "float16", "M": 1, "us": {"quick": 1.0}}]')
     assert dispatch_table.main([str(result)]) == 1
+
+
+def test_dispatch_table_spec_is_a_valid_env_plan(tmp_path, capsys):
+    import json
+
+    result = tmp_path / "r.json"
+    result.write_text(json.dumps([_row("float16", 16, "a", x16=1.0, dequant=2.0),
+                                  _row("float16", 512, "a", x16=9.0, dequant=2.0)]))
+    assert dispatch_table.main([str(result), "--spec"]) == 0
+    spec = capsys.readouterr().out.strip()
+    assert spec == "float16=16:x16,*:dequant"
+    assert dispatch.parse_plan_spec(spec)[torch.float16] == ((16, "x16"), (None, "dequant"))
 
 
 def test_force_reference_env_overrides_the_kernel(monkeypatch):

@@ -299,6 +299,59 @@ def kernel_or_cpu(request):
 
 
 # ----------------------------------------------------------------------------------------------
+# every tile configuration of the kernel, whatever the dispatch plan picks today
+# ----------------------------------------------------------------------------------------------
+TILES = ("x16", "x32", "x64", "s16", "s32", "s64", "s128")  # vllm_quick._C.TILES, in order
+TILE_SHAPES = {"llama2-7b.o": (4096, 4096), "llama2-7b.down": (11008, 4096), "padded": (512, 200)}
+TILE_M = (1, 7, 16, 33, 64, 100, 255)
+
+
+def test_tile_names_match_the_extension(kernel):
+    assert tuple(kernel.TILES) == TILES
+
+
+@pytest.mark.parametrize("group_size", [128, 32, -1])
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("tile", TILES)
+def test_every_tile(kernel, tile, dtype_name, group_size):
+    """Each tile on every M (one block row or several, split-K or not), padded N included; two
+    calls equal bit for bit. Scaled ("s") tiles are fp16 only and refuse bf16 with a ValueError."""
+    dtype = DTYPES[dtype_name]
+    index = TILES.index(tile)
+    for shape, (k, n) in TILE_SHAPES.items():
+        w = make_weight(k, n, group_size)
+        size_n = n
+        for m in TILE_M:
+            x = random_x((m, k), dtype, seed=zlib.crc32(f"tile/{shape}/{m}".encode()))
+            args = (x, w.qweight, w.qzeros, w.scales, None, w.group, size_n, index)
+            if tile.startswith("s") and dtype != torch.float16:
+                with pytest.raises(ValueError, match="not a tile configuration"):
+                    kernel.gemm(*args)
+                return
+            y = kernel.gemm(*args)
+            check_output(y, x.float() @ w.w32[:, :size_n], dtype,
+                         f"tile {tile} {shape} K={k} N={n} g={group_size} {dtype_name} M={m}")
+            assert torch.equal(y, kernel.gemm(*args)), f"tile {tile} M={m}: two calls differ"
+
+
+def test_dispatch_plan_names_supported_tiles(kernel):
+    """Every path in this GPU's plan is 'dequant' or a tile the kernel takes for that dtype."""
+    from vllm_quick import dispatch
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    for dtype in (torch.float16, torch.bfloat16):
+        for _, path in dispatch.plan_for(dtype, dev):
+            if path == "dequant":
+                assert dtype == torch.float16, "bf16 must not take the dequant path (accuracy)"
+                continue
+            index = dispatch.tile_index(path, kernel.TILES)
+            w = make_weight(512, 256, 128)
+            x = random_x((3, 512), dtype, seed=5)
+            y = kernel.gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, 256, index)
+            check_output(y, x.float() @ w.w32, dtype, f"plan path {path} {dtype}")
+
+
+# ----------------------------------------------------------------------------------------------
 # padding, bias, input shapes
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("n", [200, 72, 8, 136])

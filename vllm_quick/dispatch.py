@@ -1,34 +1,49 @@
 """Which path ``quick::gemm`` takes on a GPU, by the number of rows M of the call.
 
 This runs inside the custom op at run time (never in ``apply()``, where vLLM's compilation would
-freeze it). Two paths:
+freeze it). The paths:
 
-* ``"kernel"``: the QUICK kernel (csrc/quick_gemm.cu), streaming int4 weights; the right choice
-  while the GEMM is bound by weight bandwidth (small M, decode).
+* a **kernel tile** (``"x16"``, ``"x32"``, ``"x64"``, ``"s16"``, ``"s32"``, ``"s64"``,
+  ``"s128"``; ``vllm_quick._C.TILES``, described in csrc/quick_gemm.cu, ``with_tile``): the QUICK
+  kernel streaming int4 weights, with that many rows per thread block. ``x`` tiles keep the exact
+  integers ``q - z`` in the mma fragments and scale per group in fp32 (fp16 and bf16); ``s`` tiles
+  (fp16 only) put ``(q - z) * s`` into the fragments, one fp16 rounding per weight, and free the
+  registers of the second accumulator set for taller tiles;
+* ``"auto"``: the kernel with its own built-in choice by M (families not measured yet);
 * ``"dequant"``: dequantise the layer once into a dense matrix (csrc/quick_dequant.cu) and call
   cuBLAS; wins once the GEMM is bound by arithmetic (large M, prefill), where cuBLAS's Hopper
   (wgmma) kernels beat our mma.sync ones.
 
-``DEQUANT_MIN_M`` is the measured switch-over per GPU family and activation dtype: the smallest M
-from which the dequant path was faster on most Llama shapes of benchmarks/kernel_bench.py
-(``benchmarks/dispatch_table.py`` computes it from a result file). ``None``
-means "never": for bf16 the dense path rounds ``(q - z) * s`` to bf16, which costs ~2.3e-3 of
-relative error against the 2e-3 budget, while the kernel keeps the weights exact (layout.py).
+``PLANS`` is the measured choice per GPU family and activation dtype: ``(largest M, path)`` pairs
+in increasing M, the last one with ``None`` (any larger M). ``benchmarks/dispatch_table.py``
+derives it from a kernel_bench.py result. On a GPU not in the table (or to try a plan without
+editing this file) set ``VLLM_QUICK_DISPATCH_PLAN``, e.g.
+``float16=16:x16,64:s64,*:dequant;bfloat16=16:x16,*:x64`` (dtypes not named keep the table's plan);
+dispatch_table.py prints that string too. bf16 never takes ``"dequant"`` or an ``s`` tile: a
+dense bf16 weight rounds ``(q - z) * s`` to bf16, which costs ~2.3e-3 of relative error against
+the 2e-3 budget, while the ``x`` tiles keep the weights exact (layout.py).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-# (compute capability major) -> {dtype: smallest M for the dequant path, or None}
-# sm90: measured on an H100 80GB HBM3, 2026-11-25 (benchmarks/results/kernel_h100.json, kernel
-# after the copy-plan rewrite): at M = 128 the kernel still beat dequantise + cuBLAS on 8 of the
-# 12 Llama shapes, at M = 256 and above dequantise + cuBLAS won on all 12.
-DEQUANT_MIN_M: dict[int, dict[torch.dtype, int | None]] = {
-    9: {torch.float16: 256, torch.bfloat16: None},
+Plan = tuple[tuple[int | None, str], ...]
+
+# (compute capability major) -> {dtype: plan}
+# sm90: measured on an H100 80GB HBM3, 2026-11-25 (benchmarks/results/kernel_h100.json): at
+# M = 128 the x64 kernel still beat dequantise + cuBLAS on 8 of the 12 Llama shapes, at M = 256
+# and above dequantise + cuBLAS won on all 12.
+PLANS: dict[int, dict[torch.dtype, Plan]] = {
+    9: {
+        torch.float16: ((16, "x16"), (32, "x32"), (255, "x64"), (None, "dequant")),
+        torch.bfloat16: ((16, "x16"), (32, "x32"), (None, "x64")),
+    },
 }
-# Families not measured yet: the kernel everywhere (always correct, maybe not fastest).
-DEFAULT = {torch.float16: None, torch.bfloat16: None}
+# Families not measured yet: the kernel's own choice everywhere (always correct, maybe not fastest).
+DEFAULT_PLAN: Plan = ((None, "auto"),)
 
 _capability_cache: dict[int, int] = {}
 
@@ -40,7 +55,75 @@ def _major(device: torch.device) -> int:
     return _capability_cache[index]
 
 
+PLAN_ENV = "VLLM_QUICK_DISPATCH_PLAN"
+_DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_plan_spec(text: str) -> dict[torch.dtype, Plan]:
+    """``"float16=16:x16,*:dequant;bfloat16=*:x64"`` -> {dtype: plan}; ValueError naming the
+    problem otherwise."""
+    plans: dict[torch.dtype, Plan] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, sep, entries = part.partition("=")
+        if not sep or name.strip() not in _DTYPE_NAMES:
+            raise ValueError(f"{PLAN_ENV}: {part!r} must look like 'float16=16:x16,*:dequant' "
+                             f"(dtypes: {', '.join(_DTYPE_NAMES)})")
+        plan: list[tuple[int | None, str]] = []
+        for entry in entries.split(","):
+            bound, sep, path = entry.strip().partition(":")
+            if not sep or not path or (bound != "*" and not bound.isdigit()):
+                raise ValueError(f"{PLAN_ENV}: entry {entry!r} must be '<max M>:<path>' or '*:<path>'")
+            max_m = None if bound == "*" else int(bound)
+            if plan and (plan[-1][0] is None or (max_m is not None and max_m <= plan[-1][0])):
+                raise ValueError(f"{PLAN_ENV}: the bounds of {name} must increase and '*' must come last")
+            plan.append((max_m, path))
+        if plan[-1][0] is not None:
+            raise ValueError(f"{PLAN_ENV}: the plan of {name} must end with '*:<path>'")
+        plans[_DTYPE_NAMES[name.strip()]] = tuple(plan)
+    return plans
+
+
+_env_plans: dict[torch.dtype, Plan] | None = None
+
+
+def plan_for(dtype: torch.dtype, device: torch.device) -> Plan:
+    global _env_plans
+    if _env_plans is None:
+        _env_plans = parse_plan_spec(os.environ.get(PLAN_ENV, ""))
+    if dtype in _env_plans:
+        return _env_plans[dtype]
+    return PLANS.get(_major(device), {}).get(dtype, DEFAULT_PLAN)
+
+
+def format_plan_spec(plans: dict[torch.dtype, Plan]) -> str:
+    """The inverse of parse_plan_spec (for dispatch_table.py)."""
+    names = {v: k for k, v in _DTYPE_NAMES.items()}
+    return ";".join(
+        names[dtype] + "=" + ",".join(f"{'*' if m is None else m}:{path}" for m, path in plan)
+        for dtype, plan in plans.items()
+    )
+
+
+def choose(m: int, dtype: torch.dtype, device: torch.device) -> str:
+    """The path for a call with M rows: ``"dequant"``, a tile name, or ``"auto"``."""
+    for max_m, path in plan_for(dtype, device):
+        if max_m is None or m <= max_m:
+            return path
+    return "auto"  # a plan without a final (None, ...) entry: let the kernel choose
+
+
 def choose_path(m: int, dtype: torch.dtype, device: torch.device) -> str:
     """``"kernel"`` or ``"dequant"`` for a call with M rows."""
-    threshold = DEQUANT_MIN_M.get(_major(device), DEFAULT).get(dtype)
-    return "dequant" if threshold is not None and m >= threshold else "kernel"
+    return "dequant" if choose(m, dtype, device) == "dequant" else "kernel"
+
+
+_tile_index: dict[str, int] = {}
+
+
+def tile_index(name: str, tiles) -> int:
+    """Index of tile ``name`` in the extension's ``TILES`` list; ``"auto"`` is -1."""
+    if not _tile_index:
+        _tile_index.update({t: i for i, t in enumerate(tiles)}, auto=-1)
+    if name not in _tile_index:
+        raise ValueError(f"quick::gemm: unknown kernel tile {name!r} (known: {sorted(_tile_index)})")
+    return _tile_index[name]

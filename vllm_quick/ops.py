@@ -5,8 +5,8 @@ One op, one schema, three implementations:
 * ``CPU`` (and any device without the compiled kernel): the reference path. It dequantises the
   interleaved weight with :func:`vllm_quick.layout.dequantize_quick` (fp32 arithmetic) and runs a
   matmul in fp32, then casts to ``x.dtype``. Slow, simple, exact enough to be the ground truth.
-* ``CUDA``: the compiled QUICK kernel (``vllm_quick._C``) for small M, dequantise + cuBLAS for
-  large M (``vllm_quick.dispatch``); the kernel also picks its tile shape and split-K from M. This
+* ``CUDA``: the compiled QUICK kernel (``vllm_quick._C``) with a tile shape chosen by M for small
+  and mid M, dequantise + cuBLAS for large M (``vllm_quick.dispatch``); the kernel picks split-K. This
   must happen here, inside the op: vLLM compiles ``apply()`` into a graph, so a Python
   ``if M < ...`` there would be frozen at trace time.
 * ``Meta``/fake: output shape only, for ``torch.compile`` and CUDA-graph capture.
@@ -131,10 +131,13 @@ def _cuda_gemm(x, qweight, qzeros, scales, bias, group_size: int, size_n: int):
         x2 = x2.contiguous()
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    if dispatch.choose_path(x2.shape[0], x.dtype, x.device) == "dequant":
+    path = dispatch.choose(x2.shape[0], x.dtype, x.device)
+    if path == "dequant":
         y = dequant_matmul(x2, qweight, qzeros, scales, bias, group_size, size_n)
     else:
-        y = kernel_extension().gemm(x2, qweight, qzeros, scales, bias, group_size, size_n)
+        ext = kernel_extension()
+        tile = dispatch.tile_index(path, ext.TILES)
+        y = ext.gemm(x2, qweight, qzeros, scales, bias, group_size, size_n, tile)
     return y.reshape(*x.shape[:-1], size_n)
 
 
