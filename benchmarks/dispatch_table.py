@@ -7,7 +7,7 @@ Needs rows timed with the op's candidate paths: the kernel tiles (``--backends q
 quick_s128``) and dequantise + cuBLAS (``quick_dequant``). For each activation dtype and M it
 scores every candidate by the geometric mean, over the shapes, of its time divided by the best
 candidate's time on that shape (1.0 = fastest everywhere), and picks the lowest score. A
-candidate must have been timed on every shape at that M to compete. bf16 never gets the dequant
+candidate must have been timed on every shape at that M, within MAX_REL_ERR, to compete. bf16 never gets the dequant
 path (a dense bf16 weight costs ~2.3e-3 of error, over the 2e-3 budget; vllm_quick/dispatch.py).
 
 The plan covers M up to each measured M with that M's winner (M = 17..32 takes the winner at 32),
@@ -33,13 +33,24 @@ from vllm_quick import dispatch  # noqa: E402
 
 TILE_PREFIX = "quick_"
 NOT_A_TILE = ("quick_kernel", "quick_dequant")
+# A path whose error on a row exceeds this is not a candidate there, however fast (the GPU tests'
+# budget is 2e-3; bf16 gets the margin of its output rounding, ~1.6e-3 on its own).
+MAX_REL_ERR = {"float16": 2e-3, "bfloat16": 2.5e-3}
 
 
-def candidates(us: dict, dtype: str) -> dict[str, float]:
-    """path -> µs for one result row: tiles from quick_<tile>, 'dequant' from quick_dequant."""
-    out = {b[len(TILE_PREFIX):]: t for b, t in us.items()
-           if b.startswith(TILE_PREFIX) and b not in NOT_A_TILE and t is not None}
-    if us.get("quick_dequant") is not None and dtype != "bfloat16":
+def candidates(row: dict) -> dict[str, float]:
+    """path -> µs for one result row: tiles from quick_<tile>, 'dequant' from quick_dequant;
+    only paths that were timed and, where the row records it, within MAX_REL_ERR."""
+    dtype, us, errs = row["dtype"], row.get("us", {}), row.get("rel_err_backends", {})
+    limit = MAX_REL_ERR.get(dtype, 2e-3)
+
+    def ok(backend: str) -> bool:
+        err = errs.get(backend)
+        return us.get(backend) is not None and (err is None or err <= limit)
+
+    out = {b[len(TILE_PREFIX):]: us[b] for b in us
+           if b.startswith(TILE_PREFIX) and b not in NOT_A_TILE and ok(b)}
+    if ok("quick_dequant") and dtype != "bfloat16":
         out["dequant"] = us["quick_dequant"]
     return out
 
@@ -48,7 +59,7 @@ def scores(rows: list[dict]) -> dict[str, dict[int, dict[str, float]]]:
     """dtype -> M -> path -> geometric-mean slowdown against the per-shape best."""
     by: dict[tuple[str, int], list[dict[str, float]]] = defaultdict(list)
     for r in rows:
-        c = candidates(r.get("us", {}), r["dtype"])
+        c = candidates(r)
         if c:
             by[(r["dtype"], r["M"])].append(c)
     out: dict[str, dict[int, dict[str, float]]] = defaultdict(dict)

@@ -91,6 +91,12 @@ def test_dispatch_table_picks_the_geometric_mean_winner_per_m():
     }
 
 
+def test_dispatch_table_ignores_inaccurate_paths():
+    fast_but_wrong = _row("float16", 64, "a", x64=30, s64=10)
+    fast_but_wrong["rel_err_backends"] = {"quick_x64": 3e-4, "quick_s64": 5e-3}
+    assert dispatch_table.suggest([fast_but_wrong]) == {"float16": ((None, "x64"),)}
+
+
 def test_dispatch_table_needs_candidate_timings(tmp_path, capsys):
     result = tmp_path / "r.json"
     result.write_text('[{"dtype": "float16", "M": 1, "us": {"quick": 1.0}}]')
