@@ -11,6 +11,8 @@
 #   ncu       Nsight Compute of the QUICK kernel, the op (which may take its dequant path at M=128),
 #             awq_gemm, marlin and machete at 4096x12288 g128 fp16, M=16 and M=128
 #   bench     benchmarks/kernel_bench.py, full sweep, with the time that is left
+#   ncustall  Nsight Compute stall reasons (WarpStateStats, SchedulerStats) of tiles x16 / s64 / s128
+#             at 4096x12288 fp16, M = 1, 16, 64, 256 (ncu_stall.ncu-rep, ncu_stall.txt)
 #   tiles     fp16 sweep of every kernel tile + dequant + cuBLAS (+ Marlin, Machete) on the 12
 #             shapes, M = 1..512 (kernel_<gpu>_tiles.json/.md), then benchmarks/dispatch_table.py:
 #             the suggested plan goes to dispatch_plan.txt in $OUT and /tmp/quick_dispatch_plan.txt
@@ -221,6 +223,20 @@ step_bench() {
   "$PY" benchmarks/kernel_bench.py --out-dir "$OUT" --time-budget "$budget" ${BENCH_ARGS:-}
 }
 
+step_ncustall() {
+  local ncu rep="$OUT/ncu_stall" c cases=()
+  ncu=$(find_tool ncu) || { echo "ncu: not found"; return 1; }
+  for c in 1 16 64 256; do cases+=(--case "4096x12288:g128:M$c:float16"); done
+  "$ncu" --profile-from-start off --nvtx --clock-control none --target-processes all \
+    --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
+    --section LaunchStats -f -o "$rep" \
+    "$PY" benchmarks/memcheck_cases.py --profile --backends "${NCU_STALL_BACKENDS:-quick_x16,quick_s64,quick_s128}" \
+    "${cases[@]}" || return 1
+  "$ncu" --import "$rep.ncu-rep" --page details --print-units base >"$OUT/ncu_stall.txt" 2>&1
+  grep -E "quick_gemm_kernel|NVTX|Duration|Memory Throughput|Issued Ipc|No Eligible|Active Warps Per|Eligible Warps|Warp Cycles Per Issued|Registers Per|Achieved Occupancy|Stall|stall" \
+    "$OUT/ncu_stall.txt" | head -n 150
+}
+
 TILE_BACKENDS="quick_x16,quick_x32,quick_x64,quick_s16,quick_s32,quick_s64,quick_s128,quick_dequant,cublas,marlin,machete"
 export TILE_BACKENDS
 
@@ -244,7 +260,7 @@ step_gpuserve() {
   set -o pipefail
   "$PY" -m pytest -q -s -p no:cacheprovider tests/test_gpu_serving.py 2>&1 | tail -n 30
 }
-export -f step_env step_build step_tests step_memcheck step_ncu step_bench step_tiles step_smoke step_gpuserve
+export -f step_env step_build step_tests step_memcheck step_ncu step_ncustall step_bench step_tiles step_smoke step_gpuserve
 
 # run_step NAME CAP_SECONDS: runs step_NAME under a timeout of min(CAP, time left - 10 s)
 run_step() {
@@ -278,10 +294,11 @@ for step in "${STEPS[@]}"; do
     memcheck) run_step memcheck 200 ;;
     ncu) run_step ncu 200 ;;
     bench) run_step bench 100000 ;;
+    ncustall) run_step ncustall 100 ;;
     tiles) run_step tiles 100000 ;;
     smoke) run_step smoke 180 ;;
     gpuserve) run_step gpuserve 420 ;;
-    *) banner "unknown step '$step' (env build tests memcheck ncu bench tiles smoke gpuserve)"; SUMMARY+=("$step: unknown"); FAILED=1 ;;
+    *) banner "unknown step '$step' (env build tests memcheck ncu ncustall bench tiles smoke gpuserve)"; SUMMARY+=("$step: unknown"); FAILED=1 ;;
   esac
 done
 
