@@ -14,6 +14,7 @@ later file replace those of an earlier one for the same server and concurrency.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from load_tests.workload import ROW_KEYS
@@ -262,12 +263,15 @@ def load(json_path: str | Path) -> tuple[list[dict], dict]:
 def merge(json_paths: list[str | Path]) -> tuple[list[dict], dict]:
     """Combine earlier runs: later rows replace earlier ones for the same (server, concurrency);
     servers, cross-checks and notes are concatenated; device/versions/settings taken from the
-    first run that has them (a differing device or settings is noted)."""
+    first run that has them (a differing device or settings is noted); the date is the span of
+    the runs' dates."""
     by_key: dict[tuple, dict] = {}
     meta: dict = {"servers": {}, "crosscheck": [], "notes": [], "server_order": [], "merged_from": []}
     for path in json_paths:
         rows, m = load(path)
-        meta["merged_from"].append(f"{Path(path).name} ({m.get('date', '?')}: {m.get('command', '?')})")
+        # a file that is itself a merge names its own parts: keep naming the original runs
+        meta["merged_from"] += m.get("merged_from") or [
+            f"{Path(path).name} ({m.get('date', '?')}: {m.get('command', '?')})"]
         for key in ("device", "versions", "settings", "title"):
             if key in m and key not in meta:
                 meta[key] = m[key]
@@ -283,6 +287,10 @@ def merge(json_paths: list[str | Path]) -> tuple[list[dict], dict]:
                 meta["server_order"].append(s)
         for r in rows:
             by_key[(r["server"], r["concurrency"])] = r
+    dates = sorted(re.search(r"\((\d{4}-\d\d-\d\d \d\d:\d\d UTC)", f).group(1)
+                   for f in meta["merged_from"] if re.search(r"\(\d{4}-\d\d-\d\d \d\d:\d\d UTC", f))
+    if dates:  # the span of the merged runs
+        meta["date"] = dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"
     rows = list(by_key.values())
     for r in rows:
         if r["server"] not in meta["server_order"]:

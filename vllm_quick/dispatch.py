@@ -33,12 +33,15 @@ import torch
 Plan = tuple[tuple[int | None, str], ...]
 
 # (compute capability major) -> {dtype: plan}
-# sm90: measured on an H100 80GB HBM3, 2026-11-25 (benchmarks/results/kernel_h100.json): at
-# M = 128 the x64 kernel still beat dequantise + cuBLAS on 8 of the 12 Llama shapes, at M = 256
-# and above dequantise + cuBLAS won on all 12.
+# sm90, float16: measured on an H100 80GB HBM3, 2026-11-25, every tile + dequant + cuBLAS on the
+# 12 Llama shapes at M = 1, 16, 32, 64, 128, 256, 512 (benchmarks/results/kernel_h100_tiles.json;
+# geometric-mean slowdown against the per-shape best: s16 1.00 at M <= 16, s32 1.04-1.07 at
+# M = 32-64, s64 1.09 at M = 128, dequantise + cuBLAS 1.00 from M = 256).
+# sm90, bfloat16: only x tiles exist; from the earlier full sweep (benchmarks/results/
+# kernel_h100.json, same day).
 PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
-        torch.float16: ((16, "x16"), (32, "x32"), (255, "x64"), (None, "dequant")),
+        torch.float16: ((16, "s16"), (64, "s32"), (128, "s64"), (None, "dequant")),
         torch.bfloat16: ((16, "x16"), (32, "x32"), (None, "x64")),
     },
 }
