@@ -25,7 +25,8 @@ def cuda_extension():
         name="vllm_quick._C",
         sources=["csrc/quick_ops.cpp", "csrc/quick_gemm.cu", "csrc/quick_dequant.cu"],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
+            # C++20 like torch's own headers (>= 2.10): a C++17 binding crashed when it threw.
+            "cxx": ["-O3", "-std=c++20"],
             # C++20 for templated lambdas in the launcher; the kernel file includes no torch headers.
             "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo", *gencode],
         },

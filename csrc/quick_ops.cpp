@@ -7,6 +7,8 @@
 #include <torch/extension.h>
 
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "quick_gemm.h"
@@ -14,7 +16,15 @@
 
 namespace {
 
-#define QUICK_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, "quick::gemm: ", __VA_ARGS__)
+// Argument errors leave as std::invalid_argument, which pybind11 turns into a Python ValueError
+// by itself, without torch's exception machinery. On the H100 image (torch 2.11) the first
+// c10::Error (TORCH_CHECK_VALUE) thrown from this extension killed the process with a segfault
+// instead of raising; the extension was then compiled as C++17 against torch headers built for
+// C++20 (setup.py now says -std=c++20), the likely cause.
+#define QUICK_CHECK(cond, ...)                                                              \
+  do {                                                                                      \
+    if (!(cond)) throw std::invalid_argument(c10::str("quick::gemm: ", __VA_ARGS__));       \
+  } while (0)
 
 void check_cuda(const torch::Tensor& t, const char* name, const torch::Tensor& x) {
   QUICK_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
@@ -105,7 +115,8 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& qweight, const t
     args.counters = split_counters(x, plan.counters);
   }
   const cudaError_t err = quick::run(problem, plan, args, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "quick::gemm: kernel launch failed: ", cudaGetErrorString(err));
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("quick::gemm: kernel launch failed: ") + cudaGetErrorString(err));
   return y;
 }
 
@@ -131,7 +142,8 @@ torch::Tensor dequantize(const torch::Tensor& qweight, const torch::Tensor& qzer
                           static_cast<int>(k), static_cast<int>(n), static_cast<int>(group_size),
                           dtype == torch::kBFloat16 ? quick::ActType::kBFloat16 : quick::ActType::kFloat16};
   const cudaError_t err = quick::dequantize(args, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "quick::dequantize: kernel launch failed: ", cudaGetErrorString(err));
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("quick::dequantize: kernel launch failed: ") + cudaGetErrorString(err));
   return out;
 }
 

@@ -500,6 +500,24 @@ def test_bad_inputs_raise_on_cuda(kernel):
         torch.ops.quick.gemm(x, w.qweight, w.qzeros[:, :-1].contiguous(), w.scales, None, 128, n)
 
 
+def test_extension_raises_value_errors(kernel):
+    """The binding's own checks (callers that skip the op's Python checks) raise ValueError."""
+    k, n = 512, 256
+    w = make_weight(k, n, 128)
+    x = random_x((4, k), torch.float16, seed=2)
+    with pytest.raises(ValueError, match="x must be a CUDA tensor"):
+        kernel.gemm(x.cpu(), w.qweight, w.qzeros, w.scales, None, 128, n)
+    with pytest.raises(ValueError, match="size_n"):
+        kernel.gemm(x, w.qweight, w.qzeros, w.scales, None, 128, n + 64)
+    with pytest.raises(ValueError, match="not a tile configuration"):
+        kernel.gemm(x, w.qweight, w.qzeros, w.scales, None, 128, n, len(kernel.TILES))
+    with pytest.raises(ValueError, match="dtype"):
+        kernel.dequantize(w.qweight, w.qzeros, w.scales, 128, torch.float32)
+    # still usable afterwards
+    y = kernel.gemm(x, w.qweight, w.qzeros, w.scales, None, 128, n)
+    check_output(y, x.float() @ w.w32, torch.float16, "after the errors")
+
+
 def test_reference_fallback_on_cuda_is_correct(kernel):
     """float32 activations take the reference path on CUDA; it must still be right."""
     k, n = 512, 256
