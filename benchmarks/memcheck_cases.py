@@ -51,11 +51,14 @@ PRESETS = {
         "2048x1024:g128:M256:bfloat16",  # large-M tile
         "1024x512:g128:M256:float16",  # fp16 large M: the op's dequant path, and the kernel itself
         "512x264:g128:M5:float16:bias",  # bias, padded N
+        "1024x512:g128:M100:float16",  # fp16 mid M: the s64 tile (scaled fragments)
+        "2048x320:g32:M40:float16",  # s32 tile, group 32, padded N, split-K
     ],
     "race": [
         "256x128:g128:M16:float16",
         "1024x256:g64:M128:bfloat16",
         "2048x128:g128:M1:float16",  # split-K reduction
+        "1024x256:g64:M100:float16",  # s64 tile
     ],
 }
 

@@ -299,8 +299,12 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
   constexpr int kRowsPerIter = kThreads / kChunksPerKTile;
   const size_t w_row_stride = static_cast<size_t>(n_tiles) * 32;  // uint4 per k-tile row
   const bool w_valid = (tid % kChunksPerKTile) / 32 < block_tiles;
+  // The copy pointers walk K: each load_stage() copies the next stage and steps them forward, so
+  // the K loop does no 64-bit address arithmetic and no division (SASS of the first version:
+  // ~100 of its ~700 instructions per stage were address and group-index arithmetic).
   const uint4* w_src = p.qweight + static_cast<size_t>(tile_n0) * 32 + tid % kChunksPerKTile +
-                       (tid / kChunksPerKTile) * w_row_stride;
+                       (tid / kChunksPerKTile) * w_row_stride +
+                       static_cast<size_t>(stage_begin) * kStageKTiles * w_row_stride;
   // Activations: kBlockM rows x 8 chunks of 16 B; rows past M are zero-filled.
   constexpr int kActIters = kBlockM * 8 / kThreads;
   static_assert(kActIters * kThreads == kBlockM * 8, "activation chunks must divide evenly");
@@ -311,7 +315,7 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
   for (int i = 0; i < kActIters; ++i) {
     const int c = tid + i * kThreads, r = c / 8, chunk = c % 8;
     a_valid[i] = row0 + r < p.m;
-    a_src[i] = x + static_cast<size_t>(a_valid[i] ? row0 + r : 0) * p.k + chunk * 8;
+    a_src[i] = x + static_cast<size_t>(a_valid[i] ? row0 + r : 0) * p.k + chunk * 8 + stage_begin * kStageK;
     a_dst[i] = swizzled_chunk(r, chunk);
   }
   // Scales and zeros: per group row 32 scale chunks + 8 zero chunks of the block's 256
@@ -330,26 +334,37 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
   const int sz_dst = Smem::kWeightBytes + Smem::kActBytes +
                      (sz_is_scale ? (sz_row * kScaleChunks + sz_chunk) * 16
                                   : Smem::kScaleBytes + (sz_row * kZeroChunks + sz_chunk - kScaleChunks) * 16);
+  // Group rows per stage: K and group sizes >= 64 are multiples of the 64-row stage (ops.py
+  // checks K % 64 == 0 and group % 32 == 0), so a stage holds two whole groups (group 32) or
+  // lies inside one group. The group row of the stage being copied is tracked, not divided out.
+  const bool two_groups = p.group_size == 32;
+  const int stages_per_group = two_groups ? 1 : p.group_size / kStageK;
+  const bool sz_copies = sz_valid && (two_groups || sz_row == 0);
+  const char* sz_next = sz_src + static_cast<size_t>(two_groups ? 2 * stage_begin + sz_row : stage_begin / stages_per_group) * sz_row_bytes;
+  int sz_stages_left = stages_per_group - stage_begin % stages_per_group;  // in the current group
 
-  // Issue the copies of one stage (global stage index gs) into shared-memory slot `slot`.
-  auto load_stage = [&](int gs, int slot) {
+  // Issue the copies of the next stage into shared-memory slot `slot`, then step the pointers.
+  auto load_stage = [&](int slot) {
     unsigned char* base = smem + slot * Smem::kStageBytes;
     if (w_valid) {
-      const uint4* src = w_src + static_cast<size_t>(gs) * kStageKTiles * w_row_stride;
       uint4* dst = reinterpret_cast<uint4*>(base) + tid;
 #pragma unroll
       for (int i = 0; i < kWeightIters; ++i)
-        cp_async_16_hint(dst + i * kThreads, src + i * kRowsPerIter * w_row_stride, policy);
+        cp_async_16_hint(dst + i * kThreads, w_src + i * kRowsPerIter * w_row_stride, policy);
     }
+    w_src += kStageKTiles * w_row_stride;
     uint4* a_base = reinterpret_cast<uint4*>(base + Smem::kWeightBytes);
 #pragma unroll
-    for (int i = 0; i < kActIters; ++i)
-      cp_async_16_zfill(a_base + a_dst[i], a_src[i] + gs * kStageK, a_valid[i]);
-    if (sz_valid) {
-      const int g_first = gs * kStageK / p.group_size;
-      const int g_rows = (gs * kStageK + kStageK - 1) / p.group_size - g_first + 1;
-      if (sz_row < g_rows)
-        cp_async_16_zfill(base + sz_dst, sz_src + (g_first + sz_row) * sz_row_bytes, true);
+    for (int i = 0; i < kActIters; ++i) {
+      cp_async_16_zfill(a_base + a_dst[i], a_src[i], a_valid[i]);
+      a_src[i] += kStageK;
+    }
+    if (sz_copies) cp_async_16_zfill(base + sz_dst, sz_next, true);
+    if (two_groups) {
+      sz_next += 2 * sz_row_bytes;
+    } else if (--sz_stages_left == 0) {
+      sz_next += sz_row_bytes;
+      sz_stages_left = stages_per_group;
     }
   };
 
@@ -376,8 +391,10 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
   uint32_t frag_scale[8];
   const bool warp_active = warp_n < block_tiles;
 
-  // First k row of the next group: a group starts where k_row reaches it (no modulo per k-tile).
+  // First k row of the next group: a group starts where k_row reaches it (no division per
+  // k-tile). A split may begin inside a group: its first boundary is computed once.
   int next_group_row = stage_begin * kStageK;
+  const int first_boundary = (stage_begin * kStageK / p.group_size + 1) * p.group_size;
 
   // acc += group_acc * scale, then start a new group sum.
   auto flush_group = [&]() {
@@ -399,14 +416,14 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < stage_count) load_stage(stage_begin + s, s);
+    if (s < stage_count) load_stage(s);
     cp_async_commit();  // always commit, so wait_group counts stay uniform
   }
 
   for (int s = 0; s < stage_count; ++s) {
     cp_async_wait<kStages - 2>();
     __syncthreads();  // stage s has landed for everyone; slot (s - 1) % kStages is free again
-    if (s + kStages - 1 < stage_count) load_stage(stage_begin + s + kStages - 1, (s + kStages - 1) % kStages);
+    if (s + kStages - 1 < stage_count) load_stage((s + kStages - 1) % kStages);
     cp_async_commit();
 
     const int slot = s % kStages;
@@ -418,14 +435,14 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
       const unsigned char* s_src = base + Smem::kWeightBytes + Smem::kActBytes;
       const uint32_t* z_src =
           reinterpret_cast<const uint32_t*>(base + Smem::kWeightBytes + Smem::kActBytes + Smem::kScaleBytes);
-      const int g_first = gs * kStageK / p.group_size;
 #pragma unroll
       for (int kt = 0; kt < kStageKTiles; ++kt) {
         const int k_row = gs * kStageK + kt * kTileK;
         if (k_row == next_group_row) {
-          if (s != 0 || kt != 0) flush_group();
-          next_group_row = (k_row / p.group_size + 1) * p.group_size;
-          const int r = k_row / p.group_size - g_first;
+          const bool first = s == 0 && kt == 0;
+          if (!first) flush_group();
+          next_group_row = first ? first_boundary : k_row + p.group_size;
+          const int r = two_groups ? kt / 2 : 0;  // group row of this stage in shared memory
           // Zeros: word (lane / 4) of this warp's tile (8 words per tile).
           unpack_zeros<T>(z_src[r * (kBlockN / 8) + warp_n * 8 + lane / 4], biased_zero);
           const __half* tile_scales = reinterpret_cast<const __half*>(s_src + r * kBlockN * 2) + warp_n * kTileN;
