@@ -289,8 +289,7 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
   // Weights read once per call stream past L2; when several row blocks re-read them, keep them.
   const uint64_t policy = p.weights_evict_first ? evict_first_policy() : evict_normal_policy();
 
-  // Issue the copies of one stage (global stage index gs) into shared-memory slot `slot`.
-  // ---- Copy plan: fixed per thread for the whole K loop; a stage only adds its offset. ----
+  // ---- Copy plan: fixed per thread for the whole K loop; each stage steps the pointers. ----
   // Weights: a stage is kStageKTiles k-tile rows of the block's 4 tiles, each row 2 KB
   // contiguous in global memory and stored as-is in shared memory (chunk c = kt * 128 + lane
   // chunk). Thread tid copies chunk tid % 128 of rows tid / 128 + i * kRowsPerIter.
@@ -334,9 +333,8 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
   const int sz_dst = Smem::kWeightBytes + Smem::kActBytes +
                      (sz_is_scale ? (sz_row * kScaleChunks + sz_chunk) * 16
                                   : Smem::kScaleBytes + (sz_row * kZeroChunks + sz_chunk - kScaleChunks) * 16);
-  // Group rows per stage: K and group sizes >= 64 are multiples of the 64-row stage (ops.py
-  // checks K % 64 == 0 and group % 32 == 0), so a stage holds two whole groups (group 32) or
-  // lies inside one group. The group row of the stage being copied is tracked, not divided out.
+  // Group rows per stage: the binding admits K % 64 == 0 and group sizes 32 or multiples of 64,
+  // so a stage holds two whole groups (group 32) or lies inside one group. The group row of the stage being copied is tracked, not divided out.
   const bool two_groups = p.group_size == 32;
   const int stages_per_group = two_groups ? 1 : p.group_size / kStageK;
   const bool sz_copies = sz_valid && (two_groups || sz_row == 0);

@@ -22,7 +22,7 @@ struct GemmProblem {
   int k;           // input features; must be a multiple of 64 (kStageK)
   int n;           // output features padded to a multiple of 64 (qweight's N/64 * 64)
   int size_n;      // real output features (<= n); columns >= size_n are not written
-  int group_size;  // multiple of 16 dividing k (k itself for per-channel)
+  int group_size;  // 32 or a multiple of 64 dividing k (k itself for per-channel)
   ActType act;
   int tile = kTileAuto;  // a Tile; kTileAuto: default_tile(m, act)
 };

@@ -71,8 +71,8 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& qweight, const t
               "qweight must be int32 [K/16, N/64, 128] with K=", k, ", got ", qweight.sizes());
   const int64_t n = qweight.size(1) * quick::kTileN;
   QUICK_CHECK(k % 64 == 0, "K=", k, " must be a multiple of 64 (the kernel's k stage)");
-  QUICK_CHECK(group_size % 32 == 0 && k % group_size == 0,
-              "group_size=", group_size, " must be a multiple of 32 dividing K=", k);
+  QUICK_CHECK((group_size == 32 || group_size % 64 == 0) && k % group_size == 0, "group_size=",
+              group_size, " must be 32 or a multiple of 64 dividing K=", k);
   const int64_t groups = k / group_size;
   QUICK_CHECK(scales.scalar_type() == torch::kHalf && scales.dim() == 2 && scales.size(0) == groups &&
                   scales.size(1) == n,

@@ -518,6 +518,18 @@ def test_extension_raises_value_errors(kernel):
     check_output(y, x.float() @ w.w32, torch.float16, "after the errors")
 
 
+def test_group_the_kernel_does_not_take_falls_back_to_the_reference(kernel):
+    """Group 96 (a multiple of 32, not of 64) would straddle the kernel's 64-row k stages: the op
+    must take its reference path (with a warning), not a wrong kernel result."""
+    k, n = 576, 128
+    w = make_weight(k, n, 96)
+    x = random_x((3, k), torch.float16, seed=4)
+    assert "group_size=96" in (ops.kernel_unsupported_reason(x, 96) or "")
+    with pytest.raises(ValueError, match="group_size=96"):
+        kernel.gemm(x, w.qweight, w.qzeros, w.scales, None, 96, n)
+    check_output(quick_gemm(x, w), x.float() @ w.w32, torch.float16, "group 96 via the reference path")
+
+
 def test_reference_fallback_on_cuda_is_correct(kernel):
     """float32 activations take the reference path on CUDA; it must still be right."""
     k, n = 512, 256

@@ -99,7 +99,9 @@ torch.library.impl(_lib, "gemm", "CPU")(reference_gemm)
 
 # What the compiled kernel handles; anything else takes the reference path (with a warning once).
 KERNEL_K_MULTIPLE = 64  # the kernel's k stage (kStageK in csrc/quick_gemm.cu)
-KERNEL_GROUP_MULTIPLE = 32  # at most two groups per 64-row stage (kMaxGroupRowsPerStage)
+# Group sizes the kernel takes: 32 (two whole groups per 64-row k stage) or multiples of 64 (a
+# stage inside one group), which covers AWQ's 32/64/128 and per-channel (K % 64 == 0).
+KERNEL_SMALL_GROUP = 32
 
 
 FORCE_REFERENCE_ENV = "VLLM_QUICK_FORCE_REFERENCE"  # "1": reference path on CUDA too (for checks)
@@ -115,8 +117,9 @@ def kernel_unsupported_reason(x, group_size: int) -> str | None:
         return f"{x.dtype} activations (the kernel takes float16 and bfloat16)"
     if x.shape[-1] % KERNEL_K_MULTIPLE:
         return f"K={x.shape[-1]} is not a multiple of {KERNEL_K_MULTIPLE}"
-    if group_size % KERNEL_GROUP_MULTIPLE:
-        return f"group_size={group_size} is not a multiple of {KERNEL_GROUP_MULTIPLE}"
+    if group_size != KERNEL_SMALL_GROUP and group_size % KERNEL_K_MULTIPLE:
+        return (f"group_size={group_size} is neither {KERNEL_SMALL_GROUP} nor a multiple of "
+                f"{KERNEL_K_MULTIPLE}")
     return None
 
 
