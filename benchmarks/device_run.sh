@@ -13,7 +13,7 @@
 #   bench     benchmarks/kernel_bench.py, full sweep, with the time that is left
 #   ncustall  Nsight Compute stall reasons (WarpStateStats, SchedulerStats) of tiles x16 / s64 / s128
 #             at 4096x12288 fp16, M = 1, 16, 64, 256 (ncu_stall.ncu-rep, ncu_stall.txt)
-#   tiles     fp16 sweep of every kernel tile + dequant + cuBLAS (+ Marlin, Machete) on the 12
+#   tiles     fp16 sweep of every kernel tile, dequant, the op, cuBLAS, awq_gemm, Marlin, Machete on the 12
 #             shapes, M = 1..512 (kernel_<gpu>_tiles.json/.md), then benchmarks/dispatch_table.py:
 #             the suggested plan goes to dispatch_plan.txt in $OUT and /tmp/quick_dispatch_plan.txt
 #             (export VLLM_QUICK_DISPATCH_PLAN=$(cat /tmp/quick_dispatch_plan.txt) to serve with it)
@@ -237,7 +237,7 @@ step_ncustall() {
     "$OUT/ncu_stall.txt" | head -n 150
 }
 
-TILE_BACKENDS="quick_x16,quick_x32,quick_x64,quick_s16,quick_s32,quick_s64,quick_s128,quick_dequant,cublas,marlin,machete"
+TILE_BACKENDS="quick_x16,quick_x32,quick_x64,quick_s16,quick_s32,quick_s64,quick_s128,quick_dequant,quick,cublas,awq_gemm,marlin,machete"
 export TILE_BACKENDS
 
 step_tiles() {
