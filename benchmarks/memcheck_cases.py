@@ -128,7 +128,7 @@ def check_mode(cases: list[Case]) -> int:
             args = (x.cuda(), qw.cuda(), qz.cuda(), s.cuda(), None if bias is None else bias.cuda(), g, case.n)
             calls = [("op", lambda args=args: torch.ops.quick.gemm(*args))]
             if op_path(case.m, dtype) == "dequant":  # the op would not run the QUICK kernel: run it too
-                calls.append(("kernel", lambda args=args: ops.kernel_extension().gemm(*args)))
+                calls.append(("kernel", lambda args=args: ops.kernel_gemm(*args)))
             for what, call in calls:
                 y = call().cpu()
                 torch.cuda.synchronize()

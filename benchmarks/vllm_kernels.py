@@ -42,7 +42,7 @@ CALLS = {
     "quick": "torch.ops.quick.gemm(x, qweight, qzeros, scales, None, group, N) on "
     "vllm_quick.layout.awq_to_quick(awq_pack(codes), awq_pack(zeros), scales) (the op as the plugin "
     "calls it: it picks the QUICK kernel or dequantise + cuBLAS by M, see vllm_quick/dispatch.py)",
-    "quick_kernel": "vllm_quick._C.gemm(x, qweight, qzeros, scales, None, group, N): the QUICK kernel "
+    "quick_kernel": "vllm_quick.ops.kernel_gemm(x, qweight, qzeros, scales, None, group, N): the QUICK kernel "
     "itself at every M, bypassing the op's M dispatch",
     "quick_dequant": "vllm_quick.ops.dequant_matmul(x, ...): the op's large-M path (dequantise "
     "kernel + cuBLAS) at every M, to measure where it overtakes the kernel (benchmarks/dispatch_table.py)",
@@ -263,9 +263,7 @@ class QuickKernelBackend(QuickBackend):
         from vllm_quick import ops
 
         w = state.weights
-        return ops.kernel_extension().gemm(
-            x, w["qweight"], w["qzeros"], w["scales"], None, state.meta["group"], state.meta["n"]
-        )
+        return ops.kernel_gemm(x, w["qweight"], w["qzeros"], w["scales"], None, state.meta["group"], state.meta["n"])
 
 
 # The kernel's tile configurations, in the order of vllm_quick._C.TILES (csrc/quick_gemm.cu,
@@ -273,7 +271,7 @@ class QuickKernelBackend(QuickBackend):
 # fragments (fp16 only). One backend per tile, "quick_<tile>", to derive vllm_quick/dispatch.py.
 KERNEL_TILES = ("x16", "x32", "x64", "s16", "s32", "s64", "s128")
 for _tile in KERNEL_TILES:
-    CALLS[f"quick_{_tile}"] = (f"vllm_quick._C.gemm(x, qweight, qzeros, scales, None, group, N, tile) with "
+    CALLS[f"quick_{_tile}"] = (f"vllm_quick.ops.kernel_gemm(x, qweight, qzeros, scales, None, group, N, tile) with "
                                f"tile = TILES.index({_tile!r}): the QUICK kernel with that tile at every M")
 
 
@@ -296,8 +294,8 @@ class QuickTileBackend(QuickKernelBackend):
         if tuple(ext.TILES) != KERNEL_TILES:
             raise RuntimeError(f"vllm_quick._C.TILES is {ext.TILES}, this script knows {KERNEL_TILES}")
         w = state.weights
-        return ext.gemm(x, w["qweight"], w["qzeros"], w["scales"], None, state.meta["group"],
-                        state.meta["n"], KERNEL_TILES.index(self.tile))
+        return ops.kernel_gemm(x, w["qweight"], w["qzeros"], w["scales"], None, state.meta["group"],
+                               state.meta["n"], KERNEL_TILES.index(self.tile))
 
 
 class QuickDequantBackend(QuickBackend):

@@ -1,14 +1,15 @@
 // Torch binding of the QUICK GEMM: checks every tensor (the message names it), allocates the
 // output and the split-K workspace from PyTorch's allocator (so CUDA-graph capture works), and
 // launches on the current stream. Exposed to Python as vllm_quick._C.gemm, which
-// vllm_quick/ops.py registers as the CUDA implementation of the quick::gemm custom op.
+// vllm_quick/ops.py (kernel_gemm) calls for the CUDA implementation of the quick::gemm custom op.
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
 #include <mutex>
-#include <stdexcept>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "quick_gemm.h"
@@ -16,20 +17,31 @@
 
 namespace {
 
-// Argument errors leave as std::invalid_argument, which pybind11 turns into a Python ValueError
-// by itself, without torch's exception machinery. On the H100 image (torch 2.11) the first
-// c10::Error (TORCH_CHECK_VALUE) thrown from this extension killed the process with a segfault
-// instead of raising; the extension was then compiled as C++17 against torch headers built for
-// C++20 (setup.py now says -std=c++20), the likely cause.
-#define QUICK_CHECK(cond, ...)                                                              \
-  do {                                                                                      \
-    if (!(cond)) throw std::invalid_argument(c10::str("quick::gemm: ", __VA_ARGS__));       \
+// Errors are returned, not thrown: gemm() and dequantize() give Python (result, "") or
+// (None, message) and vllm_quick/ops.py raises. On the H100 image (torch 2.11) a C++ exception
+// thrown out of this extension (c10::Error or std::invalid_argument alike) crashed the pytest
+// process with a segfault once CUDA libraries were loaded, though a fresh process raised fine.
+// QUICK_REQUIRE returns the message from the enclosing function that returns std::string.
+#define QUICK_REQUIRE(cond, ...)                                          \
+  do {                                                                    \
+    if (!(cond)) return c10::str("quick::gemm: ", __VA_ARGS__);           \
   } while (0)
 
-void check_cuda(const torch::Tensor& t, const char* name, const torch::Tensor& x) {
-  QUICK_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
-  QUICK_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
-  QUICK_CHECK(t.is_contiguous(), name, " must be contiguous");
+const char* dtype_name(torch::ScalarType t) {
+  switch (t) {
+    case torch::kHalf: return "float16";
+    case torch::kBFloat16: return "bfloat16";
+    case torch::kFloat: return "float32";
+    case torch::kInt: return "int32";
+    default: return "another dtype";
+  }
+}
+
+std::string cuda_error(const torch::Tensor& t, const char* name, const torch::Tensor& x) {
+  QUICK_REQUIRE(t.is_cuda(), name, " must be a CUDA tensor");
+  QUICK_REQUIRE(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
+  QUICK_REQUIRE(t.is_contiguous(), name, " must be contiguous");
+  return "";
 }
 
 // Split-K tile counters: zeroed once per device, and every launch leaves them zero again.
@@ -40,8 +52,7 @@ constexpr int64_t kCounterSlots = 1 << 16;
 int* split_counters(const torch::Tensor& x, int needed) {
   static std::mutex mutex;
   static std::vector<torch::Tensor> per_device;
-  QUICK_CHECK(needed <= kCounterSlots, "split-K plan needs ", needed, " counters, more than ",
-              kCounterSlots);
+  if (needed > kCounterSlots) return nullptr;  // plan() never asks for this many (see above)
   std::lock_guard<std::mutex> lock(mutex);
   const int dev = x.get_device();
   if (static_cast<int>(per_device.size()) <= dev) per_device.resize(dev + 1);
@@ -53,54 +64,67 @@ int* split_counters(const torch::Tensor& x, int needed) {
 
 }  // namespace
 
-torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& qzeros,
-                   const torch::Tensor& scales, const c10::optional<torch::Tensor>& bias,
-                   int64_t group_size, int64_t size_n, int64_t tile) {
-  QUICK_CHECK(x.is_cuda(), "x must be a CUDA tensor");
-  QUICK_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.stride(0) == x.size(1),
-              "x must be a contiguous [M, K] matrix, got sizes ", x.sizes(), " strides ", x.strides());
-  QUICK_CHECK(x.scalar_type() == torch::kHalf || x.scalar_type() == torch::kBFloat16,
-              "x must be float16 or bfloat16, got ", x.scalar_type());
-  QUICK_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
-  check_cuda(qweight, "qweight", x);
-  check_cuda(qzeros, "qzeros", x);
-  check_cuda(scales, "scales", x);
-  const int64_t m = x.size(0), k = x.size(1);
-  QUICK_CHECK(qweight.scalar_type() == torch::kInt32 && qweight.dim() == 3 &&
-                  qweight.size(0) * quick::kTileK == k && qweight.size(2) == quick::kWordsPerTile,
-              "qweight must be int32 [K/16, N/64, 128] with K=", k, ", got ", qweight.sizes());
-  const int64_t n = qweight.size(1) * quick::kTileN;
-  QUICK_CHECK(k % 64 == 0, "K=", k, " must be a multiple of 64 (the kernel's k stage)");
-  QUICK_CHECK((group_size == 32 || group_size % 64 == 0) && k % group_size == 0, "group_size=",
-              group_size, " must be 32 or a multiple of 64 dividing K=", k);
-  const int64_t groups = k / group_size;
-  QUICK_CHECK(scales.scalar_type() == torch::kHalf && scales.dim() == 2 && scales.size(0) == groups &&
-                  scales.size(1) == n,
-              "scales must be float16 [", groups, ", ", n, "], got ", scales.scalar_type(), " ",
-              scales.sizes());
-  QUICK_CHECK(qzeros.scalar_type() == torch::kInt32 && qzeros.dim() == 2 && qzeros.size(0) == groups &&
-                  qzeros.size(1) == n / 8,
-              "qzeros must be int32 [", groups, ", ", n / 8, "], got ", qzeros.sizes());
-  QUICK_CHECK(size_n > n - quick::kTileN && size_n <= n && size_n % 2 == 0,
-              "size_n=", size_n, " must be even and within the last 64-column tile of N=", n);
-  const void* bias_ptr = nullptr;
-  if (bias.has_value()) {
-    check_cuda(*bias, "bias", x);
-    QUICK_CHECK(bias->scalar_type() == x.scalar_type() && bias->dim() == 1 && bias->size(0) == size_n,
-                "bias must be [", size_n, "] of x's dtype ", x.scalar_type(), ", got ",
-                bias->scalar_type(), " ", bias->sizes());
-    bias_ptr = bias->data_ptr();
+// Why the kernel cannot take these arguments, or "" when it can.
+std::string gemm_error(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& qzeros,
+                       const torch::Tensor& scales, const c10::optional<torch::Tensor>& bias,
+                       int64_t group_size, int64_t size_n, int64_t tile) {
+  QUICK_REQUIRE(x.is_cuda(), "x must be a CUDA tensor");
+  QUICK_REQUIRE(x.dim() == 2 && x.stride(1) == 1 && x.stride(0) == x.size(1),
+                "x must be a contiguous [M, K] matrix, got sizes ", x.sizes(), " strides ", x.strides());
+  QUICK_REQUIRE(x.scalar_type() == torch::kHalf || x.scalar_type() == torch::kBFloat16,
+                "x must be float16 or bfloat16, got ", dtype_name(x.scalar_type()));
+  QUICK_REQUIRE(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
+  for (const auto& [t, name] : {std::pair{&qweight, "qweight"}, {&qzeros, "qzeros"}, {&scales, "scales"}}) {
+    std::string e = cuda_error(*t, name, x);
+    if (!e.empty()) return e;
   }
-
+  const int64_t k = x.size(1);
+  QUICK_REQUIRE(qweight.scalar_type() == torch::kInt32 && qweight.dim() == 3 &&
+                    qweight.size(0) * quick::kTileK == k && qweight.size(2) == quick::kWordsPerTile,
+                "qweight must be int32 [K/16, N/64, 128] with K=", k, ", got ", qweight.sizes());
+  const int64_t n = qweight.size(1) * quick::kTileN;
+  QUICK_REQUIRE(k % 64 == 0, "K=", k, " must be a multiple of 64 (the kernel's k stage)");
+  QUICK_REQUIRE(group_size > 0 && (group_size == 32 || group_size % 64 == 0) && k % group_size == 0,
+                "group_size=", group_size, " must be 32 or a multiple of 64 dividing K=", k);
+  const int64_t groups = k / group_size;
+  QUICK_REQUIRE(scales.scalar_type() == torch::kHalf && scales.dim() == 2 && scales.size(0) == groups &&
+                    scales.size(1) == n,
+                "scales must be float16 [", groups, ", ", n, "], got ", dtype_name(scales.scalar_type()), " ",
+                scales.sizes());
+  QUICK_REQUIRE(qzeros.scalar_type() == torch::kInt32 && qzeros.dim() == 2 && qzeros.size(0) == groups &&
+                    qzeros.size(1) == n / 8,
+                "qzeros must be int32 [", groups, ", ", n / 8, "], got ", qzeros.sizes());
+  QUICK_REQUIRE(size_n > n - quick::kTileN && size_n <= n && size_n % 2 == 0,
+                "size_n=", size_n, " must be even and within the last 64-column tile of N=", n);
+  if (bias.has_value()) {
+    std::string e = cuda_error(*bias, "bias", x);
+    if (!e.empty()) return e;
+    QUICK_REQUIRE(bias->scalar_type() == x.scalar_type() && bias->dim() == 1 && bias->size(0) == size_n,
+                  "bias must be [", size_n, "] of x's dtype ", dtype_name(x.scalar_type()), ", got ",
+                  dtype_name(bias->scalar_type()), " ", bias->sizes());
+  }
   const quick::ActType act =
       x.scalar_type() == torch::kBFloat16 ? quick::ActType::kBFloat16 : quick::ActType::kFloat16;
-  QUICK_CHECK(quick::tile_supports(static_cast<int>(tile), act), "tile=", tile, " (",
-              quick::tile_name(static_cast<int>(tile)), ") is not a tile configuration for ",
-              x.scalar_type(), " (see TILES; -1 chooses by M)");
+  QUICK_REQUIRE(quick::tile_supports(static_cast<int>(tile), act), "tile=", tile, " (",
+                quick::tile_name(static_cast<int>(tile)), ") is not a tile configuration for ",
+                dtype_name(x.scalar_type()), " (see TILES; -1 chooses by M)");
+  return "";
+}
+
+// (y, "") on success, (None, message) otherwise; vllm_quick.ops.kernel_gemm raises the message.
+std::tuple<c10::optional<torch::Tensor>, std::string> gemm(
+    const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& qzeros,
+    const torch::Tensor& scales, const c10::optional<torch::Tensor>& bias, int64_t group_size,
+    int64_t size_n, int64_t tile) {
+  std::string error = gemm_error(x, qweight, qzeros, scales, bias, group_size, size_n, tile);
+  if (!error.empty()) return {c10::nullopt, error};
+  const int64_t m = x.size(0), k = x.size(1), n = qweight.size(1) * quick::kTileN;
+  const quick::ActType act =
+      x.scalar_type() == torch::kBFloat16 ? quick::ActType::kBFloat16 : quick::ActType::kFloat16;
 
   const at::cuda::OptionalCUDAGuard guard(x.device());
   torch::Tensor y = torch::empty({m, size_n}, x.options());
-  if (m == 0) return y;
+  if (m == 0) return {y, ""};
 
   quick::GemmProblem problem{static_cast<int>(m), static_cast<int>(k), static_cast<int>(n),
                              static_cast<int>(size_n), static_cast<int>(group_size), act,
@@ -108,34 +132,46 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& qweight, const t
   const quick::GemmPlan plan = quick::plan(problem, x.get_device());
   torch::Tensor partials;
   quick::GemmArgs args{x.data_ptr(), qweight.data_ptr(), qzeros.data_ptr(), scales.data_ptr(),
-                       bias_ptr, y.data_ptr(), nullptr, nullptr};
+                       bias.has_value() ? bias->data_ptr() : nullptr, y.data_ptr(), nullptr, nullptr};
   if (plan.splits > 1) {
     partials = torch::empty({static_cast<int64_t>(plan.partial_floats)}, x.options().dtype(torch::kFloat32));
     args.partials = partials.data_ptr<float>();
     args.counters = split_counters(x, plan.counters);
+    if (args.counters == nullptr) return {c10::nullopt, "quick::gemm: split-K plan needs too many counters"};
   }
   const cudaError_t err = quick::run(problem, plan, args, c10::cuda::getCurrentCUDAStream());
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("quick::gemm: kernel launch failed: ") + cudaGetErrorString(err));
-  return y;
+  if (err != cudaSuccess) return {c10::nullopt, std::string("quick::gemm: kernel launch failed: ") + cudaGetErrorString(err)};
+  return {y, ""};
 }
 
-// Dense [K, Np] weight in x's dtype, for the large-M path (dequantise once, then cuBLAS).
-torch::Tensor dequantize(const torch::Tensor& qweight, const torch::Tensor& qzeros,
-                         const torch::Tensor& scales, int64_t group_size, torch::ScalarType dtype) {
-  QUICK_CHECK(qweight.is_cuda() && qweight.is_contiguous() && qweight.scalar_type() == torch::kInt32 &&
-                  qweight.dim() == 3 && qweight.size(2) == quick::kWordsPerTile,
-              "qweight must be a contiguous CUDA int32 [K/16, N/64, 128], got ", qweight.sizes());
-  check_cuda(qzeros, "qzeros", qweight);
-  check_cuda(scales, "scales", qweight);
-  QUICK_CHECK(dtype == torch::kHalf || dtype == torch::kBFloat16, "dtype must be float16 or bfloat16");
+std::string dequantize_error(const torch::Tensor& qweight, const torch::Tensor& qzeros,
+                             const torch::Tensor& scales, int64_t group_size, torch::ScalarType dtype) {
+  QUICK_REQUIRE(qweight.is_cuda() && qweight.is_contiguous() && qweight.scalar_type() == torch::kInt32 &&
+                    qweight.dim() == 3 && qweight.size(2) == quick::kWordsPerTile,
+                "qweight must be a contiguous CUDA int32 [K/16, N/64, 128], got ", qweight.sizes());
+  for (const auto& [t, name] : {std::pair{&qzeros, "qzeros"}, {&scales, "scales"}}) {
+    std::string e = cuda_error(*t, name, qweight);
+    if (!e.empty()) return e;
+  }
+  QUICK_REQUIRE(dtype == torch::kHalf || dtype == torch::kBFloat16, "dtype must be float16 or bfloat16");
   const int64_t k = qweight.size(0) * quick::kTileK, n = qweight.size(1) * quick::kTileN;
-  QUICK_CHECK(group_size % quick::kTileK == 0 && k % group_size == 0, "group_size=", group_size,
-              " must be a multiple of 16 dividing K=", k);
-  QUICK_CHECK(scales.scalar_type() == torch::kHalf && scales.size(0) == k / group_size && scales.size(1) == n,
-              "scales must be float16 [", k / group_size, ", ", n, "], got ", scales.sizes());
-  QUICK_CHECK(qzeros.size(0) == k / group_size && qzeros.size(1) == n / 8, "qzeros must be [",
-              k / group_size, ", ", n / 8, "], got ", qzeros.sizes());
+  QUICK_REQUIRE(group_size > 0 && group_size % quick::kTileK == 0 && k % group_size == 0, "group_size=",
+                group_size, " must be a multiple of 16 dividing K=", k);
+  QUICK_REQUIRE(scales.scalar_type() == torch::kHalf && scales.size(0) == k / group_size && scales.size(1) == n,
+                "scales must be float16 [", k / group_size, ", ", n, "], got ", scales.sizes());
+  QUICK_REQUIRE(qzeros.size(0) == k / group_size && qzeros.size(1) == n / 8, "qzeros must be [",
+                k / group_size, ", ", n / 8, "], got ", qzeros.sizes());
+  return "";
+}
+
+// Dense [K, Np] weight in the given dtype, for the large-M path (dequantise once, then cuBLAS):
+// (out, "") or (None, message), like gemm().
+std::tuple<c10::optional<torch::Tensor>, std::string> dequantize(
+    const torch::Tensor& qweight, const torch::Tensor& qzeros, const torch::Tensor& scales,
+    int64_t group_size, torch::ScalarType dtype) {
+  std::string error = dequantize_error(qweight, qzeros, scales, group_size, dtype);
+  if (!error.empty()) return {c10::nullopt, error};
+  const int64_t k = qweight.size(0) * quick::kTileK, n = qweight.size(1) * quick::kTileN;
   const at::cuda::OptionalCUDAGuard guard(qweight.device());
   torch::Tensor out = torch::empty({k, n}, qweight.options().dtype(dtype));
   quick::DequantArgs args{qweight.data_ptr(), qzeros.data_ptr(), scales.data_ptr(), out.data_ptr(),
@@ -143,17 +179,17 @@ torch::Tensor dequantize(const torch::Tensor& qweight, const torch::Tensor& qzer
                           dtype == torch::kBFloat16 ? quick::ActType::kBFloat16 : quick::ActType::kFloat16};
   const cudaError_t err = quick::dequantize(args, c10::cuda::getCurrentCUDAStream());
   if (err != cudaSuccess)
-    throw std::runtime_error(std::string("quick::dequantize: kernel launch failed: ") + cudaGetErrorString(err));
-  return out;
+    return {c10::nullopt, std::string("quick::dequantize: kernel launch failed: ") + cudaGetErrorString(err)};
+  return {out, ""};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "QUICK W4A16 GEMM (CUDA); use torch.ops.quick.gemm from vllm_quick.ops";
-  module.def("gemm", &gemm, "y = x @ dequant(W) (+ bias) on the interleaved layout; tile: an index "
-             "into TILES, or -1 to let the kernel choose by M", pybind11::arg("x"), pybind11::arg("qweight"),
+  module.def("gemm", &gemm, "(y, '') with y = x @ dequant(W) (+ bias) on the interleaved layout, or "
+             "(None, error); tile: an index into TILES, or -1 to let the kernel choose by M", pybind11::arg("x"), pybind11::arg("qweight"),
              pybind11::arg("qzeros"), pybind11::arg("scales"), pybind11::arg("bias"),
              pybind11::arg("group_size"), pybind11::arg("size_n"), pybind11::arg("tile") = -1);
-  module.def("dequantize", &dequantize, "dense [K, Np] weight in the given dtype");
+  module.def("dequantize", &dequantize, "(dense [K, Np] weight in the given dtype, '') or (None, error)");
   module.attr("LAYOUT_VERSION") = quick::kLayoutVersion;
   pybind11::list tiles;
   for (int t = 0; t < quick::kTileCount; ++t) tiles.append(quick::tile_name(t));

@@ -285,7 +285,7 @@ def test_accuracy(kernel_or_cpu, shape, group_size, dtype_name, m):
     c = check_output(y, ref, dtype, f"{label} (op, {path} path)")
     record(shape, dtype_name, group_size, path, m, c)
     if path == "dequant":  # the op did not run the QUICK kernel: check the kernel itself too
-        y_kernel = kernel_or_cpu.gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, n)
+        y_kernel = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, n)
         c = check_output(y_kernel, ref, dtype, f"{label} (QUICK kernel called directly)")
         record(shape, dtype_name, group_size, "kernel", m, c)
 
@@ -326,12 +326,12 @@ def test_every_tile(kernel, tile, dtype_name, group_size):
             args = (x, w.qweight, w.qzeros, w.scales, None, w.group, size_n, index)
             if tile.startswith("s") and dtype != torch.float16:
                 with pytest.raises(ValueError, match="not a tile configuration"):
-                    kernel.gemm(*args)
+                    ops.kernel_gemm(*args)
                 return
-            y = kernel.gemm(*args)
+            y = ops.kernel_gemm(*args)
             check_output(y, x.float() @ w.w32[:, :size_n], dtype,
                          f"tile {tile} {shape} K={k} N={n} g={group_size} {dtype_name} M={m}")
-            assert torch.equal(y, kernel.gemm(*args)), f"tile {tile} M={m}: two calls differ"
+            assert torch.equal(y, ops.kernel_gemm(*args)), f"tile {tile} M={m}: two calls differ"
 
 
 def test_dispatch_plan_names_supported_tiles(kernel):
@@ -347,7 +347,7 @@ def test_dispatch_plan_names_supported_tiles(kernel):
             index = dispatch.tile_index(path, kernel.TILES)
             w = make_weight(512, 256, 128)
             x = random_x((3, 512), dtype, seed=5)
-            y = kernel.gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, 256, index)
+            y = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, 256, index)
             check_output(y, x.float() @ w.w32, dtype, f"plan path {path} {dtype}")
 
 
@@ -450,13 +450,13 @@ def test_cuda_graph_equals_eager(kernel, dtype_name, m):
     # The QUICK kernel itself under a graph too (the op may have taken the dequant path above).
     k_graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(k_graph):
-        static_k = kernel.gemm(static_x, w.qweight, w.qzeros, w.scales, None, w.group, n)
+        static_k = ops.kernel_gemm(static_x, w.qweight, w.qzeros, w.scales, None, w.group, n)
     k_graph.replay()
     k_graph.replay()
     torch.cuda.synchronize()
-    eager_k = kernel.gemm(x_new, w.qweight, w.qzeros, w.scales, None, w.group, n)
+    eager_k = ops.kernel_gemm(x_new, w.qweight, w.qzeros, w.scales, None, w.group, n)
     assert torch.equal(static_k, eager_k), "QUICK kernel: graph replay differs from eager"
-    assert torch.equal(eager_k, kernel.gemm(x_new, w.qweight, w.qzeros, w.scales, None, w.group, n)), (
+    assert torch.equal(eager_k, ops.kernel_gemm(x_new, w.qweight, w.qzeros, w.scales, None, w.group, n)), (
         "QUICK kernel: two eager calls differ (split-K reduction not deterministic?)"
     )
     del k_graph
@@ -506,15 +506,15 @@ def test_extension_raises_value_errors(kernel):
     w = make_weight(k, n, 128)
     x = random_x((4, k), torch.float16, seed=2)
     with pytest.raises(ValueError, match="x must be a CUDA tensor"):
-        kernel.gemm(x.cpu(), w.qweight, w.qzeros, w.scales, None, 128, n)
+        ops.kernel_gemm(x.cpu(), w.qweight, w.qzeros, w.scales, None, 128, n)
     with pytest.raises(ValueError, match="size_n"):
-        kernel.gemm(x, w.qweight, w.qzeros, w.scales, None, 128, n + 64)
+        ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, 128, n + 64)
     with pytest.raises(ValueError, match="not a tile configuration"):
-        kernel.gemm(x, w.qweight, w.qzeros, w.scales, None, 128, n, len(kernel.TILES))
+        ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, 128, n, len(kernel.TILES))
     with pytest.raises(ValueError, match="dtype"):
-        kernel.dequantize(w.qweight, w.qzeros, w.scales, 128, torch.float32)
+        ops.kernel_dequantize(w.qweight, w.qzeros, w.scales, 128, torch.float32)
     # still usable afterwards
-    y = kernel.gemm(x, w.qweight, w.qzeros, w.scales, None, 128, n)
+    y = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, 128, n)
     check_output(y, x.float() @ w.w32, torch.float16, "after the errors")
 
 
@@ -526,7 +526,7 @@ def test_group_the_kernel_does_not_take_falls_back_to_the_reference(kernel):
     x = random_x((3, k), torch.float16, seed=4)
     assert "group_size=96" in (ops.kernel_unsupported_reason(x, 96) or "")
     with pytest.raises(ValueError, match="group_size=96"):
-        kernel.gemm(x, w.qweight, w.qzeros, w.scales, None, 96, n)
+        ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, 96, n)
     check_output(quick_gemm(x, w), x.float() @ w.w32, torch.float16, "group 96 via the reference path")
 
 

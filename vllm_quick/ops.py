@@ -138,16 +138,36 @@ def _cuda_gemm(x, qweight, qzeros, scales, bias, group_size: int, size_n: int):
     if path == "dequant":
         y = dequant_matmul(x2, qweight, qzeros, scales, bias, group_size, size_n)
     else:
-        ext = kernel_extension()
-        tile = dispatch.tile_index(path, ext.TILES)
-        y = ext.gemm(x2, qweight, qzeros, scales, bias, group_size, size_n, tile)
+        tile = dispatch.tile_index(path, kernel_extension().TILES)
+        y = kernel_gemm(x2, qweight, qzeros, scales, bias, group_size, size_n, tile)
     return y.reshape(*x.shape[:-1], size_n)
+
+
+def _raise_if(error: str) -> None:
+    # The extension returns its errors instead of throwing them (csrc/quick_ops.cpp says why).
+    if error:
+        raise (RuntimeError if "launch failed" in error else ValueError)(error)
+
+
+def kernel_gemm(x2, qweight, qzeros, scales, bias, group_size: int, size_n: int, tile: int = -1) -> torch.Tensor:
+    """The QUICK kernel itself on a CUDA ``[M, K]`` x (``tile``: an index into
+    ``vllm_quick._C.TILES``, -1 = the kernel's own choice by M); ValueError on bad arguments."""
+    y, error = kernel_extension().gemm(x2, qweight, qzeros, scales, bias, group_size, size_n, tile)
+    _raise_if(error)
+    return y
+
+
+def kernel_dequantize(qweight, qzeros, scales, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Dense ``[K, Np]`` weight in ``dtype`` from the dequantise kernel."""
+    w, error = kernel_extension().dequantize(qweight, qzeros, scales, group_size, dtype)
+    _raise_if(error)
+    return w
 
 
 def dequant_matmul(x2, qweight, qzeros, scales, bias, group_size: int, size_n: int) -> torch.Tensor:
     """The large-M path on a CUDA ``[M, K]`` x: dense weight from the dequantise kernel, then
     cuBLAS (``bias`` already in x's dtype)."""
-    w = kernel_extension().dequantize(qweight, qzeros, scales, group_size, x2.dtype)[:, :size_n]
+    w = kernel_dequantize(qweight, qzeros, scales, group_size, x2.dtype)[:, :size_n]
     return torch.addmm(bias, x2, w) if bias is not None else x2 @ w
 
 
