@@ -75,6 +75,18 @@ def test_scales_follow_the_accumulator_fragment():
             assert [int(src[16 * t + 2 * nb + e]) for e in range(2)] == [8 * nb + 2 * t + e for e in range(2)]
 
 
+def test_scaled_tiles_find_their_b_column_scales():
+    """The scaled tiles' reading (load_fragment_scales in csrc/quick_gemm.cu): lane t takes half
+    (t//4) % 2 of word nb of the 32 bytes at 16 * ((t//4) // 2) and must get the scale of its B
+    fragment column 8nb + t//4."""
+    src = layout.scale_tile_source()
+    for t in range(32):
+        g = t // 4
+        for nb in range(8):
+            position = 16 * (g // 2) + 2 * nb + g % 2
+            assert int(src[position]) == 8 * nb + g
+
+
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="K % 16"):
         layout.check_shape(40, 64, 8)

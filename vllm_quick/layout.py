@@ -55,10 +55,12 @@ Worked example, lane t = 5 (t % 4 = 1, t // 4 = 1), word j = 0: nibble 0 is ``W[
 ``W[3, 1]`` (b0, b1 of block 0), nibble 1 ``W[10, 1]``, nibble 5 ``W[11, 1]`` (b2, b3 of block 0),
 nibble 2 ``W[2, 9]``, nibble 6 ``W[3, 9]``, nibble 3 ``W[10, 9]``, nibble 7 ``W[11, 9]`` (block 1).
 
-The B fragments carry the exact integers ``q - z``; scales are applied in fp32 to the group's
-partial sums instead (``acc += sum_group * s``). Rounding ``(q - z) * s`` to bf16 before the mma
-would cost ~1e-3 of relative error on top of the bf16 output rounding (measured 2.3e-3 in all
-against the 2e-3 budget); with exact integers only the output rounding remains.
+The exact ("x") kernel tiles put the integers ``q - z`` into the B fragments and apply scales in
+fp32 to the group's partial sums (``acc += sum_group * s``). Rounding ``(q - z) * s`` to bf16
+before the mma would cost ~1e-3 of relative error on top of the bf16 output rounding (measured
+2.3e-3 in all against the 2e-3 budget); with exact integers only the output rounding remains. The
+fp16-only scaled ("s") tiles do put ``(q - z) * s`` into the fragments (fp16 rounds it to ~2^-12
+relative): same layout, they only read the scales below in the B fragment's column order.
 
 Interleaved scales (``scales``)
 -------------------------------
@@ -66,7 +68,9 @@ fp16 ``[K / group, N]``. Scales multiply the *accumulator* (mma's C/D fragment),
 holds columns ``8*nb + 2*(t % 4) + {0, 1}`` of every block ``nb``. So inside each 64-column tile,
 position ``p = 16*a + 2*nb + e`` holds column ``8*nb + 2*a + e`` (a = 0..3, nb = 0..7, e = 0..1):
 lane ``t`` loads the 32 bytes at ``16*(t % 4)`` and finds, for each block ``nb``, its two
-columns' scales as one half2 at index ``nb``.
+columns' scales as one half2 at index ``nb``. (A scaled tile needs the scale of its B column
+``8*nb + t // 4`` = ``8*nb + 2*a + e`` with ``a = (t // 4) // 2``, ``e = (t // 4) % 2``: the 32
+bytes at ``16*a``, half ``e`` of word ``nb``; ``load_fragment_scales`` in csrc/quick_gemm.cu.)
 
 Interleaved zeros (``qzeros``)
 ------------------------------
