@@ -171,13 +171,18 @@ __device__ __forceinline__ void unpack_zeros(uint32_t zero_word, uint32_t (&bias
   }
 }
 
-// One lane's 16 weight bytes of a 16 x 64 tile -> B fragments of the 8 n8 blocks, holding the
-// exact integers q - z. Word j, pair m = nibbles (m, m + 4):
+// One lane's 16 weight bytes of a 16 x 64 tile -> B fragments of the 8 n8 blocks. Word j, pair
+// m = nibbles (m, m + 4):
 //   m = 0 -> block 2j (b0, b1);   m = 1 -> block 2j (b2, b3);
 //   m = 2 -> block 2j+1 (b0, b1); m = 3 -> block 2j+1 (b2, b3)        (layout.py)
-template <typename T>
+// Exact tiles (kScaled = false): the fragments hold the exact integers q - z.
+// Scaled tiles (fp16 only): they hold (q - z) * s rounded to fp16, so one accumulator set
+// suffices and no per-group flush is needed (32-64 registers fewer, which buys 64-row warp
+// tiles); q - z stays exact and the product costs one fp16 rounding per weight (~2^-12
+// relative). bf16 keeps the exact tiles: the same rounding there (2^-9) would exceed the budget.
+template <typename T, bool kScaled>
 __device__ __forceinline__ void dequant_tile(const uint4& words, const uint32_t (&biased_zero)[8],
-                                             uint32_t (&frag)[8][2]) {
+                                             const uint32_t (&scale)[8], uint32_t (&frag)[8][2]) {
   const uint32_t w[4] = {words.x, words.y, words.z, words.w};
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
@@ -185,25 +190,11 @@ __device__ __forceinline__ void dequant_tile(const uint4& words, const uint32_t 
     for (int m = 0; m < 4; ++m) {
       const int block = 2 * j + (m >> 1);
       const uint32_t biased = and_or(w[j] >> (4 * m), 0x000f000fu, Act<T>::kMagic);
-      frag[block][m & 1] = Act<T>::sub2(biased, biased_zero[block]);  // (M + q) - (M + z), exact
-    }
-  }
-}
-
-// fp16 only ("scaled" tiles): the fragments hold (q - z) * s rounded to fp16, so one accumulator
-// set suffices and no per-group flush is needed (32-64 registers fewer, which buys 64-row warp
-// tiles). q - z stays exact; the product costs one fp16 rounding per weight (~2^-12 relative).
-// bf16 keeps the exact tiles: the same rounding there (2^-9) would exceed the 2e-3 budget.
-__device__ __forceinline__ void dequant_tile_scaled(const uint4& words, const uint32_t (&biased_zero)[8],
-                                                    const uint32_t (&scale)[8], uint32_t (&frag)[8][2]) {
-  const uint32_t w[4] = {words.x, words.y, words.z, words.w};
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-#pragma unroll
-    for (int m = 0; m < 4; ++m) {
-      const int block = 2 * j + (m >> 1);
-      const uint32_t biased = and_or(w[j] >> (4 * m), 0x000f000fu, Act<__half>::kMagic);
-      frag[block][m & 1] = Act<__half>::mul2(Act<__half>::sub2(biased, biased_zero[block]), scale[block]);
+      const uint32_t q_minus_z = Act<T>::sub2(biased, biased_zero[block]);  // (M + q) - (M + z), exact
+      if constexpr (kScaled)
+        frag[block][m & 1] = Act<__half>::mul2(q_minus_z, scale[block]);
+      else
+        frag[block][m & 1] = q_minus_z;
     }
   }
 }
@@ -260,7 +251,7 @@ struct SmemLayout {
 __device__ __forceinline__ int swizzled_chunk(int row, int chunk) { return row * 8 + (chunk ^ (row & 7)); }
 
 // kWarpTilesM: 16-row mma tiles per warp; kWarpsM: warps along M; kScaled: scaled fp16 fragments
-// (dequant_tile_scaled) instead of exact integers + per-group accumulator scaling; kMinBlocks:
+// (dequant_tile<T, true>) instead of exact integers + per-group accumulator scaling; kMinBlocks:
 // blocks per SM the register allocation must allow.
 template <typename T, int kWarpTilesM, int kWarpsM, bool kScaled, int kMinBlocks>
 __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
@@ -454,10 +445,7 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
           }
         }
         uint32_t frag[8][2];
-        if constexpr (kScaled)
-          dequant_tile_scaled(w_src[(kt * kWarpsN + warp_n) * 32 + lane], biased_zero, frag_scale, frag);
-        else
-          dequant_tile<T>(w_src[(kt * kWarpsN + warp_n) * 32 + lane], biased_zero, frag);
+        dequant_tile<T, kScaled>(w_src[(kt * kWarpsN + warp_n) * 32 + lane], biased_zero, frag_scale, frag);
 #pragma unroll
         for (int mi = 0; mi < kWarpTilesM; ++mi) {
           // A fragment of rows [16 mi, 16 mi + 16) of this warp, k-tile kt: lanes 0-15 give
