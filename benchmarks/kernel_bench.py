@@ -124,6 +124,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-rel-err", type=float, default=REL_ERR_LIMIT,
                    help="a backend with a larger relative error is reported wrong, not timed")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--no-rotate-order", dest="rotate_order", action="store_false",
+                   help="time the backends in the order given in every case (default: rotate the "
+                        "order by one place per case, so no backend is always timed first)")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="merge result files from several runs into --out-dir (no GPU needed)")
     p.add_argument("--gpu-tag", default="", help="with --merge: the <gpu> part of the output name")
@@ -345,6 +348,18 @@ def new_row(name, k, n, m, g, dtype_name, backends) -> dict:
     return row
 
 
+def backend_order(backends: list[str], case_index: int, rotate: bool) -> list[str]:
+    """The order in which one case times its backends: rotated by one place per case when
+    ``rotate``. Timings drift within a case (on the H100 a backend timed early ran up to ~10%
+    faster at M = 1 than the same kernel timed late), so a fixed order would favour the backends
+    listed first in every row; rotating spreads that bias evenly over the sweep. Each row records
+    its order."""
+    if not rotate or not backends:
+        return list(backends)
+    i = case_index % len(backends)
+    return list(backends[i:]) + list(backends[:i])
+
+
 def run_sweep(args) -> int:
     t0 = time.monotonic()
     deadline = t0 + args.time_budget if args.time_budget > 0 else float("inf")
@@ -400,8 +415,10 @@ def run_sweep(args) -> int:
                     continue
                 for m in args.m:
                     rows[(name, m, g, dname)] = new_row(name, k, n, m, g, dname, args.backends)
+                    rows[(name, m, g, dname)]["order"] = backend_order(args.backends, case_index, args.rotate_order)
 
-                for bname in args.backends:
+                order = backend_order(args.backends, case_index, args.rotate_order)
+                for bname in order:
                     if fatal:
                         break
                     backend = vk.BACKENDS[bname]
