@@ -124,3 +124,22 @@ def test_force_reference_env_overrides_the_kernel(monkeypatch):
     monkeypatch.delenv(ops.FORCE_REFERENCE_ENV)
     # without the variable, the reason (if any) is about the kernel itself, never the variable
     assert ops.FORCE_REFERENCE_ENV not in (ops.kernel_unsupported_reason(x, 128) or "")
+
+
+def test_describe_says_what_runs(monkeypatch):
+    from vllm_quick import ops
+
+    assert "reference path" in dispatch.describe(torch.float16, torch.device("cpu"))
+    dev = torch.device("cuda", 0)
+    monkeypatch.setattr(ops, "kernel_extension", lambda: None)
+    assert "without the compiled extension" in dispatch.describe(torch.float16, dev)
+    monkeypatch.setattr(ops, "kernel_extension", lambda: object())
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(dispatch, "_major", lambda device: 9)
+    monkeypatch.setattr(dispatch, "_env_plans", {})
+    monkeypatch.setitem(dispatch.PLANS, 9, {torch.float16: ((16, "s16"), (128, "s64"), (None, "dequant"))})
+    text = dispatch.describe(torch.float16, dev)
+    assert text == ("NVIDIA H100 80GB HBM3 (sm9x), float16: M 1-16: tile s16; M 17-128: tile s64; "
+                    "M >= 129: dequantise + cuBLAS (measured)")
+    monkeypatch.setattr(dispatch, "_major", lambda device: 8)
+    assert dispatch.describe(torch.float16, dev).endswith("M >= 1: the kernel's own tile choice (not measured on this GPU family)")

@@ -107,6 +107,31 @@ def format_plan_spec(plans: dict[torch.dtype, Plan]) -> str:
     )
 
 
+def describe(dtype: torch.dtype, device: torch.device) -> str:
+    """One line saying what ``quick::gemm`` will run for ``dtype`` activations on ``device`` (for the
+    log, once per model)."""
+    from vllm_quick import ops
+
+    if device.type != "cuda":
+        return f"{device.type}: reference path (fp32 dequantise + matmul)"
+    if ops.kernel_extension() is None:
+        return ("CUDA without the compiled extension vllm_quick._C: reference path (slow); build it with "
+                "`pip install --no-build-isolation -e .` on a machine with nvcc")
+    name = torch.cuda.get_device_name(device)
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"{name}: {dtype} activations take the reference path (the kernel takes fp16 and bf16)"
+    plan = plan_for(dtype, device)
+    source = ("from " + PLAN_ENV if _env_plans and dtype in _env_plans
+              else "measured" if _major(device) in PLANS else "not measured on this GPU family")
+    ranges, low = [], 1
+    for max_m, path in plan:
+        what = {"dequant": "dequantise + cuBLAS", "auto": "the kernel's own tile choice"}.get(path, f"tile {path}")
+        span = f"M >= {low}" if max_m is None else f"M {low}-{max_m}"
+        ranges.append(f"{span}: {what}")
+        low = (max_m or 0) + 1
+    return f"{name} (sm{_major(device)}x), {str(dtype).removeprefix('torch.')}: " + "; ".join(ranges) + f" ({source})"
+
+
 def choose(m: int, dtype: torch.dtype, device: torch.device) -> str:
     """The path for a call with M rows: ``"dequant"``, a tile name, or ``"auto"``."""
     for max_m, path in plan_for(dtype, device):

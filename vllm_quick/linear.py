@@ -30,6 +30,8 @@ every row-parallel rank holds whole.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from vllm.model_executor.layers.linear import (
     LinearMethodBase,
@@ -162,6 +164,7 @@ class QuickLinearMethod(LinearMethodBase):
     # ------------------------------------------------------------------------------------------
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         name = self.prefix or getattr(layer, "prefix", "") or type(layer).__name__
+        _log_plan_once(layer.scales.data.dtype, layer.scales.device)  # scales come in the model dtype
         scales = _scales_to_fp16(layer.scales.data, name)
         qweight, qzeros = layer.qweight.data, layer.qzeros.data
         if self.quant_config.checkpoint_format == "awq":
@@ -178,6 +181,20 @@ class QuickLinearMethod(LinearMethodBase):
         return torch.ops.quick.gemm(
             x, layer.qweight, layer.qzeros, layer.scales, bias, layer.quick_group_size, layer.quick_size_n
         )
+
+
+# Under the "vllm" logger, so vLLM's log configuration (format, level, handlers) shows our lines too.
+logger = logging.getLogger(f"vllm.{__name__}")
+_logged_plans: set[tuple[torch.dtype, torch.device]] = set()
+
+
+def _log_plan_once(dtype: torch.dtype, device: torch.device) -> None:
+    """Say once per model dtype and device which paths quick::gemm will take."""
+    from vllm_quick import dispatch
+
+    if (dtype, device) not in _logged_plans:
+        _logged_plans.add((dtype, device))
+        logger.info("quick: %s", dispatch.describe(dtype, device))
 
 
 def _frozen(t: torch.Tensor) -> torch.nn.Parameter:

@@ -33,7 +33,8 @@ import torch
 
 from vllm_quick import dispatch, layout
 
-logger = logging.getLogger(__name__)
+# Under the "vllm" logger, so vLLM's log configuration (format, level, handlers) shows our lines too.
+logger = logging.getLogger(f"vllm.{__name__}")
 
 SCHEMA = (
     "gemm(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor? bias, "
