@@ -21,10 +21,11 @@ namespace {
 // (None, message) and vllm_quick/ops.py raises. On the H100 image (torch 2.11) a C++ exception
 // thrown out of this extension (c10::Error or std::invalid_argument alike) crashed the pytest
 // process with a segfault once CUDA libraries were loaded, though a fresh process raised fine.
-// QUICK_REQUIRE returns the message from the enclosing function that returns std::string.
+// QUICK_REQUIRE returns the message, prefixed with the enclosing function's kWhere, from a
+// function that returns std::string.
 #define QUICK_REQUIRE(cond, ...)                                          \
   do {                                                                    \
-    if (!(cond)) return c10::str("quick::gemm: ", __VA_ARGS__);           \
+    if (!(cond)) return c10::str(kWhere, __VA_ARGS__);                    \
   } while (0)
 
 const char* dtype_name(torch::ScalarType t) {
@@ -37,7 +38,7 @@ const char* dtype_name(torch::ScalarType t) {
   }
 }
 
-std::string cuda_error(const torch::Tensor& t, const char* name, const torch::Tensor& x) {
+std::string cuda_error(const char* kWhere, const torch::Tensor& t, const char* name, const torch::Tensor& x) {
   QUICK_REQUIRE(t.is_cuda(), name, " must be a CUDA tensor");
   QUICK_REQUIRE(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
   QUICK_REQUIRE(t.is_contiguous(), name, " must be contiguous");
@@ -68,6 +69,7 @@ int* split_counters(const torch::Tensor& x, int needed) {
 std::string gemm_error(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& qzeros,
                        const torch::Tensor& scales, const c10::optional<torch::Tensor>& bias,
                        int64_t group_size, int64_t size_n, int64_t tile) {
+  constexpr const char* kWhere = "quick::gemm: ";
   QUICK_REQUIRE(x.is_cuda(), "x must be a CUDA tensor");
   QUICK_REQUIRE(x.dim() == 2 && x.stride(1) == 1 && x.stride(0) == x.size(1),
                 "x must be a contiguous [M, K] matrix, got sizes ", x.sizes(), " strides ", x.strides());
@@ -75,7 +77,7 @@ std::string gemm_error(const torch::Tensor& x, const torch::Tensor& qweight, con
                 "x must be float16 or bfloat16, got ", dtype_name(x.scalar_type()));
   QUICK_REQUIRE(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
   for (const auto& [t, name] : {std::pair{&qweight, "qweight"}, {&qzeros, "qzeros"}, {&scales, "scales"}}) {
-    std::string e = cuda_error(*t, name, x);
+    std::string e = cuda_error(kWhere, *t, name, x);
     if (!e.empty()) return e;
   }
   const int64_t k = x.size(1);
@@ -97,7 +99,7 @@ std::string gemm_error(const torch::Tensor& x, const torch::Tensor& qweight, con
   QUICK_REQUIRE(size_n > n - quick::kTileN && size_n <= n && size_n % 2 == 0,
                 "size_n=", size_n, " must be even and within the last 64-column tile of N=", n);
   if (bias.has_value()) {
-    std::string e = cuda_error(*bias, "bias", x);
+    std::string e = cuda_error(kWhere, *bias, "bias", x);
     if (!e.empty()) return e;
     QUICK_REQUIRE(bias->scalar_type() == x.scalar_type() && bias->dim() == 1 && bias->size(0) == size_n,
                   "bias must be [", size_n, "] of x's dtype ", dtype_name(x.scalar_type()), ", got ",
@@ -146,11 +148,12 @@ std::tuple<c10::optional<torch::Tensor>, std::string> gemm(
 
 std::string dequantize_error(const torch::Tensor& qweight, const torch::Tensor& qzeros,
                              const torch::Tensor& scales, int64_t group_size, torch::ScalarType dtype) {
+  constexpr const char* kWhere = "quick::dequantize: ";
   QUICK_REQUIRE(qweight.is_cuda() && qweight.is_contiguous() && qweight.scalar_type() == torch::kInt32 &&
                     qweight.dim() == 3 && qweight.size(2) == quick::kWordsPerTile,
                 "qweight must be a contiguous CUDA int32 [K/16, N/64, 128], got ", qweight.sizes());
   for (const auto& [t, name] : {std::pair{&qzeros, "qzeros"}, {&scales, "scales"}}) {
-    std::string e = cuda_error(*t, name, qweight);
+    std::string e = cuda_error(kWhere, *t, name, qweight);
     if (!e.empty()) return e;
   }
   QUICK_REQUIRE(dtype == torch::kHalf || dtype == torch::kBFloat16, "dtype must be float16 or bfloat16");
