@@ -185,6 +185,16 @@ def _c_op(name: str):
     return getattr(torch.ops._C, name)
 
 
+def _missing_ops(*names: str) -> str | None:
+    """Why ``vllm._custom_ops`` cannot serve a backend needing ``names``, or None."""
+    try:
+        _, ops, _ = _vllm()
+    except Unsupported as e:
+        return str(e)
+    missing = [fn for fn in names if not hasattr(ops, fn)]
+    return f"vllm._custom_ops has no {missing[0]}" if missing else None
+
+
 # ----------------------------------------------------------------------------------------------
 # backends
 # ----------------------------------------------------------------------------------------------
@@ -283,16 +293,18 @@ class QuickTileBackend(QuickKernelBackend):
         self.name = f"quick_{tile}"
 
     def unsupported(self, k, n, group_size, act_dtype):
+        from vllm_quick import ops
+
         if self.tile.startswith("s") and act_dtype != torch.float16:
             return f"tile {self.tile} (scaled fragments) is fp16 only"
-        return super().unsupported(k, n, group_size, act_dtype)
+        reason = super().unsupported(k, n, group_size, act_dtype)
+        if reason is None and tuple(ops.kernel_extension().TILES) != KERNEL_TILES:
+            reason = f"vllm_quick._C.TILES is {ops.kernel_extension().TILES}, this script knows {KERNEL_TILES}"
+        return reason
 
     def run(self, state, x):
         from vllm_quick import ops
 
-        ext = ops.kernel_extension()
-        if tuple(ext.TILES) != KERNEL_TILES:
-            raise RuntimeError(f"vllm_quick._C.TILES is {ext.TILES}, this script knows {KERNEL_TILES}")
         w = state.weights
         return ops.kernel_gemm(x, w["qweight"], w["qzeros"], w["scales"], None, state.meta["group"],
                                state.meta["n"], KERNEL_TILES.index(self.tile))
@@ -371,13 +383,9 @@ class MarlinBackend(Backend):
     name = "marlin"
 
     def unsupported(self, k, n, group_size, act_dtype):
-        try:
-            _, ops, _ = _vllm()
-            for fn in ("marlin_gemm", "awq_marlin_repack"):
-                if not hasattr(ops, fn):
-                    return f"vllm._custom_ops has no {fn}"
-        except Unsupported as e:
-            return str(e)
+        missing = _missing_ops("marlin_gemm", "awq_marlin_repack")
+        if missing:
+            return missing
         if group_size not in MARLIN_GROUP_SIZES:
             return f"Marlin supports group sizes {MARLIN_GROUP_SIZES}, got {group_size}"
         if not ((n % 64 == 0 and k % 128 == 0) or (n % 128 == 0 and k % 64 == 0)):
@@ -456,13 +464,9 @@ class MacheteBackend(Backend):
     name = "machete"
 
     def unsupported(self, k, n, group_size, act_dtype):
-        try:
-            _, ops, _ = _vllm()
-            for fn in ("machete_mm", "machete_prepack_B"):
-                if not hasattr(ops, fn):
-                    return f"vllm._custom_ops has no {fn}"
-        except Unsupported as e:
-            return str(e)
+        missing = _missing_ops("machete_mm", "machete_prepack_B")
+        if missing:
+            return missing
         if not torch.cuda.is_available():
             return "Machete needs a CUDA device"
         if torch.cuda.get_device_capability() != (9, 0):

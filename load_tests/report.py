@@ -260,6 +260,9 @@ def load(json_path: str | Path) -> tuple[list[dict], dict]:
     return rows, meta
 
 
+_RUN_DATE = re.compile(r"\((\d{4}-\d\d-\d\d \d\d:\d\d UTC)")
+
+
 def merge(json_paths: list[str | Path]) -> tuple[list[dict], dict]:
     """Combine earlier runs: later rows replace earlier ones for the same (server, concurrency);
     servers, cross-checks and notes are concatenated; device/versions/settings taken from the
@@ -287,8 +290,8 @@ def merge(json_paths: list[str | Path]) -> tuple[list[dict], dict]:
                 meta["server_order"].append(s)
         for r in rows:
             by_key[(r["server"], r["concurrency"])] = r
-    dates = sorted(re.search(r"\((\d{4}-\d\d-\d\d \d\d:\d\d UTC)", f).group(1)
-                   for f in meta["merged_from"] if re.search(r"\(\d{4}-\d\d-\d\d \d\d:\d\d UTC", f))
+    # each merged_from entry reads "<file> (<date>: <command>)"
+    dates = sorted(found.group(1) for f in meta["merged_from"] if (found := _RUN_DATE.search(f)))
     if dates:  # the span of the merged runs
         meta["date"] = dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"
     rows = list(by_key.values())

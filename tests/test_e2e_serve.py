@@ -24,17 +24,12 @@ import time
 import pytest
 import requests
 
+from _demo_prompts import MAX_TOKENS, PROMPTS
+
 from vllm_quick.serve_demo import VllmServer, complete, port_is_open, process_group_exists
 
 pytestmark = pytest.mark.e2e
 
-PROMPTS = [
-    "Hello, my name is",
-    "The QUICK kernel interleaves",
-    "def fibonacci(n):",
-    "Once upon a time, in a land far away,",
-]
-MAX_TOKENS = 24
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colours."}]
 LOGPROB_TOLERANCE = 1e-3
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from benchmarks import kernel_bench, vllm_kernels
 from vllm_quick import layout, ops
 
 # Development aid only: QUICK_GPU_TESTS_ON_CPU=1 runs the accuracy cases through the CPU reference
@@ -48,20 +49,8 @@ pytestmark = [
     pytest.mark.skipif(not (ON_CPU or torch.cuda.is_available()), reason="needs a CUDA GPU"),
 ]
 
-SHAPES = {  # name: (K, N)
-    "llama2-7b.qkv": (4096, 12288),
-    "llama2-7b.o": (4096, 4096),
-    "llama2-7b.gate_up": (4096, 22016),
-    "llama2-7b.down": (11008, 4096),
-    "llama2-13b.qkv": (5120, 15360),
-    "llama2-13b.down": (13824, 5120),
-    "llama2-70b.qkv": (8192, 10240),
-    "llama2-70b.gate_up": (8192, 57344),
-    "llama2-70b.down": (28672, 8192),
-    "llama3-8b.qkv": (4096, 6144),
-    "llama3-8b.gate_up": (4096, 28672),
-    "llama3-8b.down": (14336, 4096),
-}
+# name -> (K, N): the 12 Llama layer shapes of the issue, the same list the benchmark sweeps
+SHAPES = {name: (k, n) for name, k, n in kernel_bench.SHAPES}
 M_ALL = (1, 2, 7, 16, 33, 64, 128, 255, 256, 1024, 4096)
 OTHER_GROUPS = (32, 64, -1)
 # Shapes for the other group sizes: a small one, K not a power of two (11008), a 13B layer,
@@ -301,7 +290,7 @@ def kernel_or_cpu(request):
 # ----------------------------------------------------------------------------------------------
 # every tile configuration of the kernel, whatever the dispatch plan picks today
 # ----------------------------------------------------------------------------------------------
-TILES = ("x16", "x32", "x64", "s16", "s32", "s64", "s128")  # vllm_quick._C.TILES, in order
+TILES = vllm_kernels.KERNEL_TILES  # vllm_quick._C.TILES, in order
 TILE_SHAPES = {"llama2-7b.o": (4096, 4096), "llama2-7b.down": (11008, 4096), "padded": (512, 200)}
 TILE_M = (1, 7, 16, 33, 64, 100, 255)
 
@@ -320,16 +309,15 @@ def test_every_tile(kernel, tile, dtype_name, group_size):
     index = TILES.index(tile)
     for shape, (k, n) in TILE_SHAPES.items():
         w = make_weight(k, n, group_size)
-        size_n = n
         for m in TILE_M:
             x = random_x((m, k), dtype, seed=zlib.crc32(f"tile/{shape}/{m}".encode()))
-            args = (x, w.qweight, w.qzeros, w.scales, None, w.group, size_n, index)
+            args = (x, w.qweight, w.qzeros, w.scales, None, w.group, n, index)
             if tile.startswith("s") and dtype != torch.float16:
                 with pytest.raises(ValueError, match="not a tile configuration"):
                     ops.kernel_gemm(*args)
                 return
             y = ops.kernel_gemm(*args)
-            check_output(y, x.float() @ w.w32[:, :size_n], dtype,
+            check_output(y, x.float() @ w.w32, dtype,
                          f"tile {tile} {shape} K={k} N={n} g={group_size} {dtype_name} M={m}")
             assert torch.equal(y, ops.kernel_gemm(*args)), f"tile {tile} M={m}: two calls differ"
 

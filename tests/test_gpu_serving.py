@@ -18,18 +18,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _demo_prompts import MAX_TOKENS, PROMPTS
+
 from vllm_quick import ops
 from vllm_quick.serve_demo import VllmServer, complete
 
 pytestmark = [pytest.mark.gpu, pytest.mark.e2e]
 
-PROMPTS = [
-    "Hello, my name is",
-    "The QUICK kernel interleaves",
-    "def fibonacci(n):",
-    "Once upon a time, in a land far away,",
-]
-MAX_TOKENS = 24
 STARTUP_TIMEOUT_S = 600.0  # torch.compile + graph capture of a fresh server
 
 
