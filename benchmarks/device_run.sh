@@ -19,6 +19,7 @@
 #             (export VLLM_QUICK_DISPATCH_PLAN=$(cat /tmp/quick_dispatch_plan.txt) to serve with it)
 #   smoke     benchmarks/kernel_bench.py --smoke (one small case per backend)
 #   gpuserve  tests/test_gpu_serving.py: demo-model servers, graphs == eager == reference (needs vLLM)
+#   gputp     tests/test_gpu_tensor_parallel.py: demo model at TP = 2 == TP = 1 (needs vLLM, 2 GPUs)
 #
 # Every step is guarded: a failing step is reported and the next one runs. The whole run keeps to
 # DEVICE_RUN_DEADLINE_S seconds (default 540); a step that would start with too little time left
@@ -260,7 +261,14 @@ step_gpuserve() {
   set -o pipefail
   "$PY" -m pytest -q -s -p no:cacheprovider tests/test_gpu_serving.py 2>&1 | tail -n 30
 }
-export -f step_env step_build step_tests step_memcheck step_ncu step_ncustall step_bench step_tiles step_smoke step_gpuserve
+step_gputp() {
+  # Two demo-model servers, TP = 1 and TP = 2 (nvidia-h100-x2); NVLink multicast off (the test
+  # sets it for its servers, and this shell for anything else it starts).
+  set -o pipefail
+  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 VLLM_ALLREDUCE_USE_SYMM_MEM=0 \
+    "$PY" -m pytest -q -s -p no:cacheprovider tests/test_gpu_tensor_parallel.py 2>&1 | tail -n 30
+}
+export -f step_env step_build step_tests step_memcheck step_ncu step_ncustall step_bench step_tiles step_smoke step_gpuserve step_gputp
 
 # run_step NAME CAP_SECONDS: runs step_NAME under a timeout of min(CAP, time left - 10 s)
 run_step() {
@@ -298,7 +306,8 @@ for step in "${STEPS[@]}"; do
     tiles) run_step tiles 100000 ;;
     smoke) run_step smoke 180 ;;
     gpuserve) run_step gpuserve 420 ;;
-    *) banner "unknown step '$step' (env build tests memcheck ncu ncustall bench tiles smoke gpuserve)"; SUMMARY+=("$step: unknown"); FAILED=1 ;;
+    gputp) run_step gputp 420 ;;
+    *) banner "unknown step '$step' (env build tests memcheck ncu ncustall bench tiles smoke gpuserve gputp)"; SUMMARY+=("$step: unknown"); FAILED=1 ;;
   esac
 done
 

@@ -37,6 +37,13 @@
 # serving_<gpu>_<servers>; combine the calls afterwards (any machine, no GPU):
 #   python -m load_tests.run_load --merge A.json B.json C.json --out-dir benchmarks/results --stem serving_h100
 #
+# Tensor parallelism (issue 6): TENSOR_PARALLEL_SIZE=2 starts every server on two GPUs
+# (`--tensor-parallel-size 2`) and adds _tp2 to the stem, e.g. on nvidia-h100-x2:
+#   TENSOR_PARALLEL_SIZE=2 CONCURRENCY=64,256 CROSSCHECK= SOAK= bash benchmarks/serving_bench.sh quick awq_marlin
+# NVLink multicast stays off for every server (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1,
+# NVSHMEM_DISABLE_NVLS=1, and VLLM_ALLREDUCE_USE_SYMM_MEM=0: vLLM's symmetric-memory all-reduce
+# would use multicast on Hopper): these GPUs share their NVLink fabric with other machines.
+#
 # Environment: OUT (default benchmarks/results/serving_run), PYTHON (python3), CONCURRENCY
 # (16,64,256), REQUESTS_PER_USER (4), CROSSCHECK (quick:64; empty: none), SOAK (quick:2000:256;
 # empty: none), STEP_TIMEOUT (240 s per
@@ -61,6 +68,7 @@ PY="${PYTHON:-python3}"
 WORK="${SERVING_BENCH_WORK:-/tmp/serving_bench}"
 DEADLINE_S="${SERVING_BENCH_DEADLINE_S:-520}"
 CONCURRENCY="${CONCURRENCY:-16,64,256}"
+TP="${TENSOR_PARALLEL_SIZE:-1}"
 REQUESTS_PER_USER="${REQUESTS_PER_USER:-4}"
 CROSSCHECK="${CROSSCHECK-quick:64}"
 SOAK="${SOAK-quick:2000:256}"
@@ -85,11 +93,14 @@ run_load_cmd() {  # the run_load command line for one server
   cmd=("$PY" -m load_tests.run_load --serve "serving_configs/llama3_8b_$s.yaml" --models-dir "$WORK/models"
        --concurrency "$CONCURRENCY" --requests-per-user "$REQUESTS_PER_USER" --prompt-tokens 512
        --output-tokens 128 --token-ids 0:128000 --step-timeout "$STEP_TIMEOUT" --startup-timeout "$STARTUP_TIMEOUT"
-       --out-dir "$WORK/parts" --stem "${STEM}__$s" --command-label "bash benchmarks/serving_bench.sh ${SERVERS[*]}")
+       --tensor-parallel-size "$TP" --out-dir "$WORK/parts" --stem "${STEM}__$s" --command-label "$LABEL")
   if [ -n "$CROSSCHECK" ] && [ "${CROSSCHECK%%:*}" = "$s" ]; then cmd+=(--crosscheck "$CROSSCHECK"); fi
   if [ -n "$SOAK" ] && [ "${SOAK%%:*}" = "$s" ]; then cmd+=(--soak "$SOAK"); fi
   printf '%q ' "${cmd[@]}"
 }
+
+LABEL="bash benchmarks/serving_bench.sh ${SERVERS[*]}"
+[ "$TP" != 1 ] && LABEL="TENSOR_PARALLEL_SIZE=$TP $LABEL"
 
 if [ "$DRY_RUN" = 1 ]; then
   STEM="serving_gpu"
@@ -99,13 +110,14 @@ fi
 
 mkdir -p "$OUT" "$WORK"
 exec > >(tee -a "$OUT/serving_bench.log") 2>&1
-echo "=== serving_bench: servers ${SERVERS[*]}; concurrency $CONCURRENCY, $REQUESTS_PER_USER x concurrency requests; deadline ${DEADLINE_S}s"
+echo "=== serving_bench: servers ${SERVERS[*]} (tensor parallel $TP); concurrency $CONCURRENCY, $REQUESTS_PER_USER x concurrency requests; deadline ${DEADLINE_S}s"
 
 # 1. environment -----------------------------------------------------------------------------
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 [ -d /tmp/site ] && [[ ":$PYTHONPATH:" != *":/tmp/site:"* ]] && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 export VLLM_USE_FLASHINFER_SAMPLER="${VLLM_USE_FLASHINFER_SAMPLER:-0}"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 VLLM_ALLREDUCE_USE_SYMM_MEM=0
 
 # 2. locust ----------------------------------------------------------------------------------
 if [ -d /tmp/loadsite ]; then export PYTHONPATH="$REPO:/tmp/loadsite:${PYTHONPATH#"$REPO:"}"; fi
@@ -144,6 +156,7 @@ fi
 
 TAG=$("$PY" -c "from load_tests.run_load import device_name, device_tag; print(device_tag(device_name()))")
 if [ "${SERVERS[*]}" = "${ALL_SERVERS[*]}" ]; then STEM="serving_$TAG"; else STEM="serving_${TAG}_$(IFS=-; echo "${SERVERS[*]}")"; fi
+[ "$TP" != 1 ] && STEM="${STEM}_tp$TP"
 rm -rf "$WORK/parts" && mkdir -p "$WORK/parts"
 
 # 6. one server after another ------------------------------------------------------------------
@@ -167,8 +180,7 @@ done
 parts=()
 for s in "${DONE[@]}"; do parts+=("$WORK/parts/${STEM}__$s.json"); done
 if [ ${#parts[@]} -gt 0 ]; then
-  "$PY" -m load_tests.run_load --merge "${parts[@]}" --out-dir "$OUT" --stem "$STEM" \
-    --command-label "bash benchmarks/serving_bench.sh ${SERVERS[*]}"
+  "$PY" -m load_tests.run_load --merge "${parts[@]}" --out-dir "$OUT" --stem "$STEM" --command-label "$LABEL"
 fi
 tar -C "$WORK" -czf "$OUT/${STEM}_logs.tar.gz" parts 2>/dev/null
 ls -la "$OUT"

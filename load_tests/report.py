@@ -150,6 +150,9 @@ def header_lines(meta: dict) -> list[str]:
             f"temperature {s.get('temperature')}; per step {s.get('requests_rule')} requests from as many "
             f"closed-loop locust users as the concurrency; warm-up {s.get('warmup_requests')} requests per server"
         )
+        if s.get("tensor_parallel_size", 1) != 1:
+            lines.append(f"- tensor parallel: every server on {s['tensor_parallel_size']} GPUs "
+                         f"(`--tensor-parallel-size {s['tensor_parallel_size']}`)")
     for name, srv in (meta.get("servers") or {}).items():
         desc = srv.get("command") or srv.get("url")
         env = srv.get("env") or {}
@@ -219,7 +222,8 @@ def plot(rows: list[dict], meta: dict, path: str | Path) -> Path:
         ax.set_xticks(concs, [str(c) for c in concs])
         ax.legend(fontsize=8)
     s = meta.get("settings", {})
-    fig.suptitle(f"{meta.get('device', '')} - prompt {s.get('prompt_tokens')} / output {s.get('output_tokens')} "
+    tp = s.get("tensor_parallel_size", 1)
+    fig.suptitle(f"{meta.get('device', '')}{f' x{tp} (TP={tp})' if tp != 1 else ''} - prompt {s.get('prompt_tokens')} / output {s.get('output_tokens')} "
                  f"tokens, {meta.get('date', '')[:10]}", fontsize=10)
     fig.tight_layout()
     path = Path(path)

@@ -148,32 +148,40 @@ class Running:
     log_path: Path | None = None
 
 
-@contextmanager
-def running(target: Target, log_dir: Path, startup_timeout: float):
-    """Yield a :class:`Running` for the target; start (and afterwards stop) its server if it
-    comes from a config file."""
-    if target.url:
-        yield Running(target.url)
-        return
+def server_for(target: Target, log_dir: Path, startup_timeout: float, tensor_parallel_size: int = 1):
+    """The (not yet started) :class:`~vllm_quick.serve_demo.VllmServer` of a config-file target."""
     from vllm_quick.serve_demo import VllmServer, free_port, vllm_executable
 
     port = free_port()
-    log_path = log_dir / f"{target.name}_server.log"
-    server = VllmServer(target.model, port=port, log_path=log_path, startup_timeout=startup_timeout,
-                        env=server_env(target.env))
-    # The config file holds the settings; the command line only pins where it listens.
+    server = VllmServer(target.model, port=port, log_path=log_dir / f"{target.name}_server.log",
+                        startup_timeout=startup_timeout, env=server_env(target.env))
+    # The config file holds the settings; the command line only pins where it listens (and, for
+    # a tensor-parallel run, on how many GPUs).
     server.cmd = [*vllm_executable(), "serve", str(target.model), "--config", str(target.config),
                   "--host", "127.0.0.1", "--port", str(port)]
+    if tensor_parallel_size != 1:
+        server.cmd += ["--tensor-parallel-size", str(tensor_parallel_size)]
     if target.served_model_name:
         server.model_name = target.served_model_name
+    return server
+
+
+@contextmanager
+def running(target: Target, log_dir: Path, startup_timeout: float, tensor_parallel_size: int = 1):
+    """Yield a :class:`Running` for the target; start (and afterwards stop) its server if it
+    comes from a config file (on ``tensor_parallel_size`` GPUs)."""
+    if target.url:
+        yield Running(target.url)
+        return
+    server = server_for(target, log_dir, startup_timeout, tensor_parallel_size)
     target.info.update(command=_display(server.cmd), env=target.env,
                        config=_rel(target.config), model=str(target.model))
-    print(f"[run_load] starting {target.name}: {' '.join(server.cmd)}\n           log: {log_path}", flush=True)
+    print(f"[run_load] starting {target.name}: {' '.join(server.cmd)}\n           log: {server.log_path}", flush=True)
     t0 = time.monotonic()
     with server:
         target.info["startup_s"] = round(time.monotonic() - t0, 1)
         print(f"[run_load] {target.name} ready after {target.info['startup_s']:.0f} s at {server.url}", flush=True)
-        yield Running(server.url, server, log_path)
+        yield Running(server.url, server, server.log_path)
     print(f"[run_load] {target.name} stopped", flush=True)
 
 
@@ -371,6 +379,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="start `vllm serve <model> --config CONFIG.yaml`, measure, stop")
     src.add_argument("--models-dir", help="folder holding the '# bench-model:' folders of the configs")
     src.add_argument("--model", help="model folder for every --serve config (overrides '# bench-model:')")
+    src.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                     help="start every --serve server on N GPUs (vllm serve --tensor-parallel-size N)")
     src.add_argument("--startup-timeout", type=float, default=900.0, help="seconds for a server to get ready")
     src.add_argument("--merge", nargs="+", metavar="JSON", help="combine earlier result files instead of measuring")
 
@@ -435,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
         concurrencies = [int(x) for x in args.concurrency.split(",") if x.strip()]
         if not concurrencies or min(concurrencies) < 1:
             raise ValueError("--concurrency needs positive integers")
+        if args.tensor_parallel_size < 1:
+            raise ValueError("--tensor-parallel-size needs a positive integer")
+        if args.tensor_parallel_size != 1 and args.url:
+            raise ValueError("--tensor-parallel-size applies to --serve servers; a --url server runs as it was started")
         if args.token_ids != "auto":
             workload.parse_id_range(args.token_ids)
         targets = [target_from_url(u) for u in args.url]
@@ -473,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
             "prompt_source": ("random token ids" if args.endpoint == "completions" else "random words")
             + ("" if args.token_ids == "auto" else f" in [{args.token_ids.replace(':', ', ')})"),
             "temperature": args.temperature, "requests_rule": rule, "concurrency": concurrencies,
-            "warmup_requests": args.warmup_requests,
+            "warmup_requests": args.warmup_requests, "tensor_parallel_size": args.tensor_parallel_size,
         },
         "server_order": [t.name for t in targets], "servers": {}, "steps": [], "crosscheck": [], "soak": [],
         "notes": [],
@@ -486,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for target in targets:
         try:
-            with running(target, steps_dir, args.startup_timeout) as live:
+            with running(target, steps_dir, args.startup_timeout, args.tensor_parallel_size) as live:
                 url = live.url
                 target.info.setdefault("url", url)
                 target.info["vllm_version"] = server_version(url)

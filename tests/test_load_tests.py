@@ -75,6 +75,28 @@ def test_runner_reports_a_server_that_does_not_answer(tmp_path):
     assert meta["notes"] and json.loads((tmp_path / "down.json").read_text()) == []
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_config_server_command_carries_tensor_parallel_size(tmp_path, tp):
+    from load_tests.run_load import server_for, target_from_config
+
+    target = target_from_config(str(REPO / "serving_configs" / "llama3_8b_quick.yaml"), None, str(tmp_path))
+    cmd = server_for(target, tmp_path, 60.0, tensor_parallel_size=tp).cmd
+    assert cmd[cmd.index("--config") + 1].endswith("llama3_8b_quick.yaml")
+    if tp == 1:
+        assert "--tensor-parallel-size" not in cmd
+    else:
+        assert cmd[cmd.index("--tensor-parallel-size") + 1] == "2"
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--serve", "serving_configs/cpu_demo.yaml", "--tensor-parallel-size", "0"], "positive integer"),
+    (["--url", "x=http://127.0.0.1:9", "--tensor-parallel-size", "2"], "applies to --serve servers"),
+])
+def test_runner_refuses_bad_tensor_parallel_size(tmp_path, args, error):
+    r = run_load(*args, "--model", str(tmp_path), "--out-dir", str(tmp_path / "out"), timeout=120)
+    assert r.returncode == 2 and error in r.stderr, r.stderr
+
+
 def test_locustfile_refuses_non_loopback_host(tmp_path):
     r = subprocess.run([sys.executable, "-m", "locust", "-f", str(REPO / "load_tests" / "locustfile.py"),
                         "--headless", "-u", "1", "-r", "1", "--run-time", "5s", "--host", "http://192.168.7.7:8000"],
@@ -332,3 +354,10 @@ def test_chat_endpoint(demo_server, tmp_path):
 @pytest.mark.e2e
 def test_server_still_up_after_load(demo_server):
     assert demo_server.server.proc.poll() is None
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_report_header_names_tensor_parallel_runs(tp):
+    meta = {"device": "GPU", "settings": {"prompt_tokens": 512, "tensor_parallel_size": tp}}
+    header = "\n".join(report.header_lines(meta))
+    assert ("--tensor-parallel-size 2" in header) == (tp == 2)
