@@ -9,6 +9,7 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -18,14 +19,42 @@
 namespace {
 
 // Errors are returned, not thrown: gemm() and dequantize() give Python (result, "") or
-// (None, message) and vllm_quick/ops.py raises. On the H100 image (torch 2.11) a C++ exception
-// thrown out of this extension (c10::Error or std::invalid_argument alike) crashed the pytest
-// process with a segfault once CUDA libraries were loaded, though a fresh process raised fine.
+// (None, message) and vllm_quick/ops.py raises. The message is built from strings and
+// std::to_string only, never with an iostream: on the H100 image (torch 2.11, this extension built
+// with its g++), formatting an integer through std::ostream (c10::str, TORCH_CHECK's message)
+// crashed the process. cuda-gdb showed std::ostream::_M_insert<long>, instantiated inside this
+// .so, calling through the locale's num_put facet into an unrelated libstdc++ function
+// (codecvt<char16_t>::do_unshift): our copy of the template and the process's libstdc++ disagree
+// on the facet's layout. Strings alone never reached the facet, which is why some errors worked.
+void append(std::string& out, const char* v) { out += v; }
+void append(std::string& out, const std::string& v) { out += v; }
+template <typename I>
+  requires std::is_integral_v<I>
+void append(std::string& out, I v) {
+  out += std::to_string(v);
+}
+void append(std::string& out, c10::IntArrayRef v) {
+  out += '[';
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) out += ", ";
+    out += std::to_string(v[i]);
+  }
+  out += ']';
+}
+void append(std::string& out, const c10::Device& v) { out += v.str(); }
+
+template <typename... Parts>
+std::string message(const Parts&... parts) {
+  std::string out;
+  (append(out, parts), ...);
+  return out;
+}
+
 // QUICK_REQUIRE returns the message, prefixed with the enclosing function's kWhere, from a
 // function that returns std::string.
 #define QUICK_REQUIRE(cond, ...)                                          \
   do {                                                                    \
-    if (!(cond)) return c10::str(kWhere, __VA_ARGS__);                    \
+    if (!(cond)) return message(kWhere, __VA_ARGS__);                     \
   } while (0)
 
 const char* dtype_name(torch::ScalarType t) {

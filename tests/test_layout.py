@@ -9,6 +9,7 @@ not compile fails the test suite even on machines without a GPU.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -187,3 +188,13 @@ def test_binding_compiles_against_torch_headers(tmp_path):
            f"-I{cuda_include}", f"-I{CSRC}", "-DTORCH_EXTENSION_NAME=_C", str(CSRC / "quick_ops.cpp")]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_binding_formats_messages_without_iostreams():
+    """The binding builds its error messages from strings and std::to_string only: formatting an
+    integer through std::ostream (c10::str, TORCH_CHECK) crashed the process on the H100 image
+    (csrc/quick_ops.cpp, at ``append``, says why)."""
+    code = re.sub(r"//[^\n]*", "", (CSRC / "quick_ops.cpp").read_text())
+    for token in ("c10::str(", "TORCH_CHECK", "TORCH_INTERNAL_ASSERT", "ostream", "stringstream",
+                  "std::cout", "std::cerr"):
+        assert token not in code, f"csrc/quick_ops.cpp uses {token}"

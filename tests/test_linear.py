@@ -94,15 +94,22 @@ def test_row_parallel(vllm_dist, fmt):
 
 
 @pytest.mark.parametrize("act_dtype", [torch.float16, torch.bfloat16])
-def test_half_activations(vllm_dist, act_dtype):
+def test_half_activations(vllm_dist, act_dtype, monkeypatch):
     from vllm.model_executor.layers.linear import ColumnParallelLinear
+
+    from vllm_quick import dispatch, linear
 
     k, n = 256, 128
     codes, zeros, scales, w = random_quantized(k, n, 64)
     layer = ColumnParallelLinear(k, n, bias=False, params_dtype=act_dtype,
                                  quant_config=quick_config("awq"), prefix="fc")
     load_into(layer, checkpoint_tensors("awq", codes, zeros, scales))
+    described = []
+    monkeypatch.setattr(linear, "_logged_plans", set())
+    monkeypatch.setattr(dispatch, "describe", lambda dtype, device: described.append(dtype) or "plan")
     finish(layer)
+    # The dispatch line is about the model dtype (scales are loaded in fp32 whatever it is).
+    assert described == [act_dtype]
     x = torch.randn(4, k).to(act_dtype)
     y = run(layer, x)
     assert y.dtype == act_dtype
