@@ -25,7 +25,6 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstdint>
 #include <type_traits>
 
@@ -636,13 +635,6 @@ int default_tile(int m, ActType) {
   return kTileX64;
 }
 
-// QUICK_SPLIT_TRAFFIC_RATIO as a number (0 when unset or not positive); read on every plan so a
-// benchmark can change it between calls (std::strtod: C locale, no iostreams).
-static double split_traffic_ratio() {
-  const char* v = std::getenv("QUICK_SPLIT_TRAFFIC_RATIO");
-  return v ? std::max(0.0, std::strtod(v, nullptr)) : 0.0;
-}
-
 static int resolve_tile(const GemmProblem& pr) {
   return tile_supports(pr.tile, pr.act) && pr.tile != kTileAuto ? pr.tile : default_tile(pr.m, pr.act);
 }
@@ -661,15 +653,7 @@ GemmPlan plan(const GemmProblem& pr, int device) {
     constexpr int kMaxSplits = 8;
     const int capacity = sm_count(device) * Cfg::blocks_per_sm();
     const int mn_blocks = pl.grid_n * pl.grid_m;
-    int splits = std::max(1, std::min({capacity / std::max(mn_blocks, 1), total_stages / 2, kMaxSplits}));
-    // Experiment (benchmarks/KERNEL_NOTES.md, "Split-K traffic at mid M"): with
-    // QUICK_SPLIT_TRAFFIC_RATIO=r, stop splitting once the fp32 partials, written and re-read,
-    // would exceed r x the int4 weight bytes. Unset (the default): no cap.
-    const double ratio = split_traffic_ratio();
-    if (ratio > 0) {
-      const double weight_bytes = 0.5 * pr.k * pr.n;
-      while (splits > 1 && 8.0 * splits * pr.m * pr.n > ratio * weight_bytes) --splits;
-    }
+    const int splits = std::max(1, std::min({capacity / std::max(mn_blocks, 1), total_stages / 2, kMaxSplits}));
     pl.stages_per_split = (total_stages + splits - 1) / splits;
     pl.splits = (total_stages + pl.stages_per_split - 1) / pl.stages_per_split;
     pl.partial_floats = pl.splits > 1 ? static_cast<size_t>(pl.splits) * pr.m * pr.n : 0;
