@@ -279,7 +279,7 @@ class QuickKernelBackend(QuickBackend):
 # The kernel's tile configurations, in the order of vllm_quick._C.TILES (csrc/quick_gemm.cu,
 # with_tile): "x" tiles keep exact integer fragments (fp16 and bf16), "s" tiles scale inside the
 # fragments (fp16 only). One backend per tile, "quick_<tile>", to derive vllm_quick/dispatch.py.
-KERNEL_TILES = ("x16", "x32", "x64", "s16", "s32", "s64", "s128")
+KERNEL_TILES = ("x16", "x32", "x64", "s16", "s32", "s64", "s128", "s16m", "s32m", "s64m")
 for _tile in KERNEL_TILES:
     CALLS[f"quick_{_tile}"] = (f"vllm_quick.ops.kernel_gemm(x, qweight, qzeros, scales, None, group, N, tile) with "
                                f"tile = TILES.index({_tile!r}): the QUICK kernel with that tile at every M")

@@ -114,6 +114,11 @@ struct Act<__half> {
     __half2 r = __hmul2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
     return *reinterpret_cast<uint32_t*>(&r);
   }
+  static __device__ __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
+    __half2 r = __hfma2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b),
+                        *reinterpret_cast<__half2*>(&c));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
     asm(
@@ -171,6 +176,27 @@ __device__ __forceinline__ void unpack_zeros(uint32_t zero_word, uint32_t (&bias
   }
 }
 
+// "16x magic" (lean tiles, fp16 only). The odd nibbles of a pair sit at bits 4-7 / 20-23 of a
+// word, or of the word shifted by 8: OR-ed into 0x6400 without shifting them down they give
+// 1024 + 16 q exactly (fp16 has ulp 1 in [1024, 2048)), and fma(1024 + 16 q, 1/16, -(64 + z)) =
+// q - z exactly (the product 64 + q and the sum are exact). So a word needs one shift (>> 8)
+// instead of three (>> 4, >> 8, >> 12), at the price of a second zero vector -(64 + z).
+// -(64 + z) in fp16: sign 1, exponent of 64 (0xD400), mantissa z / 64 * 1024 = 16 z, i.e. the
+// zero nibble at bits 4-7 -- the same mask as the weights.
+constexpr uint32_t kSixteenthPair = 0x2C002C00u;  // (1/16, 1/16) in fp16
+constexpr uint32_t kNegSixtyFourPair = 0xD400D400u;  // (-64, -64) in fp16
+
+__device__ __forceinline__ void unpack_neg_zeros16(uint32_t zero_word, uint32_t (&neg_zero16)[8]) {
+#pragma unroll
+  for (int m = 0; m < 4; ++m) {
+    // Nibble pair m of the zero word moved to bits 4-7 / 20-23 (a left shift for m = 0).
+    const uint32_t moved = m == 0 ? zero_word << 4 : zero_word >> (4 * m - 4);
+    const uint32_t pair = and_or(moved, 0x00f000f0u, kNegSixtyFourPair);
+    neg_zero16[2 * m] = __byte_perm(pair, 0, 0x1010);
+    neg_zero16[2 * m + 1] = __byte_perm(pair, 0, 0x3232);
+  }
+}
+
 // One lane's 16 weight bytes of a 16 x 64 tile -> B fragments of the 8 n8 blocks. Word j, pair
 // m = nibbles (m, m + 4):
 //   m = 0 -> block 2j (b0, b1);   m = 1 -> block 2j (b2, b3);
@@ -180,17 +206,30 @@ __device__ __forceinline__ void unpack_zeros(uint32_t zero_word, uint32_t (&bias
 // suffices and no per-group flush is needed (32-64 registers fewer, which buys 64-row warp
 // tiles); q - z stays exact and the product costs one fp16 rounding per weight (~2^-12
 // relative). bf16 keeps the exact tiles: the same rounding there (2^-9) would exceed the budget.
-template <typename T, bool kScaled>
+// Lean tiles (kLean, scaled fp16 only): odd pairs through the 16x magic above.
+template <typename T, bool kScaled, bool kLean>
 __device__ __forceinline__ void dequant_tile(const uint4& words, const uint32_t (&biased_zero)[8],
-                                             const uint32_t (&scale)[8], uint32_t (&frag)[8][2]) {
+                                             const uint32_t (&neg_zero16)[8], const uint32_t (&scale)[8],
+                                             uint32_t (&frag)[8][2]) {
   const uint32_t w[4] = {words.x, words.y, words.z, words.w};
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
 #pragma unroll
     for (int m = 0; m < 4; ++m) {
       const int block = 2 * j + (m >> 1);
-      const uint32_t biased = and_or(w[j] >> (4 * m), 0x000f000fu, Act<T>::kMagic);
-      const uint32_t q_minus_z = Act<T>::sub2(biased, biased_zero[block]);  // (M + q) - (M + z), exact
+      uint32_t q_minus_z;
+      if constexpr (kLean) {
+        const uint32_t src = m < 2 ? w[j] : w[j] >> 8;  // pairs (0, 1) low byte, (2, 3) next byte
+        if (m & 1) {
+          const uint32_t biased16 = and_or(src, 0x00f000f0u, Act<T>::kMagic);  // 1024 + 16 q
+          q_minus_z = Act<__half>::fma2(biased16, kSixteenthPair, neg_zero16[block]);
+        } else {
+          q_minus_z = Act<T>::sub2(and_or(src, 0x000f000fu, Act<T>::kMagic), biased_zero[block]);
+        }
+      } else {
+        const uint32_t biased = and_or(w[j] >> (4 * m), 0x000f000fu, Act<T>::kMagic);
+        q_minus_z = Act<T>::sub2(biased, biased_zero[block]);  // (M + q) - (M + z), exact
+      }
       if constexpr (kScaled)
         frag[block][m & 1] = Act<__half>::mul2(q_minus_z, scale[block]);
       else
@@ -252,11 +291,13 @@ __device__ __forceinline__ int swizzled_chunk(int row, int chunk) { return row *
 
 // kWarpTilesM: 16-row mma tiles per warp; kWarpsM: warps along M; kScaled: scaled fp16 fragments
 // (dequant_tile<T, true>) instead of exact integers + per-group accumulator scaling; kMinBlocks:
-// blocks per SM the register allocation must allow.
-template <typename T, int kWarpTilesM, int kWarpsM, bool kScaled, int kMinBlocks>
+// blocks per SM the register allocation must allow; kLean: the 16x magic for odd nibble pairs,
+// and group boundaries looked for on even k-tiles only (scaled tiles).
+template <typename T, int kWarpTilesM, int kWarpsM, bool kScaled, int kMinBlocks, bool kLean>
 __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
     quick_gemm_kernel(const KernelParams p) {
   static_assert(!kScaled || std::is_same_v<T, __half>, "scaled fragments are fp16 only");
+  static_assert(!kLean || kScaled, "lean tiles are scaled tiles");
   constexpr int kThreads = 32 * kWarpsN * kWarpsM;
   constexpr int kBlockM = 16 * kWarpTilesM * kWarpsM;
   using Smem = SmemLayout<kBlockM>;
@@ -374,6 +415,7 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
       for (int e = 0; e < 4; ++e) group_acc[mi][nb][e] = 0.f;
 
   uint32_t biased_zero[8];
+  uint32_t neg_zero16[8];  // lean tiles: -(64 + z) per n8 block (unused otherwise)
   // Exact tiles: this lane's two accumulator columns in each n8 block (fp16 as stored).
   // Scaled tiles: the lane's B-fragment column in each n8 block, broadcast to both halves.
   __half2 scale[8];
@@ -427,13 +469,18 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
 #pragma unroll
       for (int kt = 0; kt < kStageKTiles; ++kt) {
         const int k_row = gs * kStageK + kt * kTileK;
-        if (k_row == next_group_row) {
+        // Groups are 32 rows or a multiple of 64 (the binding refuses others) and every split
+        // starts on a 64-row stage, so a group can only start on an even k-tile (16 rows each):
+        // lean tiles skip the test on odd ones at compile time.
+        if ((!kLean || kt % 2 == 0) && k_row == next_group_row) {
           const bool first = s == 0 && kt == 0;
           if (!first) flush_group();
           next_group_row = first ? first_boundary : k_row + p.group_size;
           const int r = two_groups ? kt / 2 : 0;  // group row of this stage in shared memory
           // Zeros: word (lane / 4) of this warp's tile (8 words per tile).
-          unpack_zeros<T>(z_src[r * (kBlockN / 8) + warp_n * 8 + lane / 4], biased_zero);
+          const uint32_t zero_word = z_src[r * (kBlockN / 8) + warp_n * 8 + lane / 4];
+          unpack_zeros<T>(zero_word, biased_zero);
+          if constexpr (kLean) unpack_neg_zeros16(zero_word, neg_zero16);
           const __half* tile_scales = reinterpret_cast<const __half*>(s_src + r * kBlockN * 2) + warp_n * kTileN;
           if constexpr (kScaled) {
             load_fragment_scales(tile_scales, lane, frag_scale);
@@ -445,7 +492,8 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
           }
         }
         uint32_t frag[8][2];
-        dequant_tile<T, kScaled>(w_src[(kt * kWarpsN + warp_n) * 32 + lane], biased_zero, frag_scale, frag);
+        dequant_tile<T, kScaled, kLean>(w_src[(kt * kWarpsN + warp_n) * 32 + lane], biased_zero, neg_zero16,
+                                        frag_scale, frag);
 #pragma unroll
         for (int mi = 0; mi < kWarpTilesM; ++mi) {
           // A fragment of rows [16 mi, 16 mi + 16) of this warp, k-tile kt: lanes 0-15 give
@@ -552,12 +600,12 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
 // ------------------------------------------------------------------------------------------
 // Launcher
 // ------------------------------------------------------------------------------------------
-template <typename T, int kWarpTilesM, int kWarpsM, bool kScaled, int kMinBlocks>
+template <typename T, int kWarpTilesM, int kWarpsM, bool kScaled, int kMinBlocks, bool kLean = false>
 struct Config {
   static constexpr int kThreads = 32 * kWarpsN * kWarpsM;
   static constexpr int kBlockM = 16 * kWarpTilesM * kWarpsM;
   static constexpr int kSmem = SmemLayout<kBlockM>::kTotalBytes;
-  static constexpr auto kernel = quick_gemm_kernel<T, kWarpTilesM, kWarpsM, kScaled, kMinBlocks>;
+  static constexpr auto kernel = quick_gemm_kernel<T, kWarpTilesM, kWarpsM, kScaled, kMinBlocks, kLean>;
 
   // Blocks of this configuration one SM holds at once (registers / shared memory permitting).
   static int blocks_per_sm() {
@@ -587,6 +635,8 @@ struct Config {
 //   s16 / s32 / s64 / s128 (fp16): scaled fragments, one accumulator set; s64 is one warp of 4
 //     mma tiles along M (64 rows, 128 registers of accumulators, 2 blocks per SM), s128 two.
 //     (s32 at 4 blocks per SM, i.e. 128 registers, spilled 32 bytes: it asks for 3.)
+//   s16m / s32m / s64m (fp16): s16 / s32 / s64 with the 16x magic (dequant_tile, kLean): one
+//     shift per weight word instead of three, group tests on even k-tiles only.
 // A tile the activation type does not support (scaled tiles for bf16) falls back to x64.
 template <typename T, typename F>
 auto with_tile(int tile, F&& f) {
@@ -598,6 +648,9 @@ auto with_tile(int tile, F&& f) {
     case kTileS32: if constexpr (kHalf) return f.template operator()<Config<T, 2, 1, true, 3>>(); break;
     case kTileS64: if constexpr (kHalf) return f.template operator()<Config<T, 4, 1, true, 2>>(); break;
     case kTileS128: if constexpr (kHalf) return f.template operator()<Config<T, 4, 2, true, 1>>(); break;
+    case kTileS16M: if constexpr (kHalf) return f.template operator()<Config<T, 1, 1, true, 4, true>>(); break;
+    case kTileS32M: if constexpr (kHalf) return f.template operator()<Config<T, 2, 1, true, 3, true>>(); break;
+    case kTileS64M: if constexpr (kHalf) return f.template operator()<Config<T, 4, 1, true, 2, true>>(); break;
     default: break;
   }
   return f.template operator()<Config<T, 2, 2, false, 1>>();  // kTileX64
@@ -619,7 +672,8 @@ int sm_count(int device) {
 }  // namespace
 
 const char* tile_name(int tile) {
-  static const char* const kNames[kTileCount] = {"x16", "x32", "x64", "s16", "s32", "s64", "s128"};
+  static const char* const kNames[kTileCount] = {"x16", "x32", "x64", "s16", "s32", "s64", "s128",
+                                                 "s16m", "s32m", "s64m"};
   return tile >= 0 && tile < kTileCount ? kNames[tile] : "auto";
 }
 

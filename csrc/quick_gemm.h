@@ -12,7 +12,13 @@ enum class ActType { kFloat16, kBFloat16 };
 // Tile configurations of the kernel (quick_gemm.cu, with_tile, says what each one is). plan()
 // takes GemmProblem::tile, or chooses from M when it is kTileAuto; vllm_quick/dispatch.py holds
 // the measured choice per GPU and passes it down.
-enum Tile : int { kTileAuto = -1, kTileX16 = 0, kTileX32, kTileX64, kTileS16, kTileS32, kTileS64, kTileS128, kTileCount };
+enum Tile : int {
+  kTileAuto = -1,
+  kTileX16 = 0, kTileX32, kTileX64,                  // exact fragments, fp16 and bf16
+  kTileS16, kTileS32, kTileS64, kTileS128,           // scaled fragments, fp16
+  kTileS16M, kTileS32M, kTileS64M,                   // scaled, 16x magic ("lean"), fp16
+  kTileCount
+};
 const char* tile_name(int tile);                // "x16", ..., "auto" for anything else
 bool tile_supports(int tile, ActType act);      // scaled ("s") tiles are fp16 only
 int default_tile(int m, ActType act);           // the choice for kTileAuto

@@ -198,3 +198,55 @@ def test_binding_formats_messages_without_iostreams():
     for token in ("c10::str(", "TORCH_CHECK", "TORCH_INTERNAL_ASSERT", "ostream", "stringstream",
                   "std::cout", "std::cerr"):
         assert token not in code, f"csrc/quick_ops.cpp uses {token}"
+
+
+def _cuda_constant(name: str) -> int:
+    m = re.search(rf"constexpr uint32_t {name} = (0x[0-9A-Fa-f]+)u;", (CSRC / "quick_gemm.cu").read_text())
+    assert m, f"{name} not found in csrc/quick_gemm.cu"
+    return int(m.group(1), 16)
+
+
+def test_sixteen_x_magic_gives_q_minus_z():
+    """The lean tiles' arithmetic (csrc/quick_gemm.cu, "16x magic"), emulated in fp16 with the
+    kernel's own constants: 0x6400 | q << 4 is 1024 + 16 q, 0xD400 | z << 4 is -(64 + z), and one
+    fused multiply-add by 1/16 gives q - z exactly, for every q and z."""
+    import numpy as np
+
+    sixteenth = np.array([_cuda_constant("kSixteenthPair") & 0xFFFF], dtype=np.uint16).view(np.float16)[0]
+    neg64 = _cuda_constant("kNegSixtyFourPair") & 0xFFFF
+    assert _cuda_constant("kSixteenthPair") >> 16 == _cuda_constant("kSixteenthPair") & 0xFFFF
+    assert float(sixteenth) == 1 / 16
+    for q in range(16):
+        v = np.array([0x6400 | q << 4], dtype=np.uint16).view(np.float16)[0]
+        assert float(v) == 1024 + 16 * q
+        for z in range(16):
+            nz = np.array([neg64 | z << 4], dtype=np.uint16).view(np.float16)[0]
+            assert float(nz) == -(64 + z)
+            fused = np.float16(float(v) * float(sixteenth) + float(nz))  # one rounding, as HFMA2
+            assert float(fused) == q - z
+
+
+def test_sixteen_x_magic_masks_pick_the_documented_nibbles():
+    """Word side: pairs 1 and 3 read with mask 0x00f000f0 from the word and from the word >> 8
+    hold the same nibbles (times 16) as the plain path's (w >> 4 m) & 0x000f000f; zero side:
+    unpack_neg_zeros16's moves put nibble pair m of the zero word at bits 4-7 / 20-23."""
+    gen = torch.Generator().manual_seed(5)
+    words = torch.randint(0, 2**32, (2000,), generator=gen, dtype=torch.int64).tolist()
+    for w in words:
+        for m in range(4):
+            plain = (w >> (4 * m)) & 0x000F000F
+            src = w if m < 2 else w >> 8
+            lean = (src & 0x00F000F0) >> 4 if m % 2 else src & 0x000F000F
+            assert lean == plain
+            moved = (w << 4) & 0xFFFFFFFF if m == 0 else w >> (4 * m - 4)
+            assert (moved & 0x00F000F0) >> 4 == plain
+
+
+def test_tile_names_match_the_benchmark_list():
+    """csrc/quick_gemm.cu's tile names (vllm_quick._C.TILES, by index) are the list the benchmarks
+    and GPU tests iterate over, in the same order."""
+    from benchmarks.vllm_kernels import KERNEL_TILES
+
+    m = re.search(r"kNames\[kTileCount\] = \{([^}]*)\}", (CSRC / "quick_gemm.cu").read_text())
+    assert m
+    assert tuple(re.findall(r'"(\w+)"', m.group(1))) == KERNEL_TILES

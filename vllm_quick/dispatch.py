@@ -4,11 +4,13 @@ This runs inside the custom op at run time (never in ``apply()``, where vLLM's c
 freeze it). The paths:
 
 * a **kernel tile** (``"x16"``, ``"x32"``, ``"x64"``, ``"s16"``, ``"s32"``, ``"s64"``,
-  ``"s128"``; ``vllm_quick._C.TILES``, described in csrc/quick_gemm.cu, ``with_tile``): the QUICK
-  kernel streaming int4 weights, with that many rows per thread block. ``x`` tiles keep the exact
-  integers ``q - z`` in the mma fragments and scale per group in fp32 (fp16 and bf16); ``s`` tiles
-  (fp16 only) put ``(q - z) * s`` into the fragments, one fp16 rounding per weight, and free the
-  registers of the second accumulator set for taller tiles;
+  ``"s128"``, ``"s16m"``, ``"s32m"``, ``"s64m"``; ``vllm_quick._C.TILES``, described in
+  csrc/quick_gemm.cu, ``with_tile``): the QUICK kernel streaming int4 weights, with that many rows
+  per thread block. ``x`` tiles keep the exact integers ``q - z`` in the mma fragments and scale
+  per group in fp32 (fp16 and bf16); ``s`` tiles (fp16 only) put ``(q - z) * s`` into the
+  fragments, one fp16 rounding per weight, and free the registers of the second accumulator set
+  for taller tiles; ``s..m`` tiles are ``s`` tiles with fewer dequantisation instructions (the
+  "16x magic"; not yet measured on a GPU, so no plan names them);
 * ``"auto"``: the kernel with its own built-in choice by M (families not measured yet);
 * ``"dequant"``: dequantise the layer once into a dense matrix (csrc/quick_dequant.cu) and call
   cuBLAS; wins once the GEMM is bound by arithmetic (large M, prefill), where cuBLAS's Hopper
