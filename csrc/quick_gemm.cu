@@ -689,6 +689,17 @@ int default_tile(int m, ActType) {
   return kTileX64;
 }
 
+// The most K splits plan() makes: 8, or VLLM_QUICK_MAX_SPLITS (1-32) for tuning experiments
+// (benchmarks/KERNEL_NOTES.md: at mid M the kernel wants more parallelism). Read on every plan,
+// so a benchmark may change it between calls; std::strtol parses in the C locale.
+static int max_splits_setting() {
+  constexpr int kDefault = 8, kLimit = 32;
+  const char* v = std::getenv("VLLM_QUICK_MAX_SPLITS");
+  if (v == nullptr || *v == '\0') return kDefault;
+  const long n = std::strtol(v, nullptr, 10);
+  return n >= 1 && n <= kLimit ? static_cast<int>(n) : kDefault;
+}
+
 static int resolve_tile(const GemmProblem& pr) {
   return tile_supports(pr.tile, pr.act) && pr.tile != kTileAuto ? pr.tile : default_tile(pr.m, pr.act);
 }
@@ -700,14 +711,14 @@ GemmPlan plan(const GemmProblem& pr, int device) {
     pl.grid_n = (pr.n / kTileN + kWarpsN - 1) / kWarpsN;
     pl.grid_m = (pr.m + Cfg::kBlockM - 1) / Cfg::kBlockM;
     const int total_stages = pr.k / kStageK;
-    // Split K until the grid fills the GPU once, with at most kMaxSplits splits: every split
+    // Split K until the grid fills the GPU once, with at most max_splits (8) splits: every split
     // costs M x N x 4 bytes of partials to write and re-read. E.g. N = 4096, M = 1 on 132 SMs
     // holding 4 blocks each: 16 column blocks, 528 / 16 = 33 -> 8 splits of 8 stages (512 rows).
     // (Up to 22 splits were tried first: at M = 16 the reduction then cost more than it saved.)
-    constexpr int kMaxSplits = 8;
+    const int max_splits = max_splits_setting();
     const int capacity = sm_count(device) * Cfg::blocks_per_sm();
     const int mn_blocks = pl.grid_n * pl.grid_m;
-    const int splits = std::max(1, std::min({capacity / std::max(mn_blocks, 1), total_stages / 2, kMaxSplits}));
+    const int splits = std::max(1, std::min({capacity / std::max(mn_blocks, 1), total_stages / 2, max_splits}));
     pl.stages_per_split = (total_stages + splits - 1) / splits;
     pl.splits = (total_stages + pl.stages_per_split - 1) / pl.stages_per_split;
     pl.partial_floats = pl.splits > 1 ? static_cast<size_t>(pl.splits) * pr.m * pr.n : 0;

@@ -322,6 +322,20 @@ def test_every_tile(kernel, tile, dtype_name, group_size):
             assert torch.equal(y, ops.kernel_gemm(*args)), f"tile {tile} M={m}: two calls differ"
 
 
+@pytest.mark.parametrize("max_splits", ["1", "16", "32", "junk"])
+def test_max_splits_setting_keeps_results(kernel, monkeypatch, max_splits):
+    """VLLM_QUICK_MAX_SPLITS (a tuning knob of the split-K plan, read on every call) changes how K
+    is cut up, never the result: no split at all, more splits than the default 8, and a bad value
+    (ignored) all match the reference."""
+    monkeypatch.setenv("VLLM_QUICK_MAX_SPLITS", max_splits)
+    for (k, n), m, tile in (((4096, 4096), 1, "s16"), ((11008, 4096), 64, "s32"), ((4096, 4096), 128, "s64"),
+                             ((4096, 4096), 16, "x16")):
+        w = make_weight(k, n, 128)
+        x = random_x((m, k), torch.float16, seed=zlib.crc32(f"splits/{k}/{m}".encode()))
+        y = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, n, TILES.index(tile))
+        check_output(y, x.float() @ w.w32, torch.float16, f"VLLM_QUICK_MAX_SPLITS={max_splits} {tile} K={k} M={m}")
+
+
 def test_dispatch_plan_names_supported_tiles(kernel):
     """Every path in this GPU's plan is 'dequant' or a tile the kernel takes for that dtype."""
     from vllm_quick import dispatch
