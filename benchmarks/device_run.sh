@@ -119,6 +119,15 @@ step_build() {
   QUICK_SKIP_CUDA=1 "$PY" -m pip install -q --no-build-isolation --no-deps --no-index -e . \
     || echo "build: editable install failed: vllm serve will not find the quick plugin"
   if "$PY" -c "import torch, vllm_quick._C as c; print('built', c.__file__)"; then
+    # Session 3 found ~300 libstdc++ stream/locale symbols defined inside _C.so on the device
+    # image (its g++ seems to link libstdc++ statically): iostream formatting in the extension
+    # then crashes (csrc/quick_ops.cpp, append). Say so whenever a build has them.
+    local so copies
+    so=$(ls vllm_quick/_C*.so 2>/dev/null | head -n 1)
+    if [ -n "$so" ] && command -v nm >/dev/null; then
+      copies=$(nm -C --defined-only "$so" 2>/dev/null | grep -c "std::locale::" || true)
+      echo "build: $copies std::locale symbols defined inside $so (more than 0: libstdc++ is linked into the extension; iostreams there would crash)"
+    fi
     mkdir -p build && echo "$hash" >"$stamp"
     return 0
   fi
