@@ -271,11 +271,10 @@ step_gpuserve() {
   "$PY" -m pytest -q -s -p no:cacheprovider tests/test_gpu_serving.py 2>&1 | tail -n 30
 }
 step_gputp() {
-  # Two demo-model servers, TP = 1 and TP = 2 (nvidia-h100-x2); NVLink multicast off (the test
-  # sets it for its servers, and this shell for anything else it starts).
+  # Two demo-model servers, TP = 1 and TP = 2 (nvidia-h100-x2). The test itself starts its
+  # servers with NVLink multicast off (NO_MULTICAST_ENV there); pytest runs no collective.
   set -o pipefail
-  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 VLLM_ALLREDUCE_USE_SYMM_MEM=0 \
-    "$PY" -m pytest -q -s -p no:cacheprovider tests/test_gpu_tensor_parallel.py 2>&1 | tail -n 30
+  "$PY" -m pytest -q -s -p no:cacheprovider tests/test_gpu_tensor_parallel.py 2>&1 | tail -n 30
 }
 export -f step_env step_build step_tests step_memcheck step_ncu step_ncustall step_bench step_tiles step_smoke step_gpuserve step_gputp
 

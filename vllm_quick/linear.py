@@ -160,13 +160,13 @@ class QuickLinearMethod(LinearMethodBase):
         layer.register_parameter("scales", scales)
         layer.quick_group_size = group_size
         layer.quick_size_n = n
-        layer.quick_act_dtype = params_dtype  # the model dtype: what apply() will see as x.dtype
 
     # ------------------------------------------------------------------------------------------
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         name = self.prefix or getattr(layer, "prefix", "") or type(layer).__name__
-        # (Not scales.dtype: scales are loaded in LOAD_SCALES_DTYPE whatever the model dtype.)
-        _log_plan_once(layer.quick_act_dtype, layer.scales.device)
+        # The model dtype (LinearBase keeps it): what apply() will see as x.dtype. Not scales.dtype,
+        # which is LOAD_SCALES_DTYPE whatever the model dtype.
+        _log_plan_once(layer.params_dtype, layer.scales.device)
         scales = _scales_to_fp16(layer.scales.data, name)
         qweight, qzeros = layer.qweight.data, layer.qzeros.data
         if self.quant_config.checkpoint_format == "awq":
