@@ -10,7 +10,7 @@ freeze it). The paths:
   per group in fp32 (fp16 and bf16); ``s`` tiles (fp16 only) put ``(q - z) * s`` into the
   fragments, one fp16 rounding per weight, and free the registers of the second accumulator set
   for taller tiles; ``s..m`` tiles are ``s`` tiles with fewer dequantisation instructions (the
-  "16x magic"; not yet measured on a GPU, so no plan names them);
+  "16x magic"; 4-6% faster than the plain ``s`` tiles at M <= 64 on the H100);
 * ``"auto"``: the kernel with its own built-in choice by M (families not measured yet);
 * ``"dequant"``: dequantise the layer once into a dense matrix (csrc/quick_dequant.cu) and call
   cuBLAS; wins once the GEMM is bound by arithmetic (large M, prefill), where cuBLAS's Hopper
@@ -36,14 +36,15 @@ Plan = tuple[tuple[int | None, str], ...]
 
 # (compute capability major) -> {dtype: plan}
 # sm90, float16: measured on an H100 80GB HBM3, 2026-11-25, every tile + dequant + cuBLAS on the
-# 12 Llama shapes at M = 1, 16, 32, 64, 128, 256, 512 (benchmarks/results/kernel_h100_tiles.json;
-# geometric-mean slowdown against the per-shape best: s16 1.00 at M <= 16, s32 1.04-1.07 at
-# M = 32-64, s64 1.09 at M = 128, dequantise + cuBLAS 1.00 from M = 256).
+# 12 Llama shapes. M = 1-128: benchmarks/results/kernel_h100_tiles_v32.json (geometric-mean
+# slowdown against the per-shape best: s16m 1.00 at M <= 16 (s16 1.04-1.06), s32m 1.04-1.06 at
+# M = 32-64 (s32 1.08-1.10), s64 1.10 at M = 128). M >= 256: kernel_h100_tiles.json (dequantise +
+# cuBLAS 1.00 from M = 256).
 # sm90, bfloat16: only x tiles exist; from the earlier full sweep (benchmarks/results/
 # kernel_h100.json, same day).
 PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
-        torch.float16: ((16, "s16"), (64, "s32"), (128, "s64"), (None, "dequant")),
+        torch.float16: ((16, "s16m"), (64, "s32m"), (128, "s64"), (None, "dequant")),
         torch.bfloat16: ((16, "x16"), (32, "x32"), (None, "x64")),
     },
 }
