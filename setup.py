@@ -20,6 +20,9 @@ def cuda_extension():
         print("vllm-quick: no CUDA torch or nvcc; building without the kernel (reference path only)")
         return [], {}
     archs = os.environ.get("QUICK_CUDA_ARCH_LIST", "80;86;89;90").split(";")
+    # sm_90 is built as sm_90a: the wgmma tiles use its arch-specific instructions (the cubin runs
+    # on H100 / H200; other GPUs take their own targets).
+    archs = [a + "a" if a == "90" else a for a in archs]
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     ext = CUDAExtension(
         name="vllm_quick._C",

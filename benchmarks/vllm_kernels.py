@@ -278,8 +278,9 @@ class QuickKernelBackend(QuickBackend):
 
 # The kernel's tile configurations, in the order of vllm_quick._C.TILES (csrc/quick_gemm.cu,
 # with_tile): "x" tiles keep exact integer fragments (fp16 and bf16), "s" tiles scale inside the
-# fragments (fp16 only). One backend per tile, "quick_<tile>", to derive vllm_quick/dispatch.py.
-KERNEL_TILES = ("x16", "x32", "x64", "s16", "s32", "s64", "s128", "s16m", "s32m", "s64m")
+# fragments (fp16 only), "w" tiles feed those fragments to Hopper's wgmma (fp16, sm_90 only). One
+# backend per tile, "quick_<tile>", to derive vllm_quick/dispatch.py.
+KERNEL_TILES = ("x16", "x32", "x64", "s16", "s32", "s64", "s128", "s16m", "s32m", "s64m", "w64", "w128", "w128n")
 for _tile in KERNEL_TILES:
     CALLS[f"quick_{_tile}"] = (f"vllm_quick.ops.kernel_gemm(x, qweight, qzeros, scales, None, group, N, tile) with "
                                f"tile = TILES.index({_tile!r}): the QUICK kernel with that tile at every M")
@@ -295,8 +296,10 @@ class QuickTileBackend(QuickKernelBackend):
     def unsupported(self, k, n, group_size, act_dtype):
         from vllm_quick import ops
 
-        if self.tile.startswith("s") and act_dtype != torch.float16:
+        if self.tile.startswith(("s", "w")) and act_dtype != torch.float16:
             return f"tile {self.tile} (scaled fragments) is fp16 only"
+        if self.tile.startswith("w") and torch.cuda.get_device_capability() != (9, 0):
+            return f"tile {self.tile} (wgmma) needs an sm_90 GPU"
         reason = super().unsupported(k, n, group_size, act_dtype)
         if reason is None and tuple(ops.kernel_extension().TILES) != KERNEL_TILES:
             reason = f"vllm_quick._C.TILES is {ops.kernel_extension().TILES}, this script knows {KERNEL_TILES}"

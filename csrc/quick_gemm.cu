@@ -34,8 +34,6 @@
 namespace quick {
 namespace {
 
-constexpr int kStages = 4;                  // cp.async pipeline depth: 3 stages in flight while
-                                            // one is computed (~24 KB of weights per block)
 constexpr int kStageK = 64;                 // k rows per stage = 4 mma k-steps
 constexpr int kStageKTiles = kStageK / kTileK;
 constexpr int kWarpsN = 4;                  // warps along N, one 64-column tile each
@@ -91,6 +89,120 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) 
                : "r"(smem_u32(smem)));
 }
 
+// ------------------------------------------------------------------------------------------
+// Hopper warpgroup MMA (wgmma), for the w64 / w128 tiles. wgmma is an arch-specific feature of
+// sm_90a: setup.py builds the sm_90 code as sm_90a, and on every other target these helpers
+// compile to nothing (the w tiles are refused there: tile_runs_on()).
+// ------------------------------------------------------------------------------------------
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define QUICK_WGMMA 1
+#else
+#define QUICK_WGMMA 0
+#endif
+
+// Registers written by ordinary instructions (the dequantised A fragments) must be fenced before
+// a wgmma reads them.
+__device__ __forceinline__ void wgmma_fence() {
+#if QUICK_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wgmma_commit() {
+#if QUICK_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+// Wait until at most kPending committed wgmma groups of this warpgroup are still running.
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+#if QUICK_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+// cp.async writes shared memory through the generic proxy, wgmma reads it through the async
+// proxy: this fence (before the barrier that publishes a stage) orders the two.
+__device__ __forceinline__ void fence_async_proxy_smem() {
+#if QUICK_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// Pins accumulator registers in place around wgmma issue and wait: the compiler may neither move
+// their reads above the wgmma_wait that makes them valid nor copy them between a wgmma and its
+// wait (ptxas would then serialise the wgmma pipeline, warning C7515).
+template <int kN>
+__device__ __forceinline__ void fence_registers(float (&r)[kN]) {
+#pragma unroll
+  for (int i = 0; i < kN; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// Shared-memory descriptor of a K-major wgmma B operand with the 128-byte swizzle: rows of 128 B
+// (64 fp16 of K), 8-row atoms of 1024 B in which 16-byte chunk c of row r sits at c ^ (r % 8) --
+// exactly the activation tile's swizzled_chunk() order, so the same tile feeds ldmatrix (mma.sync
+// tiles) and wgmma. Fields (PTX ISA, "Matrix Descriptor Format"): start address >> 4 (bits 0-13),
+// leading byte offset >> 4 (16-29; unused for swizzled K-major tiles, 1 by convention), stride
+// byte offset >> 4 (32-45: 1024 B between 8-row atoms), swizzle mode (62-63: 1 = 128 B). The
+// swizzle is applied to absolute address bits, so the tile must sit on a 1024-byte boundary and a
+// k16 step inside it is just +32 B on the start address.
+__device__ __forceinline__ uint64_t sw128_kmajor_desc(uint32_t smem_addr) {
+  return (uint64_t{1} << 62) | (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 16) |
+         static_cast<uint64_t>((smem_addr & 0x3FFFFu) >> 4);
+}
+
+// D[64 x 64] += A[64 x 16] * B[16 x 64], fp16 in, fp32 accumulate; A from registers (each warp
+// of the warpgroup holds 16 rows in the mma.m16n8k16 A-fragment layout), B from shared memory.
+// D: warp w, lane l holds rows 16 w + l / 4 (+ 8 for d[4 i + 2], d[4 i + 3]) and columns
+// 8 i + 2 (l % 4) + {0, 1}.
+__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
+#if QUICK_WGMMA
+  asm volatile(
+      "{\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, 1, 1, 1, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
+        "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
+        "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
+        "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+#else
+  __trap();
+#endif
+}
+
+// The same with 128 columns (tokens): d[4 i + ...] for i = 0..15.
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) {
+#if QUICK_WGMMA
+  asm volatile(
+      "{\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19,"
+      "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37,"
+      "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55,"
+      "%56, %57, %58, %59, %60, %61, %62, %63}, "
+      "{%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
+        "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
+        "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
+        "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),
+        "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),
+        "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
+        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+#else
+  __trap();
+#endif
+}
+
 // d = (a & b) | c in one instruction (lookup table 0xEA = (0xF0 & 0xCC) | 0xAA).
 __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
   uint32_t d;
@@ -132,6 +244,7 @@ struct Act<__half> {
     return *reinterpret_cast<uint32_t*>(&r);
   }
   static __device__ __forceinline__ float to_float(const __half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
 };
 
 template <>
@@ -158,6 +271,7 @@ struct Act<__nv_bfloat16> {
   static __device__ __forceinline__ float to_float(const __nv_bfloat16 v) {
     return __bfloat162float(v);
   }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
 };
 
 // ------------------------------------------------------------------------------------------
@@ -253,6 +367,103 @@ __device__ __forceinline__ void load_fragment_scales(const __half* tile_scales, 
   for (int nb = 0; nb < 8; ++nb) scale[nb] = __byte_perm(w[nb], 0, select);
 }
 
+// wgmma tiles (w64, w128, w128n). The product is computed transposed, y^T = W^T x^T: weights are
+// wgmma's A operand, from registers, and the block's tokens its N, from the shared activation
+// tile. A lane's 16 weight bytes are a 16 (k) x 64 (n) tile as eight n8 B fragments (dequant_tile),
+// and word j of them, n rows 16 j .. 16 j + 15, is exactly one A fragment of the transposed tile
+// (mma.m16n8k16 A layout, g = lane / 4):
+//   a0a1 = (row g, k 2 (lane % 4) + {0, 1})  = block 2j   (b0, b1)   pair 0 of word j
+//   a2a3 = (row g + 8, same k)               = block 2j+1 (b0, b1)   pair 2
+//   a4a5 = (row g, k + 8)                    = block 2j   (b2, b3)   pair 1
+//   a6a7 = (row g + 8, k + 8)                = block 2j+1 (b2, b3)   pair 3
+// A wgmma's 64-row A is four such fragments, one per warp of the warpgroup, so nothing moves
+// between warps and the interleaved layout is the mma.sync one. Two ways to cut a k-step:
+//   kWords = 4 (w64, w128): every warp takes all four words of its own 64-column tile, and
+//     wgmma j (j = 0..3) takes word j of every warp: 4 x m64n64k16, 64 tokens per warpgroup.
+//   kWords = 2 (w128n): warp r of warpgroup g takes words 2 (r % 2), +1 of tile 2 g + r / 2
+//     (8 of its 16 bytes: a 2-way bank conflict on that load), and wgmma j (j = 0, 1) takes the
+//     warp's word j: 2 x m64n128k16 over 128 tokens. Each weight then serves 128 tokens: half
+//     the dequantisation per FLOP of kWords = 4.
+
+// Zeros and scales of the warp's kWords words (first_word on), for dequant_a_fragments: the
+// zero word pre-shifted by 4 first_word has the warp's blocks in its pairs 0..kWords-1
+// (layout.py, ZERO_NIBBLE_BLOCK: pair m = nibbles m, m + 4 = blocks 2m, 2m + 1); the scales of
+// block b sit in word b of the 32 B at 16 (g / 2) (load_fragment_scales).
+template <int kWords>
+__device__ __forceinline__ void unpack_word_params(uint32_t zero_word, const __half* tile_scales, int lane,
+                                                   int first_word, uint32_t (&biased_zero)[2 * kWords],
+                                                   uint32_t (&neg_zero16)[2 * kWords], uint32_t (&scale)[2 * kWords]) {
+  const uint32_t zw = zero_word >> (4 * first_word);
+#pragma unroll
+  for (int m = 0; m < kWords; ++m) {
+    const uint32_t pair = and_or(zw >> (4 * m), 0x000f000fu, Act<__half>::kMagic);
+    biased_zero[2 * m] = __byte_perm(pair, 0, 0x1010);
+    biased_zero[2 * m + 1] = __byte_perm(pair, 0, 0x3232);
+    const uint32_t moved = m == 0 ? zw << 4 : zw >> (4 * m - 4);
+    const uint32_t neg = and_or(moved, 0x00f000f0u, kNegSixtyFourPair);
+    neg_zero16[2 * m] = __byte_perm(neg, 0, 0x1010);
+    neg_zero16[2 * m + 1] = __byte_perm(neg, 0, 0x3232);
+  }
+  const int g = lane / 4;
+  const uint4* src = reinterpret_cast<const uint4*>(tile_scales + 16 * (g / 2)) + first_word / 2;
+  const uint32_t select = (g & 1) ? 0x3232u : 0x1010u;
+#pragma unroll
+  for (int q = 0; q < kWords / 2; ++q) {
+    const uint4 v = src[q];
+    scale[4 * q] = __byte_perm(v.x, 0, select);
+    scale[4 * q + 1] = __byte_perm(v.y, 0, select);
+    scale[4 * q + 2] = __byte_perm(v.z, 0, select);
+    scale[4 * q + 3] = __byte_perm(v.w, 0, select);
+  }
+}
+
+// kWords weight words -> wgmma A fragments (q - z) * s, with the lean ("16x magic") dequantisation
+// of dequant_tile: pairs 0 / 2 by the 1024 magic, pairs 1 / 3 by the 16x magic on the unshifted
+// byte, one shift (>> 8) per word.
+template <int kWords>
+__device__ __forceinline__ void dequant_a_fragments(const uint32_t (&w)[kWords], const uint32_t (&biased_zero)[2 * kWords],
+                                                    const uint32_t (&neg_zero16)[2 * kWords],
+                                                    const uint32_t (&scale)[2 * kWords], uint32_t (&a)[kWords][4]) {
+  using H = Act<__half>;
+#pragma unroll
+  for (int j = 0; j < kWords; ++j) {
+    const uint32_t lo = w[j], hi = w[j] >> 8;
+    const uint32_t p0 = H::sub2(and_or(lo, 0x000f000fu, H::kMagic), biased_zero[2 * j]);
+    const uint32_t p1 = H::fma2(and_or(lo, 0x00f000f0u, H::kMagic), kSixteenthPair, neg_zero16[2 * j]);
+    const uint32_t p2 = H::sub2(and_or(hi, 0x000f000fu, H::kMagic), biased_zero[2 * j + 1]);
+    const uint32_t p3 = H::fma2(and_or(hi, 0x00f000f0u, H::kMagic), kSixteenthPair, neg_zero16[2 * j + 1]);
+    a[j][0] = H::mul2(p0, scale[2 * j]);
+    a[j][1] = H::mul2(p2, scale[2 * j + 1]);
+    a[j][2] = H::mul2(p1, scale[2 * j]);
+    a[j][3] = H::mul2(p3, scale[2 * j + 1]);
+  }
+}
+
+// One k-step: the wgmmas of the warpgroup on this k16 of B (desc_b), then wait for the previous
+// k-step. acc is the kernel's [4][8][4] array: kWords = 4 uses it as 4 x 32 (m64n64 D each),
+// kWords = 2 as 2 x 64 (m64n128). D element d[4 i + e] of lane l of warp w: row 16 w + l / 4
+// (+ 8 for e >= 2) of the A operand, token 8 i + 2 (l % 4) + e % 2.
+template <int kWords>
+__device__ __forceinline__ void wgmma_step(float (&acc)[4][8][4], const uint32_t (&a)[kWords][4], uint64_t desc_b) {
+  auto& d = reinterpret_cast<float(&)[kWords][128 / kWords]>(acc);
+#pragma unroll
+  for (int j = 0; j < kWords; ++j) fence_registers(d[j]);
+  wgmma_fence();
+#pragma unroll
+  for (int j = 0; j < kWords; ++j) {
+    if constexpr (kWords == 4)
+      wgmma_m64n64k16(d[j], a[j], desc_b);
+    else
+      wgmma_m64n128k16(d[j], a[j], desc_b);
+  }
+  wgmma_commit();
+#pragma unroll
+  for (int j = 0; j < kWords; ++j) fence_registers(d[j]);
+  // This k-step's group may keep running while the next one is dequantised; the group before it
+  // is finished, so its A registers and the shared-memory stage it read are free again.
+  wgmma_wait<1>();
+}
+
 // ------------------------------------------------------------------------------------------
 // The kernel
 // ------------------------------------------------------------------------------------------
@@ -270,7 +481,7 @@ struct KernelParams {
   bool weights_evict_first;
 };
 
-template <int kBlockM>
+template <int kBlockM, bool kWgmma>
 struct SmemLayout {
   // Per stage, in bytes. Weights: 4 k-tiles x 4 n-tiles x 512 B, copied verbatim (already in
   // lane order). Activations: kBlockM rows x 64 k (128 B per row), 16-byte chunks XOR-swizzled.
@@ -279,8 +490,21 @@ struct SmemLayout {
   static constexpr int kActBytes = kBlockM * kStageK * 2;
   static constexpr int kScaleBytes = kMaxGroupRowsPerStage * kBlockN * 2;
   static constexpr int kZeroBytes = kMaxGroupRowsPerStage * kBlockN / 2;
-  static constexpr int kStageBytes = kWeightBytes + kActBytes + kScaleBytes + kZeroBytes;
-  static constexpr int kTotalBytes = kStages * kStageBytes;
+  // wgmma reads the activation tile through a 128-byte-swizzle descriptor, which needs it on a
+  // 1024-byte boundary: for those tiles the activations come first and a stage is padded to 1 KB.
+  static constexpr int kActOffset = kWgmma ? 0 : kWeightBytes;
+  static constexpr int kWeightOffset = kWgmma ? kActBytes : 0;
+  static constexpr int kScaleOffset = kWeightBytes + kActBytes;
+  static constexpr int kZeroOffset = kScaleOffset + kScaleBytes;
+  static constexpr int kStageBytes = kWgmma ? (kZeroOffset + kZeroBytes + 1023) / 1024 * 1024
+                                            : kZeroOffset + kZeroBytes;
+  // cp.async pipeline: kStages slots, the copies run kAhead stages ahead of the maths (3 stages in
+  // flight while one is computed for mma.sync). wgmma keeps one k-step group running past the
+  // barrier, so it may still be reading the previous stage: its copies stay one more slot behind.
+  static constexpr int kStages = kWgmma ? 5 : 4;
+  static constexpr int kAhead = kWgmma ? kStages - 2 : kStages - 1;
+  static constexpr int kAlignSlack = kWgmma ? 1024 : 0;  // the dynamic window's start is aligned by hand
+  static constexpr int kTotalBytes = kStages * kStageBytes + kAlignSlack;
 };
 
 // Activation tile in shared memory: row r has 8 chunks of 16 B (8 values); chunk c is stored at
@@ -292,22 +516,35 @@ __device__ __forceinline__ int swizzled_chunk(int row, int chunk) { return row *
 // kWarpTilesM: 16-row mma tiles per warp; kWarpsM: warps along M; kScaled: scaled fp16 fragments
 // (dequant_tile<T, true>) instead of exact integers + per-group accumulator scaling; kMinBlocks:
 // blocks per SM the register allocation must allow; kLean: the 16x magic for odd nibble pairs,
-// and group boundaries looked for on even k-tiles only (scaled tiles).
-template <typename T, int kWarpTilesM, int kWarpsM, bool kScaled, int kMinBlocks, bool kLean>
+// and group boundaries looked for on even k-tiles only (scaled tiles); kWgWords: 0 = mma.sync, 4 or
+// 2 = the warpgroup MMA with that many weight words per warp and k-step (sm_90a; see wgmma_step).
+template <typename T, int kWarpTilesM, int kWarpsM, bool kScaled, int kMinBlocks, bool kLean, int kWgWords>
 __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
     quick_gemm_kernel(const KernelParams p) {
   static_assert(!kScaled || std::is_same_v<T, __half>, "scaled fragments are fp16 only");
   static_assert(!kLean || kScaled, "lean tiles are scaled tiles");
+  constexpr bool kWgmma = kWgWords > 0;
+  constexpr int kWW = kWgmma ? kWgWords : 1;  // (array sizes)
+  static_assert(kWgWords == 0 || kWgWords == 2 || kWgWords == 4, "wgmma words per warp: 4 or 2");
+  static_assert(!kWgmma || (kLean && kWarpTilesM == 4), "wgmma tiles: lean fragments, 64 rows per warpgroup");
+  static_assert(kWgWords != 2 || kWarpsM == 2, "2-word wgmma tiles: two warpgroups along N");
   constexpr int kThreads = 32 * kWarpsN * kWarpsM;
   constexpr int kBlockM = 16 * kWarpTilesM * kWarpsM;
-  using Smem = SmemLayout<kBlockM>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  using Smem = SmemLayout<kBlockM, kWgmma>;
+  constexpr int kStages = Smem::kStages, kAhead = Smem::kAhead;
+  extern __shared__ __align__(16) unsigned char smem_window[];
+  unsigned char* smem = smem_window;
+  if constexpr (kWgmma) smem += (1024 - (smem_u32(smem_window) & 1023)) & 1023;
 
   const int tid = threadIdx.x;
   const int lane = tid % 32;
   const int warp = tid / 32;
   const int warp_n = warp % kWarpsN;
   const int warp_m = warp / kWarpsN;
+  // The 64-column tile this warp dequantises, and its first weight word: warp_n and 0, except for
+  // 2-word wgmma tiles, where warpgroup g takes tiles 2g, 2g + 1 and warp r of it half a tile.
+  const int my_tile = kWgWords == 2 ? (warp / 4) * 2 + (warp % 4) / 2 : warp_n;
+  const int first_word = kWgWords == 2 ? 2 * (warp % 2) : 0;
 
   const int n_tiles = p.n / kTileN;
   const int tile_n0 = blockIdx.x * kWarpsN;                 // first 64-column tile of the block
@@ -362,9 +599,8 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
       ? reinterpret_cast<const char*>(p.scales + tile_n0 * kTileN + sz_chunk * 8)
       : reinterpret_cast<const char*>(p.qzeros + tile_n0 * 8 + (sz_chunk - kScaleChunks) * 4);
   const size_t sz_row_bytes = sz_is_scale ? static_cast<size_t>(p.n) * 2 : static_cast<size_t>(p.n) / 2;
-  const int sz_dst = Smem::kWeightBytes + Smem::kActBytes +
-                     (sz_is_scale ? (sz_row * kScaleChunks + sz_chunk) * 16
-                                  : Smem::kScaleBytes + (sz_row * kZeroChunks + sz_chunk - kScaleChunks) * 16);
+  const int sz_dst = sz_is_scale ? Smem::kScaleOffset + (sz_row * kScaleChunks + sz_chunk) * 16
+                                 : Smem::kZeroOffset + (sz_row * kZeroChunks + sz_chunk - kScaleChunks) * 16;
   // Group rows per stage: the binding admits K % 64 == 0 and group sizes 32 or multiples of 64,
   // so a stage holds two whole groups (group 32) or lies inside one group. The group row of the stage being copied is tracked, not divided out.
   const bool two_groups = p.group_size == 32;
@@ -377,13 +613,13 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
   auto load_stage = [&](int slot) {
     unsigned char* base = smem + slot * Smem::kStageBytes;
     if (w_valid) {
-      uint4* dst = reinterpret_cast<uint4*>(base) + tid;
+      uint4* dst = reinterpret_cast<uint4*>(base + Smem::kWeightOffset) + tid;
 #pragma unroll
       for (int i = 0; i < kWeightIters; ++i)
         cp_async_16_hint(dst + i * kThreads, w_src + i * kRowsPerIter * w_row_stride, policy);
     }
     w_src += kStageKTiles * w_row_stride;
-    uint4* a_base = reinterpret_cast<uint4*>(base + Smem::kWeightBytes);
+    uint4* a_base = reinterpret_cast<uint4*>(base + Smem::kActOffset);
 #pragma unroll
     for (int i = 0; i < kActIters; ++i) {
       cp_async_16_zfill(a_base + a_dst[i], a_src[i], a_valid[i]);
@@ -414,13 +650,19 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
 #pragma unroll
       for (int e = 0; e < 4; ++e) group_acc[mi][nb][e] = 0.f;
 
+  if constexpr (kWgmma) {  // zeros materialised here, not sunk past the first wgmma (C7515)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) fence_registers(reinterpret_cast<float(&)[32]>(acc[j]));
+  }
+
   uint32_t biased_zero[8];
   uint32_t neg_zero16[8];  // lean tiles: -(64 + z) per n8 block (unused otherwise)
   // Exact tiles: this lane's two accumulator columns in each n8 block (fp16 as stored).
   // Scaled tiles: the lane's B-fragment column in each n8 block, broadcast to both halves.
   __half2 scale[8];
   uint32_t frag_scale[8];
-  const bool warp_active = warp_n < block_tiles;
+  const bool warp_active = my_tile < block_tiles;
+  uint32_t wg_zero[2 * kWW], wg_neg_zero[2 * kWW], wg_scale[2 * kWW];  // wgmma tiles' group params
 
   // First k row of the next group: a group starts where k_row reaches it (no division per
   // k-tile). A split may begin inside a group: its first boundary is computed once.
@@ -446,26 +688,29 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
   };
 
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
+  for (int s = 0; s < kAhead; ++s) {
     if (s < stage_count) load_stage(s);
     cp_async_commit();  // always commit, so wait_group counts stay uniform
   }
 
   for (int s = 0; s < stage_count; ++s) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();  // stage s has landed for everyone; slot (s - 1) % kStages is free again
-    if (s + kStages - 1 < stage_count) load_stage((s + kStages - 1) % kStages);
+    cp_async_wait<kAhead - 1>();
+    if constexpr (kWgmma) fence_async_proxy_smem();
+    // Stage s has landed for everyone, and slot (s + kAhead) % kStages is free again: mma.sync
+    // finished stage s - 1 before the barrier; wgmma finished stage s - 2 (its wait_group in the
+    // first k-step of stage s - 1 leaves only that k-step's group running).
+    __syncthreads();
+    if (s + kAhead < stage_count) load_stage((s + kAhead) % kStages);
     cp_async_commit();
 
     const int slot = s % kStages;
     const int gs = stage_begin + s;
     const unsigned char* base = smem + slot * Smem::kStageBytes;
-    if (warp_active) {
-      const uint4* w_src = reinterpret_cast<const uint4*>(base);
-      const uint4* a_src = reinterpret_cast<const uint4*>(base + Smem::kWeightBytes);
-      const unsigned char* s_src = base + Smem::kWeightBytes + Smem::kActBytes;
-      const uint32_t* z_src =
-          reinterpret_cast<const uint32_t*>(base + Smem::kWeightBytes + Smem::kActBytes + Smem::kScaleBytes);
+    if (kWgmma || warp_active) {  // (a wgmma needs all four warps of its warpgroup)
+      const uint4* w_src = reinterpret_cast<const uint4*>(base + Smem::kWeightOffset);
+      const uint4* a_src = reinterpret_cast<const uint4*>(base + Smem::kActOffset);
+      const unsigned char* s_src = base + Smem::kScaleOffset;
+      const uint32_t* z_src = reinterpret_cast<const uint32_t*>(base + Smem::kZeroOffset);
 #pragma unroll
       for (int kt = 0; kt < kStageKTiles; ++kt) {
         const int k_row = gs * kStageK + kt * kTileK;
@@ -478,35 +723,57 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
           next_group_row = first ? first_boundary : k_row + p.group_size;
           const int r = two_groups ? kt / 2 : 0;  // group row of this stage in shared memory
           // Zeros: word (lane / 4) of this warp's tile (8 words per tile).
-          const uint32_t zero_word = z_src[r * (kBlockN / 8) + warp_n * 8 + lane / 4];
-          unpack_zeros<T>(zero_word, biased_zero);
-          if constexpr (kLean) unpack_neg_zeros16(zero_word, neg_zero16);
-          const __half* tile_scales = reinterpret_cast<const __half*>(s_src + r * kBlockN * 2) + warp_n * kTileN;
-          if constexpr (kScaled) {
-            load_fragment_scales(tile_scales, lane, frag_scale);
+          const uint32_t zero_word = z_src[r * (kBlockN / 8) + my_tile * 8 + lane / 4];
+          const __half* tile_scales = reinterpret_cast<const __half*>(s_src + r * kBlockN * 2) + my_tile * kTileN;
+          if constexpr (kWgmma) {
+            unpack_word_params<kWW>(zero_word, tile_scales, lane, first_word, wg_zero, wg_neg_zero, wg_scale);
           } else {
-            // Scales: 16 halves at 16 * (lane % 4) of this warp's tile, half2 nb = block nb.
-            const __half2* sc = reinterpret_cast<const __half2*>(tile_scales + 16 * (lane % 4));
+            unpack_zeros<T>(zero_word, biased_zero);
+            if constexpr (kLean) unpack_neg_zeros16(zero_word, neg_zero16);
+            if constexpr (kScaled) {
+              load_fragment_scales(tile_scales, lane, frag_scale);
+            } else {
+              // Scales: 16 halves at 16 * (lane % 4) of this warp's tile, half2 nb = block nb.
+              const __half2* sc = reinterpret_cast<const __half2*>(tile_scales + 16 * (lane % 4));
 #pragma unroll
-            for (int nb = 0; nb < 8; ++nb) scale[nb] = sc[nb];
+              for (int nb = 0; nb < 8; ++nb) scale[nb] = sc[nb];
+            }
           }
         }
-        uint32_t frag[8][2];
-        dequant_tile<T, kScaled, kLean>(w_src[(kt * kWarpsN + warp_n) * 32 + lane], biased_zero, neg_zero16,
-                                        frag_scale, frag);
+        if constexpr (kWgmma) {
+          const uint4* lane_words = w_src + (kt * kWarpsN + my_tile) * 32 + lane;
+          uint32_t w[kWW];
+          if constexpr (kWW == 4) {
+            const uint4 v = *lane_words;
+            w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+          } else {
+            const uint2 v = reinterpret_cast<const uint2*>(lane_words)[first_word / 2];
+            w[0] = v.x, w[1] = v.y;
+          }
+          uint32_t a[kWW][4];
+          dequant_a_fragments<kWW>(w, wg_zero, wg_neg_zero, wg_scale, a);
+          // B: the warpgroup's tokens (its 64 rows for 4 words, all 128 for 2), k-step kt: +32 B
+          // per k16 inside the 128 B rows.
+          const int b_row0 = kWW == 4 ? warp_m * 64 : 0;
+          wgmma_step<kWW>(acc, a, sw128_kmajor_desc(smem_u32(a_src) + b_row0 * 128 + kt * 32));
+        } else {
+          uint32_t frag[8][2];
+          dequant_tile<T, kScaled, kLean>(w_src[(kt * kWarpsN + warp_n) * 32 + lane], biased_zero, neg_zero16,
+                                          frag_scale, frag);
 #pragma unroll
-        for (int mi = 0; mi < kWarpTilesM; ++mi) {
-          // A fragment of rows [16 mi, 16 mi + 16) of this warp, k-tile kt: lanes 0-15 give
-          // rows 0-15 of chunk 2 kt, lanes 16-31 rows 0-15 of chunk 2 kt + 1 (a0..a7 order).
-          const int r = (warp_m * kWarpTilesM + mi) * 16 + lane % 16;
-          uint32_t a[4];
-          ldmatrix_x4(a, a_src + swizzled_chunk(r, 2 * kt + lane / 16));
+          for (int mi = 0; mi < kWarpTilesM; ++mi) {
+            // A fragment of rows [16 mi, 16 mi + 16) of this warp, k-tile kt: lanes 0-15 give
+            // rows 0-15 of chunk 2 kt, lanes 16-31 rows 0-15 of chunk 2 kt + 1 (a0..a7 order).
+            const int r = (warp_m * kWarpTilesM + mi) * 16 + lane % 16;
+            uint32_t a[4];
+            ldmatrix_x4(a, a_src + swizzled_chunk(r, 2 * kt + lane / 16));
 #pragma unroll
-          for (int nb = 0; nb < 8; ++nb) {
-            if constexpr (kScaled)
-              Act<T>::mma(acc[mi][nb], a, frag[nb][0], frag[nb][1]);
-            else
-              Act<T>::mma(group_acc[mi][nb], a, frag[nb][0], frag[nb][1]);
+            for (int nb = 0; nb < 8; ++nb) {
+              if constexpr (kScaled)
+                Act<T>::mma(acc[mi][nb], a, frag[nb][0], frag[nb][1]);
+              else
+                Act<T>::mma(group_acc[mi][nb], a, frag[nb][0], frag[nb][1]);
+            }
           }
         }
       }
@@ -514,6 +781,11 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
   }
   cp_async_wait<0>();
   if (warp_active) flush_group();
+  if constexpr (kWgmma) {
+    wgmma_wait<0>();
+#pragma unroll
+    for (int j = 0; j < 4; ++j) fence_registers(reinterpret_cast<float(&)[32]>(acc[j]));
+  }
 
   // ---------------------------------------------------------------------------------------
   // Epilogue. Accumulator fragment: c0, c1 at row lane / 4, columns 2 (lane % 4) + {0, 1};
@@ -534,7 +806,32 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
     }
   };
 
-  if (p.splits == 1) {
+  if constexpr (kWgmma) {
+    // D of wgmma j (wgmma_step), element [i][e]: column n0 + 16 j + 8 (e / 2), row t0 + 8 i + e % 2.
+    const auto& d = reinterpret_cast<const float(&)[kWW][32 / kWW][4]>(acc);
+    const int n0 = (tile_n0 + my_tile) * kTileN + 16 * first_word + lane / 4;
+    const int t0 = row0 + (kWW == 4 ? warp_m * 64 : 0) + 2 * (lane % 4);
+    float* part = p.partials + static_cast<size_t>(blockIdx.z) * p.m * p.n;
+    if (warp_active) {
+#pragma unroll
+      for (int j = 0; j < kWW; ++j)
+#pragma unroll
+        for (int i = 0; i < 32 / kWW; ++i)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = t0 + 8 * i + e % 2, col = n0 + 16 * j + 8 * (e / 2);
+            if (row >= p.m) continue;
+            float v = d[j][i][e];
+            if (p.splits > 1) {
+              __stcg(part + static_cast<size_t>(row) * p.n + col, v);
+            } else if (col < p.size_n) {
+              if (bias != nullptr) v += Act<T>::to_float(bias[col]);
+              y[static_cast<size_t>(row) * p.size_n + col] = Act<T>::from_float(v);
+            }
+          }
+    }
+    if (p.splits == 1) return;
+  } else if (p.splits == 1) {
     if (!warp_active) return;
 #pragma unroll
     for (int mi = 0; mi < kWarpTilesM; ++mi)
@@ -549,7 +846,7 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
 
   // Split-K: publish this split's partial tile, then let the last split reduce.
   float* part = p.partials + static_cast<size_t>(blockIdx.z) * p.m * p.n;
-  if (warp_active) {
+  if (!kWgmma && warp_active) {  // (wgmma tiles wrote theirs above)
 #pragma unroll
     for (int mi = 0; mi < kWarpTilesM; ++mi)
 #pragma unroll
@@ -600,12 +897,13 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
 // ------------------------------------------------------------------------------------------
 // Launcher
 // ------------------------------------------------------------------------------------------
-template <typename T, int kWarpTilesM, int kWarpsM, bool kScaled, int kMinBlocks, bool kLean = false>
+template <typename T, int kWarpTilesM, int kWarpsM, bool kScaled, int kMinBlocks, bool kLean = false,
+          int kWgWords = 0>
 struct Config {
   static constexpr int kThreads = 32 * kWarpsN * kWarpsM;
   static constexpr int kBlockM = 16 * kWarpTilesM * kWarpsM;
-  static constexpr int kSmem = SmemLayout<kBlockM>::kTotalBytes;
-  static constexpr auto kernel = quick_gemm_kernel<T, kWarpTilesM, kWarpsM, kScaled, kMinBlocks, kLean>;
+  static constexpr int kSmem = SmemLayout<kBlockM, (kWgWords > 0)>::kTotalBytes;
+  static constexpr auto kernel = quick_gemm_kernel<T, kWarpTilesM, kWarpsM, kScaled, kMinBlocks, kLean, kWgWords>;
 
   // Blocks of this configuration one SM holds at once (registers / shared memory permitting).
   static int blocks_per_sm() {
@@ -637,6 +935,9 @@ struct Config {
 //     (s32 at 4 blocks per SM, i.e. 128 registers, spilled 32 bytes: it asks for 3.)
 //   s16m / s32m / s64m (fp16): s16 / s32 / s64 with the 16x magic (dequant_tile, kLean): one
 //     shift per weight word instead of three, group tests on even k-tiles only.
+//   w64 / w128 / w128n (fp16, sm_90a only): the lean fragments fed to wgmma instead of mma.sync
+//     (wgmma_step): 4 words per warp and k-step, one warpgroup of 64 rows (2 blocks per SM) or two
+//     (128 rows, 1 block per SM); w128n: 2 words per warp, two warpgroups along N sharing 128 rows.
 // A tile the activation type does not support (scaled tiles for bf16) falls back to x64.
 template <typename T, typename F>
 auto with_tile(int tile, F&& f) {
@@ -651,6 +952,9 @@ auto with_tile(int tile, F&& f) {
     case kTileS16M: if constexpr (kHalf) return f.template operator()<Config<T, 1, 1, true, 4, true>>(); break;
     case kTileS32M: if constexpr (kHalf) return f.template operator()<Config<T, 2, 1, true, 3, true>>(); break;
     case kTileS64M: if constexpr (kHalf) return f.template operator()<Config<T, 4, 1, true, 2, true>>(); break;
+    case kTileW64: if constexpr (kHalf) return f.template operator()<Config<T, 4, 1, true, 2, true, 4>>(); break;
+    case kTileW128: if constexpr (kHalf) return f.template operator()<Config<T, 4, 2, true, 1, true, 4>>(); break;
+    case kTileW128N: if constexpr (kHalf) return f.template operator()<Config<T, 4, 2, true, 1, true, 2>>(); break;
     default: break;
   }
   return f.template operator()<Config<T, 2, 2, false, 1>>();  // kTileX64
@@ -673,7 +977,7 @@ int sm_count(int device) {
 
 const char* tile_name(int tile) {
   static const char* const kNames[kTileCount] = {"x16", "x32", "x64", "s16", "s32", "s64", "s128",
-                                                 "s16m", "s32m", "s64m"};
+                                                 "s16m", "s32m", "s64m", "w64", "w128", "w128n"};
   return tile >= 0 && tile < kTileCount ? kNames[tile] : "auto";
 }
 
@@ -681,6 +985,14 @@ bool tile_supports(int tile, ActType act) {
   if (tile == kTileAuto) return true;
   if (tile < 0 || tile >= kTileCount) return false;
   return tile <= kTileX64 || act == ActType::kFloat16;
+}
+
+bool tile_runs_on(int tile, int device) {
+  if (tile != kTileW64 && tile != kTileW128 && tile != kTileW128N) return true;
+  int major = 0, minor = 0;  // wgmma code exists only in the sm_90a build
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  return major == 9 && minor == 0;
 }
 
 int default_tile(int m, ActType) {

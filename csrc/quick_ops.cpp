@@ -139,6 +139,8 @@ std::string gemm_error(const torch::Tensor& x, const torch::Tensor& qweight, con
   QUICK_REQUIRE(quick::tile_supports(static_cast<int>(tile), act), "tile=", tile, " (",
                 quick::tile_name(static_cast<int>(tile)), ") is not a tile configuration for ",
                 dtype_name(x.scalar_type()), " (see TILES; -1 chooses by M)");
+  QUICK_REQUIRE(quick::tile_runs_on(static_cast<int>(tile), x.get_device()), "tile=", tile, " (",
+                quick::tile_name(static_cast<int>(tile)), ") needs an sm_90 GPU (Hopper wgmma)");
   return "";
 }
 

@@ -148,18 +148,24 @@ def test_cuda_header_agrees_with_python(cuda_layout_tables):
 
 @pytest.mark.parametrize("source", ["quick_gemm.cu", "quick_dequant.cu"])
 def test_kernel_compiles_with_nvcc(source, tmp_path):
-    """Compile the kernel translation units (no torch headers) for sm_80 and sm_90; fail on a
-    compile error or on register spills in the GEMM kernel."""
+    """Compile the kernel translation units (no torch headers) for sm_80 and sm_90a (as setup.py
+    does: the wgmma tiles need sm_90a); fail on a compile error, on register spills in the GEMM
+    kernel, or when ptxas serialises the wgmma pipeline (it says so in a warning)."""
     nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
     if nvcc is None:
         pytest.skip("nvcc not installed")
     cmd = [nvcc, "-c", str(CSRC / source), "-o", str(tmp_path / "k.o"), "-std=c++20", "-O3",
            "--expt-relaxed-constexpr", "-Xptxas", "-v",
-           "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+           # torch's CUDAExtension compiles with these (no implicit half <-> float conversions)
+           "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+           "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+           "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     spills = [line for line in result.stderr.splitlines() if "spill" in line and not line.strip().startswith("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads")]
     assert not spills, "register spills:\n" + "\n".join(spills)
+    serialised = [line for line in result.stderr.splitlines() if "wgmma" in line and "serialized" in line]
+    assert not serialised, "ptxas serialised wgmma:\n" + "\n".join(serialised)
 
 
 def test_binding_compiles_against_torch_headers(tmp_path):

@@ -4,13 +4,15 @@ This runs inside the custom op at run time (never in ``apply()``, where vLLM's c
 freeze it). The paths:
 
 * a **kernel tile** (``"x16"``, ``"x32"``, ``"x64"``, ``"s16"``, ``"s32"``, ``"s64"``,
-  ``"s128"``, ``"s16m"``, ``"s32m"``, ``"s64m"``; ``vllm_quick._C.TILES``, described in
+  ``"s128"``, ``"s16m"``, ``"s32m"``, ``"s64m"``, ``"w64"``, ``"w128"``; ``vllm_quick._C.TILES``, described in
   csrc/quick_gemm.cu, ``with_tile``): the QUICK kernel streaming int4 weights, with that many rows
   per thread block. ``x`` tiles keep the exact integers ``q - z`` in the mma fragments and scale
   per group in fp32 (fp16 and bf16); ``s`` tiles (fp16 only) put ``(q - z) * s`` into the
   fragments, one fp16 rounding per weight, and free the registers of the second accumulator set
   for taller tiles; ``s..m`` tiles are ``s`` tiles with fewer dequantisation instructions (the
-  "16x magic"; 4-6% faster than the plain ``s`` tiles at M <= 64 on the H100);
+  "16x magic"; 4-6% faster than the plain ``s`` tiles at M <= 64 on the H100); ``w64`` / ``w128``
+  (fp16, sm_90 only) feed the same fragments to Hopper's warpgroup MMA (wgmma) with 64 / 128 rows
+  per block;
 * ``"auto"``: the kernel with its own built-in choice by M (families not measured yet);
 * ``"dequant"``: dequantise the layer once into a dense matrix (csrc/quick_dequant.cu) and call
   cuBLAS; wins once the GEMM is bound by arithmetic (large M, prefill), where cuBLAS's Hopper
@@ -38,13 +40,15 @@ Plan = tuple[tuple[int | None, str], ...]
 # sm90, float16: measured on an H100 80GB HBM3, 2026-11-25, every tile + dequant + cuBLAS on the
 # 12 Llama shapes. M = 1-128: benchmarks/results/kernel_h100_tiles_v32.json (geometric-mean
 # slowdown against the per-shape best: s16m 1.00 at M <= 16 (s16 1.04-1.06), s32m 1.04-1.06 at
-# M = 32-64 (s32 1.08-1.10), s64 1.10 at M = 128). M >= 256: kernel_h100_tiles.json (dequantise +
-# cuBLAS 1.00 from M = 256).
+# M = 32-64 (s32 1.08-1.10), s64 1.10 at M = 128). The wgmma tile w128n (session 4,
+# benchmarks/results/kernel_h100_wgmma.json, 4 shapes) beats them from M = 64 and dequantise +
+# cuBLAS up to M = 256 (e.g. llama3-8b.gate_up at M = 128: 61 us against s64 110, cuBLAS 89).
+# Beyond: dequantise + cuBLAS.
 # sm90, bfloat16: only x tiles exist; from the earlier full sweep (benchmarks/results/
 # kernel_h100.json, same day).
 PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
-        torch.float16: ((16, "s16m"), (64, "s32m"), (128, "s64"), (None, "dequant")),
+        torch.float16: ((16, "s16m"), (32, "s32m"), (256, "w128n"), (None, "dequant")),
         torch.bfloat16: ((16, "x16"), (32, "x32"), (None, "x64")),
     },
 }
