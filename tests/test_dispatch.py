@@ -24,6 +24,24 @@ def test_choose_follows_the_table(monkeypatch):
     assert dispatch.choose(4096, torch.bfloat16, dev) == "x64"
 
 
+def test_small_layers_take_their_own_plan(monkeypatch):
+    """A layer of K x N <= SMALL_LAYER_ELEMENTS follows SMALL_LAYER_PLANS where the family has one
+    for the dtype; larger layers, unknown sizes and other dtypes follow PLANS."""
+    monkeypatch.setattr(dispatch, "_major", lambda device: 9)
+    monkeypatch.setattr(dispatch, "_env_plans", {})
+    monkeypatch.setitem(dispatch.PLANS, 9, {torch.float16: ((16, "x16"), (None, "w128n")),
+                                            torch.bfloat16: ((None, "x64"),)})
+    monkeypatch.setitem(dispatch.SMALL_LAYER_PLANS, 9, {torch.float16: ((64, "s32m"), (None, "dequant"))})
+    dev = torch.device("cuda", 0)
+    small, large = dispatch.SMALL_LAYER_ELEMENTS, dispatch.SMALL_LAYER_ELEMENTS + 1
+    assert dispatch.choose(256, torch.float16, dev, weight_elements=small) == "dequant"
+    assert dispatch.choose(64, torch.float16, dev, weight_elements=small) == "s32m"
+    assert dispatch.choose(256, torch.float16, dev, weight_elements=large) == "w128n"
+    assert dispatch.choose(256, torch.float16, dev) == "w128n"
+    assert dispatch.choose(256, torch.bfloat16, dev, weight_elements=small) == "x64"
+    assert dispatch.choose_path(256, torch.float16, dev, weight_elements=small) == "dequant"
+
+
 def test_unmeasured_gpu_family_lets_the_kernel_choose(monkeypatch):
     monkeypatch.setattr(dispatch, "_major", lambda device: 7)
     monkeypatch.setattr(dispatch, "_env_plans", {})
@@ -138,8 +156,10 @@ def test_describe_says_what_runs(monkeypatch):
     monkeypatch.setattr(dispatch, "_major", lambda device: 9)
     monkeypatch.setattr(dispatch, "_env_plans", {})
     monkeypatch.setitem(dispatch.PLANS, 9, {torch.float16: ((16, "s16"), (128, "s64"), (None, "dequant"))})
+    monkeypatch.setitem(dispatch.SMALL_LAYER_PLANS, 9, {torch.float16: ((64, "s32m"), (None, "dequant"))})
     text = dispatch.describe(torch.float16, dev)
     assert text == ("NVIDIA H100 80GB HBM3 (sm9x), float16: M 1-16: tile s16; M 17-128: tile s64; "
-                    "M >= 129: dequantise + cuBLAS (measured)")
+                    "M >= 129: dequantise + cuBLAS; layers of K x N <= 25165824: M 1-64: tile s32m; "
+                    "M >= 65: dequantise + cuBLAS (measured)")
     monkeypatch.setattr(dispatch, "_major", lambda device: 8)
     assert dispatch.describe(torch.float16, dev).endswith("M >= 1: the kernel's own tile choice (not measured on this GPU family)")

@@ -41,16 +41,25 @@ Plan = tuple[tuple[int | None, str], ...]
 # 12 Llama shapes. M = 1-128: benchmarks/results/kernel_h100_tiles_v32.json (geometric-mean
 # slowdown against the per-shape best: s16m 1.00 at M <= 16 (s16 1.04-1.06), s32m 1.04-1.06 at
 # M = 32-64 (s32 1.08-1.10), s64 1.10 at M = 128). The wgmma tile w128n (session 4,
-# benchmarks/results/kernel_h100_wgmma.json, 4 shapes) beats them from M = 64 and dequantise +
-# cuBLAS up to M = 256 (e.g. llama3-8b.gate_up at M = 128: 61 us against s64 110, cuBLAS 89).
-# Beyond: dequantise + cuBLAS.
+# benchmarks/results/kernel_h100_tiles_v4.json, 12 shapes, M = 1-1024) beats them from M = 33 and
+# dequantise + cuBLAS up to M = 512 (geomean slowdown vs the per-shape best 1.05-1.06 at
+# M = 64-512; e.g. llama3-8b.gate_up at M = 128: 61 us against s64 110, cuBLAS 89), except on
+# small layers (SMALL_LAYER_PLANS below). Beyond M = 512: dequantise + cuBLAS.
 # sm90, bfloat16: only x tiles exist; from the earlier full sweep (benchmarks/results/
 # kernel_h100.json, same day).
 PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
-        torch.float16: ((16, "s16m"), (32, "s32m"), (256, "w128n"), (None, "dequant")),
+        torch.float16: ((16, "s16m"), (32, "s32m"), (512, "w128n"), (None, "dequant")),
         torch.bfloat16: ((16, "x16"), (32, "x32"), (None, "x64")),
     },
+}
+# Small layers (K x N <= SMALL_LAYER_ELEMENTS, e.g. Llama-3-8B's o 4096x4096 and qkv 4096x6144)
+# have too few 256-column blocks to fill 132 SMs with the w128n tile (16-24 blocks before split-K),
+# and their dense fp16 copy is small enough (32-48 MB) for dequantise + cuBLAS to win from M = 65
+# (kernel_h100_tiles_v4.json: w128n 1.35-1.66x slower than dequantise + cuBLAS there at M = 128-512).
+SMALL_LAYER_ELEMENTS = 4096 * 6144
+SMALL_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
+    9: {torch.float16: ((16, "s16m"), (64, "s32m"), (None, "dequant"))},
 }
 # Families not measured yet: the kernel's own choice everywhere (always correct, maybe not fastest).
 DEFAULT_PLAN: Plan = ((None, "auto"),)
@@ -96,13 +105,20 @@ def parse_plan_spec(text: str) -> dict[torch.dtype, Plan]:
 _env_plans: dict[torch.dtype, Plan] | None = None
 
 
-def plan_for(dtype: torch.dtype, device: torch.device) -> Plan:
+def plan_for(dtype: torch.dtype, device: torch.device, weight_elements: int | None = None) -> Plan:
+    """The plan for ``dtype`` on ``device``; ``weight_elements`` (K x N of the layer) selects the
+    small-layer plan where there is one. A plan from the environment applies to every layer."""
     global _env_plans
     if _env_plans is None:
         _env_plans = parse_plan_spec(os.environ.get(PLAN_ENV, ""))
     if dtype in _env_plans:
         return _env_plans[dtype]
-    return PLANS.get(_major(device), {}).get(dtype, DEFAULT_PLAN)
+    major = _major(device)
+    if weight_elements is not None and weight_elements <= SMALL_LAYER_ELEMENTS:
+        small = SMALL_LAYER_PLANS.get(major, {}).get(dtype)
+        if small is not None:
+            return small
+    return PLANS.get(major, {}).get(dtype, DEFAULT_PLAN)
 
 
 def format_plan_spec(plans: dict[torch.dtype, Plan]) -> str:
@@ -128,28 +144,38 @@ def describe(dtype: torch.dtype, device: torch.device) -> str:
     if dtype not in (torch.float16, torch.bfloat16):
         return f"{name}: {dtype} activations take the reference path (the kernel takes fp16 and bf16)"
     plan = plan_for(dtype, device)
-    source = ("from " + PLAN_ENV if _env_plans and dtype in _env_plans
+    from_env = bool(_env_plans and dtype in _env_plans)
+    source = ("from " + PLAN_ENV if from_env
               else "measured" if _major(device) in PLANS else "not measured on this GPU family")
+    text = f"{name} (sm{_major(device)}x), {str(dtype).removeprefix('torch.')}: " + _describe_plan(plan)
+    small = None if from_env else SMALL_LAYER_PLANS.get(_major(device), {}).get(dtype)
+    if small is not None:
+        text += f"; layers of K x N <= {SMALL_LAYER_ELEMENTS}: " + _describe_plan(small)
+    return text + f" ({source})"
+
+
+def _describe_plan(plan: Plan) -> str:
     ranges, low = [], 1
     for max_m, path in plan:
         what = {"dequant": "dequantise + cuBLAS", "auto": "the kernel's own tile choice"}.get(path, f"tile {path}")
         span = f"M >= {low}" if max_m is None else f"M {low}-{max_m}"
         ranges.append(f"{span}: {what}")
         low = (max_m or 0) + 1
-    return f"{name} (sm{_major(device)}x), {str(dtype).removeprefix('torch.')}: " + "; ".join(ranges) + f" ({source})"
+    return "; ".join(ranges)
 
 
-def choose(m: int, dtype: torch.dtype, device: torch.device) -> str:
-    """The path for a call with M rows: ``"dequant"``, a tile name, or ``"auto"``."""
-    for max_m, path in plan_for(dtype, device):
+def choose(m: int, dtype: torch.dtype, device: torch.device, weight_elements: int | None = None) -> str:
+    """The path for a call with M rows (on a K x N = ``weight_elements`` layer, when given):
+    ``"dequant"``, a tile name, or ``"auto"``."""
+    for max_m, path in plan_for(dtype, device, weight_elements):
         if max_m is None or m <= max_m:
             return path
     return "auto"  # a plan without a final (None, ...) entry: let the kernel choose
 
 
-def choose_path(m: int, dtype: torch.dtype, device: torch.device) -> str:
+def choose_path(m: int, dtype: torch.dtype, device: torch.device, weight_elements: int | None = None) -> str:
     """``"kernel"`` or ``"dequant"`` for a call with M rows."""
-    return "dequant" if choose(m, dtype, device) == "dequant" else "kernel"
+    return "dequant" if choose(m, dtype, device, weight_elements) == "dequant" else "kernel"
 
 
 _tile_index: dict[str, int] = {}

@@ -135,7 +135,7 @@ def _cuda_gemm(x, qweight, qzeros, scales, bias, group_size: int, size_n: int):
         x2 = x2.contiguous()
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    path = dispatch.choose(x2.shape[0], x.dtype, x.device)
+    path = dispatch.choose(x2.shape[0], x.dtype, x.device, weight_elements=x2.shape[1] * size_n)
     if path == "dequant":
         y = dequant_matmul(x2, qweight, qzeros, scales, bias, group_size, size_n)
     else:
