@@ -46,6 +46,9 @@ CALLS = {
     "itself at every M, bypassing the op's M dispatch",
     "quick_dequant": "vllm_quick.ops.dequant_matmul(x, ...): the op's large-M path (dequantise "
     "kernel + cuBLAS) at every M, to measure where it overtakes the kernel (benchmarks/dispatch_table.py)",
+    "quick_dequant_l2": "vllm_quick.ops.dequant_matmul(x, ..., chunk_bytes=ops.dequant_chunk_bytes()): the "
+    "dequant_l2 path (column chunks of VLLM_QUICK_DEQUANT_CHUNK_MB, default 24, dequantised into one reused "
+    "buffer, cuBLAS into y's columns) at every M",
     "cublas": "torch.nn.functional.linear(x, W) with W = dequant(codes, zeros, scales) as [N, K] "
     "in the activation dtype (what an unquantised vLLM layer runs)",
     "awq_gemm": "torch.ops._C.awq_gemm(x, qweight_awq, scales_fp16, qzeros_awq, split_k_iters=8) "
@@ -327,6 +330,19 @@ class QuickDequantBackend(QuickBackend):
         )
 
 
+class QuickDequantL2Backend(QuickBackend):
+    """The dequant_l2 path (dequantise + cuBLAS in L2-sized column chunks) called directly."""
+
+    name = "quick_dequant_l2"
+
+    def run(self, state, x):
+        from vllm_quick import ops
+
+        w = state.weights
+        return ops.dequant_matmul(x, w["qweight"], w["qzeros"], w["scales"], None, state.meta["group"],
+                                  state.meta["n"], chunk_bytes=ops.dequant_chunk_bytes())
+
+
 class CublasBackend(Backend):
     """The unquantised baseline: F.linear on the dequantised weight (cuBLAS)."""
 
@@ -583,6 +599,7 @@ BACKENDS: dict[str, Backend] = {
         QuickBackend(),
         QuickKernelBackend(),
         QuickDequantBackend(),
+        QuickDequantL2Backend(),
         *(QuickTileBackend(t) for t in KERNEL_TILES),
         CublasBackend(),
         AwqGemmBackend(),

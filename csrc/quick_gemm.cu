@@ -1012,6 +1012,31 @@ static int max_splits_setting() {
   return n >= 1 && n <= kLimit ? static_cast<int>(n) : kDefault;
 }
 
+// VLLM_QUICK_SPLIT_WAVES=1 (an experiment, session 4): choose the split count that fills whole
+// waves of resident blocks best, instead of the largest that fits in one wave. ncu of w128n on
+// 4096 x 12288: 48 column blocks x 2 splits = 96 blocks for 132 SMs (0.73 waves); 8 splits would
+// be 384 blocks, 2.9 waves (97% filled), at 4x the partial-sum traffic. Off by default.
+static bool split_waves_setting() {
+  const char* v = std::getenv("VLLM_QUICK_SPLIT_WAVES");
+  return v != nullptr && v[0] == '1' && v[1] == '\0';
+}
+
+// The split count in [1, limit] whose grid fills its last wave best (ties: fewer splits).
+static int wave_filling_splits(int mn_blocks, int capacity, int limit) {
+  int best = 1;
+  double best_fill = 0.0;
+  for (int s = 1; s <= limit; ++s) {
+    const int blocks = mn_blocks * s;
+    const int waves = (blocks + capacity - 1) / capacity;
+    const double fill = static_cast<double>(blocks) / (static_cast<double>(waves) * capacity);
+    if (fill > best_fill + 1e-9) {
+      best = s;
+      best_fill = fill;
+    }
+  }
+  return best;
+}
+
 static int resolve_tile(const GemmProblem& pr) {
   return tile_supports(pr.tile, pr.act) && pr.tile != kTileAuto ? pr.tile : default_tile(pr.m, pr.act);
 }
@@ -1030,7 +1055,10 @@ GemmPlan plan(const GemmProblem& pr, int device) {
     const int max_splits = max_splits_setting();
     const int capacity = sm_count(device) * Cfg::blocks_per_sm();
     const int mn_blocks = pl.grid_n * pl.grid_m;
-    const int splits = std::max(1, std::min({capacity / std::max(mn_blocks, 1), total_stages / 2, max_splits}));
+    const int limit = std::max(1, std::min(total_stages / 2, max_splits));
+    const int splits = split_waves_setting()
+                           ? wave_filling_splits(std::max(mn_blocks, 1), capacity, limit)
+                           : std::max(1, std::min(capacity / std::max(mn_blocks, 1), limit));
     pl.stages_per_split = (total_stages + splits - 1) / splits;
     pl.splits = (total_stages + pl.stages_per_split - 1) / pl.stages_per_split;
     pl.partial_floats = pl.splits > 1 ? static_cast<size_t>(pl.splits) * pr.m * pr.n : 0;

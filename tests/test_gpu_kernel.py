@@ -154,15 +154,15 @@ def assert_kernel_path(x, group: int) -> None:
     assert reason is None, f"this case would run the reference path, not the kernel: {reason}"
 
 
-def op_path(m: int, dtype: torch.dtype) -> str:
-    """The path torch.ops.quick.gemm takes for M rows here: "kernel" or "dequant"."""
+def op_path(m: int, dtype: torch.dtype, k: int, n: int) -> str:
+    """The path torch.ops.quick.gemm takes for M rows of a K x N layer here: "kernel" or "dequant"."""
     if ON_CPU:
         return "reference"
     try:
         from vllm_quick import dispatch
     except ImportError:
         return "kernel"
-    return dispatch.choose_path(m, dtype, torch.device("cuda", torch.cuda.current_device()))
+    return dispatch.choose_path(m, dtype, torch.device("cuda", torch.cuda.current_device()), weight_elements=k * n)
 
 
 @dataclass
@@ -268,7 +268,7 @@ def test_accuracy(kernel_or_cpu, shape, group_size, dtype_name, m):
     x = random_x((m, k), dtype, seed=zlib.crc32(f"{shape}/{group_size}/{dtype_name}/{m}".encode()))
     assert_kernel_path(x, w.group)
     label = f"{shape} K={k} N={n} g={group_size} {dtype_name} M={m}"
-    path = op_path(m, dtype)
+    path = op_path(m, dtype, k, n)
     y = quick_gemm(x, w)
     ref = x.float() @ w.w32
     c = check_output(y, ref, dtype, f"{label} (op, {path} path)")
@@ -329,14 +329,18 @@ def test_every_tile(kernel, tile, dtype_name, group_size):
             assert torch.equal(y, ops.kernel_gemm(*args)), f"tile {tile} M={m}: two calls differ"
 
 
+@pytest.mark.parametrize("split_waves", ["0", "1"])
 @pytest.mark.parametrize("max_splits", ["1", "16", "32", "junk"])
-def test_max_splits_setting_keeps_results(kernel, monkeypatch, max_splits):
+def test_max_splits_setting_keeps_results(kernel, monkeypatch, max_splits, split_waves):
     """VLLM_QUICK_MAX_SPLITS (a tuning knob of the split-K plan, read on every call) changes how K
     is cut up, never the result: no split at all, more splits than the default 8, and a bad value
     (ignored) all match the reference."""
     monkeypatch.setenv("VLLM_QUICK_MAX_SPLITS", max_splits)
-    for (k, n), m, tile in (((4096, 4096), 1, "s16"), ((11008, 4096), 64, "s32"), ((4096, 4096), 128, "s64"),
-                             ((4096, 4096), 16, "x16")):
+    monkeypatch.setenv("VLLM_QUICK_SPLIT_WAVES", split_waves)  # the wave-filling split choice
+    cases = [((4096, 4096), 1, "s16"), ((11008, 4096), 64, "s32"), ((4096, 4096), 128, "s64"), ((4096, 4096), 16, "x16")]
+    if torch.cuda.get_device_capability() == (9, 0):
+        cases.append(((4096, 12288), 128, "w128n"))
+    for (k, n), m, tile in cases:
         w = make_weight(k, n, 128)
         x = random_x((m, k), torch.float16, seed=zlib.crc32(f"splits/{k}/{m}".encode()))
         y = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, n, TILES.index(tile))
@@ -350,8 +354,8 @@ def test_dispatch_plan_names_supported_tiles(kernel):
     dev = torch.device("cuda", torch.cuda.current_device())
     for dtype in (torch.float16, torch.bfloat16):
         for _, path in dispatch.plan_for(dtype, dev):
-            if path == "dequant":
-                assert dtype == torch.float16, "bf16 must not take the dequant path (accuracy)"
+            if path in dispatch.DEQUANT_PATHS:
+                assert dtype == torch.float16, "bf16 must not take a dequant path (accuracy)"
                 continue
             index = dispatch.tile_index(path, kernel.TILES)
             w = make_weight(512, 256, 128)
@@ -525,6 +529,44 @@ def test_extension_raises_value_errors(kernel):
     # still usable afterwards
     y = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, 128, n)
     check_output(y, x.float() @ w.w32, torch.float16, "after the errors")
+
+
+@pytest.mark.parametrize("n,chunk_mb", [(4096, 1), (4096, 24), (200, 1), (2624, 0.5)])
+def test_dequant_in_column_chunks(kernel, n, chunk_mb):
+    """The dequant_l2 path: column chunks dequantised into one reused buffer, each product written
+    into its columns of y, equal the whole-layer dequant path; a padded last tile and a bias
+    included; fp16 only, like every dequant path (a bf16 dense weight is over the error budget).
+    (At K = 4096 a 2048-column chunk is 16 MB: chunk_mb 1 and 0.5 still give the 2048-column
+    minimum, so 4096 and 2624 columns take two chunks, the second one partial.)"""
+    dtype, dtype_name = torch.float16, "float16"
+    k = 4096
+    w = make_weight(k, n, 128)
+    bias = random_x((n,), dtype, seed=11)
+    for m in (1, 300, 1024):
+        x = random_x((m, k), dtype, seed=zlib.crc32(f"l2/{n}/{m}".encode()))
+        whole = ops.dequant_matmul(x, w.qweight, w.qzeros, w.scales, bias, w.group, n)
+        chunked = ops.dequant_matmul(x, w.qweight, w.qzeros, w.scales, bias, w.group, n,
+                                     chunk_bytes=int(chunk_mb * 2**20))
+        assert chunked.shape == (m, n) and chunked.dtype == dtype
+        check_output(chunked, x.float() @ w.w32 + bias.float(), dtype, f"dequant_l2 N={n} M={m} {dtype_name}")
+        assert (chunked.float() - whole.float()).abs().max() <= 1e-2 * whole.float().abs().max()
+
+
+def test_dequantize_column_range_and_out(kernel):
+    """quick::dequantize of a tile range equals those columns of the whole layer, also into a
+    caller's buffer; bad ranges and buffers raise ValueError."""
+    w = make_weight(512, 448, 64)
+    whole = ops.kernel_dequantize(w.qweight, w.qzeros, w.scales, w.group, torch.float16)
+    part = ops.kernel_dequantize(w.qweight, w.qzeros, w.scales, w.group, torch.float16, 2, 3)
+    assert torch.equal(part, whole[:, 128:320])
+    out = torch.empty(512, 4 * 64, dtype=torch.float16, device="cuda")
+    ops.kernel_dequantize(w.qweight, w.qzeros, w.scales, w.group, torch.float16, 3, -1, out)
+    assert torch.equal(out, whole[:, 192:448])
+    for begin, count in ((7, 1), (-1, 2), (5, 3), (0, 0)):
+        with pytest.raises(ValueError, match="not a range"):
+            ops.kernel_dequantize(w.qweight, w.qzeros, w.scales, w.group, torch.float16, begin, count)
+    with pytest.raises(ValueError, match="out must be"):
+        ops.kernel_dequantize(w.qweight, w.qzeros, w.scales, w.group, torch.float16, 0, 2, out)
 
 
 def test_group_the_kernel_does_not_take_falls_back_to_the_reference(kernel):

@@ -16,7 +16,10 @@ freeze it). The paths:
 * ``"auto"``: the kernel with its own built-in choice by M (families not measured yet);
 * ``"dequant"``: dequantise the layer once into a dense matrix (csrc/quick_dequant.cu) and call
   cuBLAS; wins once the GEMM is bound by arithmetic (large M, prefill), where cuBLAS's Hopper
-  (wgmma) kernels beat our mma.sync ones.
+  (wgmma) kernels beat our mma.sync ones;
+* ``"dequant_l2"``: the same, a chunk of columns at a time into one buffer small enough to stay
+  in L2 (``VLLM_QUICK_DEQUANT_CHUNK_MB``, default 24), so the dense copy need not travel to DRAM
+  and back (an experiment: not in any plan until timed on a GPU).
 
 ``PLANS`` is the measured choice per GPU family and activation dtype: ``(largest M, path)`` pairs
 in increasing M, the last one with ``None`` (any larger M). ``benchmarks/dispatch_table.py``
@@ -75,6 +78,9 @@ def _major(device: torch.device) -> int:
 
 
 PLAN_ENV = "VLLM_QUICK_DISPATCH_PLAN"
+# The dequantise + cuBLAS paths: the whole layer at once, or L2-sized column chunks (ops.py,
+# dequant_matmul; an experiment not in any plan until timed).
+DEQUANT_PATHS = ("dequant", "dequant_l2")
 _DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -157,7 +163,8 @@ def describe(dtype: torch.dtype, device: torch.device) -> str:
 def _describe_plan(plan: Plan) -> str:
     ranges, low = [], 1
     for max_m, path in plan:
-        what = {"dequant": "dequantise + cuBLAS", "auto": "the kernel's own tile choice"}.get(path, f"tile {path}")
+        what = {"dequant": "dequantise + cuBLAS", "dequant_l2": "dequantise in L2-sized chunks + cuBLAS",
+                "auto": "the kernel's own tile choice"}.get(path, f"tile {path}")
         span = f"M >= {low}" if max_m is None else f"M {low}-{max_m}"
         ranges.append(f"{span}: {what}")
         low = (max_m or 0) + 1
@@ -174,8 +181,8 @@ def choose(m: int, dtype: torch.dtype, device: torch.device, weight_elements: in
 
 
 def choose_path(m: int, dtype: torch.dtype, device: torch.device, weight_elements: int | None = None) -> str:
-    """``"kernel"`` or ``"dequant"`` for a call with M rows."""
-    return "dequant" if choose(m, dtype, device, weight_elements) == "dequant" else "kernel"
+    """``"kernel"`` or ``"dequant"`` (either dequantise + cuBLAS path) for a call with M rows."""
+    return "dequant" if choose(m, dtype, device, weight_elements) in DEQUANT_PATHS else "kernel"
 
 
 _tile_index: dict[str, int] = {}
