@@ -281,9 +281,13 @@ class QuickKernelBackend(QuickBackend):
 
 # The kernel's tile configurations, in the order of vllm_quick._C.TILES (csrc/quick_gemm.cu,
 # with_tile): "x" tiles keep exact integer fragments (fp16 and bf16), "s" tiles scale inside the
-# fragments (fp16 only), "w" tiles feed those fragments to Hopper's wgmma (fp16, sm_90 only). One
-# backend per tile, "quick_<tile>", to derive vllm_quick/dispatch.py.
-KERNEL_TILES = ("x16", "x32", "x64", "s16", "s32", "s64", "s128", "s16m", "s32m", "s64m", "w64", "w128", "w128n")
+# fragments (fp16 only), "w" tiles feed those fragments to Hopper's wgmma (fp16, sm_90 only), and
+# "w64x" feeds it the exact ones (fp16 and bf16, sm_90 only). One backend per tile,
+# "quick_<tile>", to derive vllm_quick/dispatch.py.
+KERNEL_TILES = ("x16", "x32", "x64", "s16", "s32", "s64", "s128", "s16m", "s32m", "s64m", "w64", "w128", "w128n",
+                "w64x")
+# Tiles with scaled fp16 fragments: the kernel refuses bf16 for them.
+FP16_ONLY_TILES = tuple(t for t in KERNEL_TILES if t.startswith("s") or (t.startswith("w") and not t.endswith("x")))
 for _tile in KERNEL_TILES:
     CALLS[f"quick_{_tile}"] = (f"vllm_quick.ops.kernel_gemm(x, qweight, qzeros, scales, None, group, N, tile) with "
                                f"tile = TILES.index({_tile!r}): the QUICK kernel with that tile at every M")
@@ -299,7 +303,7 @@ class QuickTileBackend(QuickKernelBackend):
     def unsupported(self, k, n, group_size, act_dtype):
         from vllm_quick import ops
 
-        if self.tile.startswith(("s", "w")) and act_dtype != torch.float16:
+        if self.tile in FP16_ONLY_TILES and act_dtype != torch.float16:
             return f"tile {self.tile} (scaled fragments) is fp16 only"
         if self.tile.startswith("w") and torch.cuda.get_device_capability() != (9, 0):
             return f"tile {self.tile} (wgmma) needs an sm_90 GPU"

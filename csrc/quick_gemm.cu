@@ -152,17 +152,22 @@ __device__ __forceinline__ uint64_t sw128_kmajor_desc(uint32_t smem_addr) {
          static_cast<uint64_t>((smem_addr & 0x3FFFFu) >> 4);
 }
 
-// D[64 x 64] += A[64 x 16] * B[16 x 64], fp16 in, fp32 accumulate; A from registers (each warp
-// of the warpgroup holds 16 rows in the mma.m16n8k16 A-fragment layout), B from shared memory.
-// D: warp w, lane l holds rows 16 w + l / 4 (+ 8 for d[4 i + 2], d[4 i + 3]) and columns
-// 8 i + 2 (l % 4) + {0, 1}.
-__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
+// D[64 x N] += A[64 x 16] * B[16 x N] for N = 64 or 128 tokens, fp16 or bf16 in, fp32
+// accumulate; A from registers (each warp of the warpgroup holds 16 rows in the mma.m16n8k16
+// A-fragment layout), B from shared memory. D: warp w, lane l holds rows 16 w + l / 4 (+ 8 for
+// d[4 i + 2], d[4 i + 3]) and columns 8 i + 2 (l % 4) + {0, 1}. (The operand lists are spelled
+// out: inline asm takes no loops.)
+template <typename T, int kN>
+__device__ __forceinline__ void wgmma_rs(float (&d)[kN / 2], const uint32_t (&a)[4], uint64_t desc_b) {
+  static_assert(kN == 64 || kN == 128, "wgmma tiles use 64 or 128 tokens");
 #if QUICK_WGMMA
-  asm volatile(
+  constexpr bool kHalf = std::is_same_v<T, __half>;
+  if constexpr (kN == 64 && kHalf) {
+    asm volatile(
       "{\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19,"
+      "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
       "{%32, %33, %34, %35}, %36, 1, 1, 1, 0;\n"
       "}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
@@ -171,15 +176,22 @@ __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], const uint32_t (
         "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
         "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
-#else
-  __trap();
-#endif
-}
-
-// The same with 128 columns (tokens): d[4 i + ...] for i = 0..15.
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) {
-#if QUICK_WGMMA
-  asm volatile(
+  } else if constexpr (kN == 64) {
+    asm volatile(
+      "{\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19,"
+      "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, 1, 1, 1, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
+        "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
+        "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
+        "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+  } else if constexpr (kHalf) {
+    asm volatile(
       "{\n"
       "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
       "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19,"
@@ -198,6 +210,27 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], const uint32_t 
         "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
         "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+  } else {
+    asm volatile(
+      "{\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19,"
+      "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37,"
+      "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55,"
+      "%56, %57, %58, %59, %60, %61, %62, %63}, "
+      "{%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
+        "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
+        "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
+        "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),
+        "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),
+        "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
+        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+  }
 #else
   __trap();
 #endif
@@ -367,11 +400,11 @@ __device__ __forceinline__ void load_fragment_scales(const __half* tile_scales, 
   for (int nb = 0; nb < 8; ++nb) scale[nb] = __byte_perm(w[nb], 0, select);
 }
 
-// wgmma tiles (w64, w128, w128n). The product is computed transposed, y^T = W^T x^T: weights are
-// wgmma's A operand, from registers, and the block's tokens its N, from the shared activation
-// tile. A lane's 16 weight bytes are a 16 (k) x 64 (n) tile as eight n8 B fragments (dequant_tile),
-// and word j of them, n rows 16 j .. 16 j + 15, is exactly one A fragment of the transposed tile
-// (mma.m16n8k16 A layout, g = lane / 4):
+// wgmma tiles (w64, w128, w128n, w64x). The product is computed transposed, y^T = W^T x^T:
+// weights are wgmma's A operand, from registers, and the block's tokens its N, from the shared
+// activation tile. A lane's 16 weight bytes are a 16 (k) x 64 (n) tile as eight n8 B fragments
+// (dequant_tile), and word j of them, n rows 16 j .. 16 j + 15, is exactly one A fragment of the
+// transposed tile (mma.m16n8k16 A layout, g = lane / 4):
 //   a0a1 = (row g, k 2 (lane % 4) + {0, 1})  = block 2j   (b0, b1)   pair 0 of word j
 //   a2a3 = (row g + 8, same k)               = block 2j+1 (b0, b1)   pair 2
 //   a4a5 = (row g, k + 8)                    = block 2j   (b2, b3)   pair 1
@@ -380,29 +413,35 @@ __device__ __forceinline__ void load_fragment_scales(const __half* tile_scales, 
 // between warps and the interleaved layout is the mma.sync one. Two ways to cut a k-step:
 //   kWords = 4 (w64, w128): every warp takes all four words of its own 64-column tile, and
 //     wgmma j (j = 0..3) takes word j of every warp: 4 x m64n64k16, 64 tokens per warpgroup.
-//   kWords = 2 (w128n): warp r of warpgroup g takes words 2 (r % 2), +1 of tile 2 g + r / 2
+//   kWords = 2 (w128n, w64x): warp r of warpgroup g takes words 2 (r % 2), +1 of tile 2 g + r / 2
 //     (8 of its 16 bytes: a 2-way bank conflict on that load), and wgmma j (j = 0, 1) takes the
-//     warp's word j: 2 x m64n128k16 over 128 tokens. Each weight then serves 128 tokens: half
-//     the dequantisation per FLOP of kWords = 4.
+//     warp's word j, over all of the block's tokens (2 x m64n128k16 for w128n). Each weight then
+//     serves 128 tokens: half the dequantisation per FLOP of kWords = 4.
+// Scaled tiles put (q - z) * s (fp16) into A; the exact tile w64x (fp16 and bf16) puts q - z
+// there, sums each group in a second accumulator set and adds group sum x scale in fp32, like the
+// x tiles of mma.sync (two sets of 2 x 32 floats: why it has 64 tokens, not 128).
 
 // Zeros and scales of the warp's kWords words (first_word on), for dequant_a_fragments: the
 // zero word pre-shifted by 4 first_word has the warp's blocks in its pairs 0..kWords-1
 // (layout.py, ZERO_NIBBLE_BLOCK: pair m = nibbles m, m + 4 = blocks 2m, 2m + 1); the scales of
-// block b sit in word b of the 32 B at 16 (g / 2) (load_fragment_scales).
-template <int kWords>
+// block b sit in word b of the 32 B at 16 (g / 2) (load_fragment_scales), and that scale is
+// the one of this lane's A rows (n = 16 j + g and + 8) of the blocks 2 j and 2 j + 1.
+template <typename T, int kWords, bool kLean>
 __device__ __forceinline__ void unpack_word_params(uint32_t zero_word, const __half* tile_scales, int lane,
                                                    int first_word, uint32_t (&biased_zero)[2 * kWords],
                                                    uint32_t (&neg_zero16)[2 * kWords], uint32_t (&scale)[2 * kWords]) {
   const uint32_t zw = zero_word >> (4 * first_word);
 #pragma unroll
   for (int m = 0; m < kWords; ++m) {
-    const uint32_t pair = and_or(zw >> (4 * m), 0x000f000fu, Act<__half>::kMagic);
+    const uint32_t pair = and_or(zw >> (4 * m), 0x000f000fu, Act<T>::kMagic);
     biased_zero[2 * m] = __byte_perm(pair, 0, 0x1010);
     biased_zero[2 * m + 1] = __byte_perm(pair, 0, 0x3232);
-    const uint32_t moved = m == 0 ? zw << 4 : zw >> (4 * m - 4);
-    const uint32_t neg = and_or(moved, 0x00f000f0u, kNegSixtyFourPair);
-    neg_zero16[2 * m] = __byte_perm(neg, 0, 0x1010);
-    neg_zero16[2 * m + 1] = __byte_perm(neg, 0, 0x3232);
+    if constexpr (kLean) {
+      const uint32_t moved = m == 0 ? zw << 4 : zw >> (4 * m - 4);
+      const uint32_t neg = and_or(moved, 0x00f000f0u, kNegSixtyFourPair);
+      neg_zero16[2 * m] = __byte_perm(neg, 0, 0x1010);
+      neg_zero16[2 * m + 1] = __byte_perm(neg, 0, 0x3232);
+    }
   }
   const int g = lane / 4;
   const uint4* src = reinterpret_cast<const uint4*>(tile_scales + 16 * (g / 2)) + first_word / 2;
@@ -417,45 +456,53 @@ __device__ __forceinline__ void unpack_word_params(uint32_t zero_word, const __h
   }
 }
 
-// kWords weight words -> wgmma A fragments (q - z) * s, with the lean ("16x magic") dequantisation
-// of dequant_tile: pairs 0 / 2 by the 1024 magic, pairs 1 / 3 by the 16x magic on the unshifted
-// byte, one shift (>> 8) per word.
-template <int kWords>
+// kWords weight words -> wgmma A fragments: (q - z) * s (kScaled, fp16) or the exact q - z.
+// Lean (fp16): pairs 0 / 2 by the 1024 magic, pairs 1 / 3 by the 16x magic on the unshifted byte,
+// one shift (>> 8) per word (dequant_tile). Otherwise pair m of word >> 4 m by T's magic.
+template <typename T, int kWords, bool kScaled, bool kLean>
 __device__ __forceinline__ void dequant_a_fragments(const uint32_t (&w)[kWords], const uint32_t (&biased_zero)[2 * kWords],
                                                     const uint32_t (&neg_zero16)[2 * kWords],
                                                     const uint32_t (&scale)[2 * kWords], uint32_t (&a)[kWords][4]) {
-  using H = Act<__half>;
+  static_assert(!(kScaled || kLean) || std::is_same_v<T, __half>, "scaled and lean fragments are fp16 only");
+  using A = Act<T>;
 #pragma unroll
   for (int j = 0; j < kWords; ++j) {
-    const uint32_t lo = w[j], hi = w[j] >> 8;
-    const uint32_t p0 = H::sub2(and_or(lo, 0x000f000fu, H::kMagic), biased_zero[2 * j]);
-    const uint32_t p1 = H::fma2(and_or(lo, 0x00f000f0u, H::kMagic), kSixteenthPair, neg_zero16[2 * j]);
-    const uint32_t p2 = H::sub2(and_or(hi, 0x000f000fu, H::kMagic), biased_zero[2 * j + 1]);
-    const uint32_t p3 = H::fma2(and_or(hi, 0x00f000f0u, H::kMagic), kSixteenthPair, neg_zero16[2 * j + 1]);
-    a[j][0] = H::mul2(p0, scale[2 * j]);
-    a[j][1] = H::mul2(p2, scale[2 * j + 1]);
-    a[j][2] = H::mul2(p1, scale[2 * j]);
-    a[j][3] = H::mul2(p3, scale[2 * j + 1]);
+    uint32_t p[4];  // pair m: nibbles (m, m + 4); blocks 2j (m = 0, 1) and 2j + 1 (m = 2, 3)
+    if constexpr (kLean) {
+      const uint32_t lo = w[j], hi = w[j] >> 8;
+      p[0] = A::sub2(and_or(lo, 0x000f000fu, A::kMagic), biased_zero[2 * j]);
+      p[1] = Act<__half>::fma2(and_or(lo, 0x00f000f0u, A::kMagic), kSixteenthPair, neg_zero16[2 * j]);
+      p[2] = A::sub2(and_or(hi, 0x000f000fu, A::kMagic), biased_zero[2 * j + 1]);
+      p[3] = Act<__half>::fma2(and_or(hi, 0x00f000f0u, A::kMagic), kSixteenthPair, neg_zero16[2 * j + 1]);
+    } else {
+#pragma unroll
+      for (int m = 0; m < 4; ++m)
+        p[m] = A::sub2(and_or(w[j] >> (4 * m), 0x000f000fu, A::kMagic), biased_zero[2 * j + m / 2]);
+    }
+    if constexpr (kScaled) {
+#pragma unroll
+      for (int m = 0; m < 4; ++m) p[m] = Act<__half>::mul2(p[m], scale[2 * j + m / 2]);
+    }
+    a[j][0] = p[0];
+    a[j][1] = p[2];
+    a[j][2] = p[1];
+    a[j][3] = p[3];
   }
 }
 
-// One k-step: the wgmmas of the warpgroup on this k16 of B (desc_b), then wait for the previous
-// k-step. acc is the kernel's [4][8][4] array: kWords = 4 uses it as 4 x 32 (m64n64 D each),
-// kWords = 2 as 2 x 64 (m64n128). D element d[4 i + e] of lane l of warp w: row 16 w + l / 4
-// (+ 8 for e >= 2) of the A operand, token 8 i + 2 (l % 4) + e % 2.
-template <int kWords>
-__device__ __forceinline__ void wgmma_step(float (&acc)[4][8][4], const uint32_t (&a)[kWords][4], uint64_t desc_b) {
-  auto& d = reinterpret_cast<float(&)[kWords][128 / kWords]>(acc);
+// One k-step: the wgmmas of the warpgroup on this k16 of B (desc_b) into acc, then wait for the
+// previous k-step. acc is one of the kernel's [kRows][8][4] accumulator arrays, seen as kWords
+// wgmma D operands of kTokens / 2 floats: D element d[4 i + e] of lane l of warp w is row
+// 16 w + l / 4 (+ 8 for e >= 2) of the A operand, token 8 i + 2 (l % 4) + e % 2.
+template <typename T, int kWords, int kTokens, int kRows>
+__device__ __forceinline__ void wgmma_step(float (&acc)[kRows][8][4], const uint32_t (&a)[kWords][4], uint64_t desc_b) {
+  static_assert(kRows * 32 == kWords * kTokens / 2, "accumulator size");
+  auto& d = reinterpret_cast<float(&)[kWords][kTokens / 2]>(acc);
 #pragma unroll
   for (int j = 0; j < kWords; ++j) fence_registers(d[j]);
   wgmma_fence();
 #pragma unroll
-  for (int j = 0; j < kWords; ++j) {
-    if constexpr (kWords == 4)
-      wgmma_m64n64k16(d[j], a[j], desc_b);
-    else
-      wgmma_m64n128k16(d[j], a[j], desc_b);
-  }
+  for (int j = 0; j < kWords; ++j) wgmma_rs<T, kTokens>(d[j], a[j], desc_b);
   wgmma_commit();
 #pragma unroll
   for (int j = 0; j < kWords; ++j) fence_registers(d[j]);
@@ -526,10 +573,12 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
   constexpr bool kWgmma = kWgWords > 0;
   constexpr int kWW = kWgmma ? kWgWords : 1;  // (array sizes)
   static_assert(kWgWords == 0 || kWgWords == 2 || kWgWords == 4, "wgmma words per warp: 4 or 2");
-  static_assert(!kWgmma || (kLean && kWarpTilesM == 4), "wgmma tiles: lean fragments, 64 rows per warpgroup");
-  static_assert(kWgWords != 2 || kWarpsM == 2, "2-word wgmma tiles: two warpgroups along N");
+  static_assert(kWgWords != 4 || (kLean && kWarpTilesM == 4), "4-word wgmma tiles: lean, 64 rows per warpgroup");
+  static_assert(kWgWords != 2 || (kWarpsM == 2 && (kScaled ? kWarpTilesM == 4 : kWarpTilesM == 2)),
+                "2-word wgmma tiles: two warpgroups along N over 128 (scaled) or 64 (exact) tokens");
   constexpr int kThreads = 32 * kWarpsN * kWarpsM;
   constexpr int kBlockM = 16 * kWarpTilesM * kWarpsM;
+  constexpr int kWgTokens = kWW == 4 ? 64 : kBlockM;  // wgmma N: tokens per instruction
   using Smem = SmemLayout<kBlockM, kWgmma>;
   constexpr int kStages = Smem::kStages, kAhead = Smem::kAhead;
   extern __shared__ __align__(16) unsigned char smem_window[];
@@ -652,7 +701,11 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
 
   if constexpr (kWgmma) {  // zeros materialised here, not sunk past the first wgmma (C7515)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) fence_registers(reinterpret_cast<float(&)[32]>(acc[j]));
+    for (int r = 0; r < kWarpTilesM; ++r) fence_registers(reinterpret_cast<float(&)[32]>(acc[r]));
+    if constexpr (!kScaled) {
+#pragma unroll
+      for (int r = 0; r < kGroupTiles; ++r) fence_registers(reinterpret_cast<float(&)[32]>(group_acc[r]));
+    }
   }
 
   uint32_t biased_zero[8];
@@ -671,7 +724,27 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
 
   // acc += group_acc * scale, then start a new group sum.
   auto flush_group = [&]() {
-    if constexpr (!kScaled) {  // (scaled tiles: the scale is already inside the fragments)
+    if constexpr (kWgmma && !kScaled) {
+      // The group's wgmmas must have finished; each accumulator row (an output feature) has the
+      // one scale of its block: wg_scale[2 j + e / 2] (unpack_word_params), fp16 -> fp32 exact.
+      wgmma_wait<0>();
+#pragma unroll
+      for (int r = 0; r < kGroupTiles; ++r) fence_registers(reinterpret_cast<float(&)[32]>(group_acc[r]));
+      auto& sums = reinterpret_cast<float(&)[kWW][kWgTokens / 8][4]>(group_acc);
+      auto& total = reinterpret_cast<float(&)[kWW][kWgTokens / 8][4]>(acc);
+#pragma unroll
+      for (int j = 0; j < kWW; ++j) {
+        const float s_lo = __half2float(__ushort_as_half(static_cast<unsigned short>(wg_scale[2 * j] & 0xffffu)));
+        const float s_hi = __half2float(__ushort_as_half(static_cast<unsigned short>(wg_scale[2 * j + 1] & 0xffffu)));
+#pragma unroll
+        for (int i = 0; i < kWgTokens / 8; ++i)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            total[j][i][e] = fmaf(sums[j][i][e], e < 2 ? s_lo : s_hi, total[j][i][e]);
+            sums[j][i][e] = 0.f;
+          }
+      }
+    } else if constexpr (!kScaled) {  // (scaled tiles: the scale is already inside the fragments)
 #pragma unroll
       for (int mi = 0; mi < kWarpTilesM; ++mi)
 #pragma unroll
@@ -726,7 +799,7 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
           const uint32_t zero_word = z_src[r * (kBlockN / 8) + my_tile * 8 + lane / 4];
           const __half* tile_scales = reinterpret_cast<const __half*>(s_src + r * kBlockN * 2) + my_tile * kTileN;
           if constexpr (kWgmma) {
-            unpack_word_params<kWW>(zero_word, tile_scales, lane, first_word, wg_zero, wg_neg_zero, wg_scale);
+            unpack_word_params<T, kWW, kLean>(zero_word, tile_scales, lane, first_word, wg_zero, wg_neg_zero, wg_scale);
           } else {
             unpack_zeros<T>(zero_word, biased_zero);
             if constexpr (kLean) unpack_neg_zeros16(zero_word, neg_zero16);
@@ -751,11 +824,15 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
             w[0] = v.x, w[1] = v.y;
           }
           uint32_t a[kWW][4];
-          dequant_a_fragments<kWW>(w, wg_zero, wg_neg_zero, wg_scale, a);
-          // B: the warpgroup's tokens (its 64 rows for 4 words, all 128 for 2), k-step kt: +32 B
-          // per k16 inside the 128 B rows.
+          dequant_a_fragments<T, kWW, kScaled, kLean>(w, wg_zero, wg_neg_zero, wg_scale, a);
+          // B: the warpgroup's tokens (its 64 rows for 4 words, all of the block's for 2), k-step
+          // kt: +32 B per k16 inside the 128 B rows.
           const int b_row0 = kWW == 4 ? warp_m * 64 : 0;
-          wgmma_step<kWW>(acc, a, sw128_kmajor_desc(smem_u32(a_src) + b_row0 * 128 + kt * 32));
+          const uint64_t desc = sw128_kmajor_desc(smem_u32(a_src) + b_row0 * 128 + kt * 32);
+          if constexpr (kScaled)
+            wgmma_step<T, kWW, kWgTokens>(acc, a, desc);
+          else
+            wgmma_step<T, kWW, kWgTokens>(group_acc, a, desc);
         } else {
           uint32_t frag[8][2];
           dequant_tile<T, kScaled, kLean>(w_src[(kt * kWarpsN + warp_n) * 32 + lane], biased_zero, neg_zero16,
@@ -780,11 +857,11 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
     }
   }
   cp_async_wait<0>();
-  if (warp_active) flush_group();
+  if (kWgmma || warp_active) flush_group();
   if constexpr (kWgmma) {
     wgmma_wait<0>();
 #pragma unroll
-    for (int j = 0; j < 4; ++j) fence_registers(reinterpret_cast<float(&)[32]>(acc[j]));
+    for (int r = 0; r < kWarpTilesM; ++r) fence_registers(reinterpret_cast<float(&)[32]>(acc[r]));
   }
 
   // ---------------------------------------------------------------------------------------
@@ -808,7 +885,7 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
 
   if constexpr (kWgmma) {
     // D of wgmma j (wgmma_step), element [i][e]: column n0 + 16 j + 8 (e / 2), row t0 + 8 i + e % 2.
-    const auto& d = reinterpret_cast<const float(&)[kWW][32 / kWW][4]>(acc);
+    const auto& d = reinterpret_cast<const float(&)[kWW][kWgTokens / 8][4]>(acc);
     const int n0 = (tile_n0 + my_tile) * kTileN + 16 * first_word + lane / 4;
     const int t0 = row0 + (kWW == 4 ? warp_m * 64 : 0) + 2 * (lane % 4);
     float* part = p.partials + static_cast<size_t>(blockIdx.z) * p.m * p.n;
@@ -816,7 +893,7 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
 #pragma unroll
       for (int j = 0; j < kWW; ++j)
 #pragma unroll
-        for (int i = 0; i < 32 / kWW; ++i)
+        for (int i = 0; i < kWgTokens / 8; ++i)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int row = t0 + 8 * i + e % 2, col = n0 + 16 * j + 8 * (e / 2);
@@ -938,6 +1015,8 @@ struct Config {
 //   w64 / w128 / w128n (fp16, sm_90a only): the lean fragments fed to wgmma instead of mma.sync
 //     (wgmma_step): 4 words per warp and k-step, one warpgroup of 64 rows (2 blocks per SM) or two
 //     (128 rows, 1 block per SM); w128n: 2 words per warp, two warpgroups along N sharing 128 rows.
+//   w64x (fp16 and bf16, sm_90a only): exact fragments q - z through wgmma, 2 words per warp, two
+//     warpgroups along N sharing 64 rows, per-group fp32 scaling like the x tiles.
 // A tile the activation type does not support (scaled tiles for bf16) falls back to x64.
 template <typename T, typename F>
 auto with_tile(int tile, F&& f) {
@@ -955,6 +1034,7 @@ auto with_tile(int tile, F&& f) {
     case kTileW64: if constexpr (kHalf) return f.template operator()<Config<T, 4, 1, true, 2, true, 4>>(); break;
     case kTileW128: if constexpr (kHalf) return f.template operator()<Config<T, 4, 2, true, 1, true, 4>>(); break;
     case kTileW128N: if constexpr (kHalf) return f.template operator()<Config<T, 4, 2, true, 1, true, 2>>(); break;
+    case kTileW64X: return f.template operator()<Config<T, 2, 2, false, 1, false, 2>>();
     default: break;
   }
   return f.template operator()<Config<T, 2, 2, false, 1>>();  // kTileX64
@@ -977,18 +1057,18 @@ int sm_count(int device) {
 
 const char* tile_name(int tile) {
   static const char* const kNames[kTileCount] = {"x16", "x32", "x64", "s16", "s32", "s64", "s128",
-                                                 "s16m", "s32m", "s64m", "w64", "w128", "w128n"};
+                                                 "s16m", "s32m", "s64m", "w64", "w128", "w128n", "w64x"};
   return tile >= 0 && tile < kTileCount ? kNames[tile] : "auto";
 }
 
 bool tile_supports(int tile, ActType act) {
   if (tile == kTileAuto) return true;
   if (tile < 0 || tile >= kTileCount) return false;
-  return tile <= kTileX64 || act == ActType::kFloat16;
+  return tile <= kTileX64 || tile == kTileW64X || act == ActType::kFloat16;
 }
 
 bool tile_runs_on(int tile, int device) {
-  if (tile != kTileW64 && tile != kTileW128 && tile != kTileW128N) return true;
+  if (tile != kTileW64 && tile != kTileW128 && tile != kTileW128N && tile != kTileW64X) return true;
   int major = 0, minor = 0;  // wgmma code exists only in the sm_90a build
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);

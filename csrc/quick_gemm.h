@@ -18,10 +18,11 @@ enum Tile : int {
   kTileS16, kTileS32, kTileS64, kTileS128,           // scaled fragments, fp16
   kTileS16M, kTileS32M, kTileS64M,                   // scaled, 16x magic ("lean"), fp16
   kTileW64, kTileW128, kTileW128N,                   // lean, Hopper wgmma (sm_90a), fp16
+  kTileW64X,                                         // exact, Hopper wgmma (sm_90a), fp16 and bf16
   kTileCount
 };
 const char* tile_name(int tile);                // "x16", ..., "auto" for anything else
-bool tile_supports(int tile, ActType act);      // scaled ("s") and wgmma ("w") tiles are fp16 only
+bool tile_supports(int tile, ActType act);      // scaled ("s") and scaled wgmma tiles are fp16 only
 bool tile_runs_on(int tile, int device);        // wgmma ("w") tiles need an sm_90 GPU
 int default_tile(int m, ActType act);           // the choice for kTileAuto
 

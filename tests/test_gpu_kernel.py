@@ -304,8 +304,8 @@ def test_tile_names_match_the_extension(kernel):
 @pytest.mark.parametrize("tile", TILES)
 def test_every_tile(kernel, tile, dtype_name, group_size):
     """Each tile on every M (one block row or several, split-K or not), padded N included; two
-    calls equal bit for bit. Scaled ("s") and wgmma ("w") tiles are fp16 only and refuse bf16 with a
-    ValueError; "w" tiles run on sm_90 only and say so elsewhere."""
+    calls equal bit for bit. Scaled tiles ("s", and the wgmma tiles but w64x) are fp16 only and
+    refuse bf16 with a ValueError; "w" tiles run on sm_90 only and say so elsewhere."""
     dtype = DTYPES[dtype_name]
     index = TILES.index(tile)
     if tile.startswith("w") and torch.cuda.get_device_capability() != (9, 0):
@@ -319,7 +319,7 @@ def test_every_tile(kernel, tile, dtype_name, group_size):
         for m in TILE_M:
             x = random_x((m, k), dtype, seed=zlib.crc32(f"tile/{shape}/{m}".encode()))
             args = (x, w.qweight, w.qzeros, w.scales, None, w.group, n, index)
-            if tile.startswith(("s", "w")) and dtype != torch.float16:
+            if tile in vllm_kernels.FP16_ONLY_TILES and dtype != torch.float16:
                 with pytest.raises(ValueError, match="not a tile configuration"):
                     ops.kernel_gemm(*args)
                 return
