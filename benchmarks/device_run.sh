@@ -13,8 +13,9 @@
 #   bench     benchmarks/kernel_bench.py, full sweep, with the time that is left
 #   ncustall  Nsight Compute stall reasons (WarpStateStats, SchedulerStats) of tiles x16 / s64 / s128
 #             at 4096x12288 fp16, M = 1, 16, 64, 256 (ncu_stall.ncu-rep, ncu_stall.txt)
-#   tiles     fp16 sweep of every kernel tile, dequant, the op, cuBLAS, awq_gemm, Marlin, Machete on the 12
-#             shapes, M = 1..512 (kernel_<gpu>_tiles.json/.md), then benchmarks/dispatch_table.py:
+#   tiles     sweep of every kernel tile, dequant, the op, cuBLAS, awq_gemm, Marlin, Machete on the 12
+#             shapes, M = 1..512 (kernel_<gpu>_tiles.json/.md; TILE_BACKENDS, TILE_M, TILE_DTYPES
+#             (float16) and TILE_TARGET_MS override), then benchmarks/dispatch_table.py:
 #             the suggested plan goes to dispatch_plan.txt in $OUT and /tmp/quick_dispatch_plan.txt
 #             (export VLLM_QUICK_DISPATCH_PLAN=$(cat /tmp/quick_dispatch_plan.txt) to serve with it)
 #   smoke     benchmarks/kernel_bench.py --smoke (one small case per backend)
@@ -253,7 +254,7 @@ export TILE_BACKENDS
 step_tiles() {
   local budget=$(( $(remaining) - 30 )) tag json
   [ $budget -lt 30 ] && budget=30
-  "$PY" benchmarks/kernel_bench.py --out-dir "$OUT" --tag tiles --time-budget "$budget" --dtypes float16 \
+  "$PY" benchmarks/kernel_bench.py --out-dir "$OUT" --tag tiles --time-budget "$budget" --dtypes "${TILE_DTYPES:-float16}" \
     --m "${TILE_M:-1,16,32,64,128,256,512}" --backends "${TILE_BACKENDS}" --target-ms "${TILE_TARGET_MS:-40}" \
     ${BENCH_ARGS:-} || return 1
   json=$(ls "$OUT"/kernel_*_tiles.json | head -n 1)
