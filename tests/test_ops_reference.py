@@ -194,3 +194,37 @@ def test_bad_input_raises_value_error_naming_it(good, what):
     mutate(good)
     with pytest.raises(ValueError, match=name):
         _call(good)
+
+
+@pytest.mark.parametrize("n,chunk_tiles", [(200, 1), (448, 3), (448, 7), (448, 32), (64, 1)])
+def test_dequant_chunk_loop_covers_every_column(monkeypatch, n, chunk_tiles):
+    """The dequant_l2 loop of ops.dequant_matmul, on the CPU with the dequantise kernel emulated
+    from the layout's reference (the kernel itself is checked on the GPU): chunks of
+    ``chunk_tiles`` 64-column tiles, a partial last chunk and the padded columns beyond size_n
+    all land in the right columns of y, bias included, equal to the whole-layer product."""
+    case = make_case(seed=n + chunk_tiles, group_size=64, k=128, n=n)
+    dense = layout.dequantize_quick(case["qweight"], case["qzeros"], case["scales"])  # [K, Np] fp32
+    calls = []
+
+    def fake_dequantize(qweight, qzeros, scales, group_size, dtype, tile_begin=0, tile_count=-1, out=None):
+        count = qweight.shape[1] - tile_begin if tile_count < 0 else tile_count
+        calls.append((tile_begin, count))
+        block = dense[:, tile_begin * 64:(tile_begin + count) * 64].to(dtype)
+        if out is None:
+            return block
+        assert out.shape == block.shape and out.is_contiguous()
+        out.copy_(block)
+        return out
+
+    monkeypatch.setattr(ops, "kernel_dequantize", fake_dequantize)
+    monkeypatch.setattr(ops, "dequant_chunk_tiles", lambda k, n_tiles, element_size, chunk_bytes: chunk_tiles)
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(n))
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(n + 1))
+    for b in (None, bias):
+        y = ops.dequant_matmul(x, case["qweight"], case["qzeros"], case["scales"], b, 64, n, chunk_bytes=1)
+        ref = x @ dense[:, :n] + (0 if b is None else b)
+        assert y.shape == (5, n)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    n_tiles = case["qweight"].shape[1]
+    assert calls[: (n_tiles + chunk_tiles - 1) // chunk_tiles] == [
+        (t, min(chunk_tiles, n_tiles - t)) for t in range(0, n_tiles, chunk_tiles)]
