@@ -285,7 +285,7 @@ class QuickKernelBackend(QuickBackend):
 # "w64x" feeds it the exact ones (fp16 and bf16, sm_90 only). One backend per tile,
 # "quick_<tile>", to derive vllm_quick/dispatch.py.
 KERNEL_TILES = ("x16", "x32", "x64", "s16", "s32", "s64", "s128", "s16m", "s32m", "s64m", "w64", "w128", "w128n",
-                "w64x")
+                "w64x", "w128h")
 # Tiles with scaled fp16 fragments: the kernel refuses bf16 for them.
 FP16_ONLY_TILES = tuple(t for t in KERNEL_TILES if t.startswith("s") or (t.startswith("w") and not t.endswith("x")))
 for _tile in KERNEL_TILES:

@@ -36,8 +36,8 @@ namespace {
 
 constexpr int kStageK = 64;                 // k rows per stage = 4 mma k-steps
 constexpr int kStageKTiles = kStageK / kTileK;
-constexpr int kWarpsN = 4;                  // warps along N, one 64-column tile each
-constexpr int kBlockN = kWarpsN * kTileN;   // 256 columns per block
+constexpr int kWarpsN = 4;                  // warps along N (one 64-column tile each for mma.sync)
+constexpr int kBlockTilesDefault = 4;       // 64-column tiles per block: 256 columns (w128h: 2)
 constexpr int kMaxGroupRowsPerStage = 2;    // group size 32 -> two groups in a 64-row stage
 
 // ------------------------------------------------------------------------------------------
@@ -528,12 +528,13 @@ struct KernelParams {
   bool weights_evict_first;
 };
 
-template <int kBlockM, bool kWgmma>
+template <int kBlockM, bool kWgmma, int kBlockTiles = kBlockTilesDefault>
 struct SmemLayout {
+  static constexpr int kBlockN = kBlockTiles * kTileN;
   // Per stage, in bytes. Weights: 4 k-tiles x 4 n-tiles x 512 B, copied verbatim (already in
   // lane order). Activations: kBlockM rows x 64 k (128 B per row), 16-byte chunks XOR-swizzled.
   // Scales / zeros: up to two group rows of the block's 256 columns.
-  static constexpr int kWeightBytes = kStageKTiles * kWarpsN * kWordsPerTile * 4;
+  static constexpr int kWeightBytes = kStageKTiles * kBlockTiles * kWordsPerTile * 4;
   static constexpr int kActBytes = kBlockM * kStageK * 2;
   static constexpr int kScaleBytes = kMaxGroupRowsPerStage * kBlockN * 2;
   static constexpr int kZeroBytes = kMaxGroupRowsPerStage * kBlockN / 2;
@@ -564,8 +565,10 @@ __device__ __forceinline__ int swizzled_chunk(int row, int chunk) { return row *
 // (dequant_tile<T, true>) instead of exact integers + per-group accumulator scaling; kMinBlocks:
 // blocks per SM the register allocation must allow; kLean: the 16x magic for odd nibble pairs,
 // and group boundaries looked for on even k-tiles only (scaled tiles); kWgWords: 0 = mma.sync, 4 or
-// 2 = the warpgroup MMA with that many weight words per warp and k-step (sm_90a; see wgmma_step).
-template <typename T, int kWarpTilesM, int kWarpsM, bool kScaled, int kMinBlocks, bool kLean, int kWgWords>
+// 2 = the warpgroup MMA with that many weight words per warp and k-step (sm_90a; see wgmma_step);
+// kBlockTiles: 64-column tiles per block (4; 2 for w128h).
+template <typename T, int kWarpTilesM, int kWarpsM, bool kScaled, int kMinBlocks, bool kLean, int kWgWords,
+          int kBlockTiles>
 __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
     quick_gemm_kernel(const KernelParams p) {
   static_assert(!kScaled || std::is_same_v<T, __half>, "scaled fragments are fp16 only");
@@ -574,12 +577,17 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
   constexpr int kWW = kWgmma ? kWgWords : 1;  // (array sizes)
   static_assert(kWgWords == 0 || kWgWords == 2 || kWgWords == 4, "wgmma words per warp: 4 or 2");
   static_assert(kWgWords != 4 || (kLean && kWarpTilesM == 4), "4-word wgmma tiles: lean, 64 rows per warpgroup");
-  static_assert(kWgWords != 2 || (kWarpsM == 2 && (kScaled ? kWarpTilesM == 4 : kWarpTilesM == 2)),
-                "2-word wgmma tiles: two warpgroups along N over 128 (scaled) or 64 (exact) tokens");
   constexpr int kThreads = 32 * kWarpsN * kWarpsM;
   constexpr int kBlockM = 16 * kWarpTilesM * kWarpsM;
+  constexpr int kBlockN = kBlockTiles * kTileN;
+  static_assert(kWgWords == 2 || kBlockTiles == kWarpsN, "one 64-column tile per warp along N");
+  static_assert(kWgWords != 2 || (2 * kWarpsM == kBlockTiles && kBlockM == (kScaled ? 128 : 64)),
+                "2-word wgmma tiles: a warpgroup per two tiles, 128 (scaled) or 64 (exact) tokens");
   constexpr int kWgTokens = kWW == 4 ? 64 : kBlockM;  // wgmma N: tokens per instruction
-  using Smem = SmemLayout<kBlockM, kWgmma>;
+  // Accumulator rows of 32 floats per thread: the mma.sync tiles' 16-row tiles, or the wgmma
+  // D operands (kWW of them, kWgTokens / 2 floats each).
+  constexpr int kAccRows = kWgmma ? kWW * kWgTokens / 64 : kWarpTilesM;
+  using Smem = SmemLayout<kBlockM, kWgmma, kBlockTiles>;
   constexpr int kStages = Smem::kStages, kAhead = Smem::kAhead;
   extern __shared__ __align__(16) unsigned char smem_window[];
   unsigned char* smem = smem_window;
@@ -596,8 +604,8 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
   const int first_word = kWgWords == 2 ? 2 * (warp % 2) : 0;
 
   const int n_tiles = p.n / kTileN;
-  const int tile_n0 = blockIdx.x * kWarpsN;                 // first 64-column tile of the block
-  const int block_tiles = min(kWarpsN, n_tiles - tile_n0);  // tiles this block really has
+  const int tile_n0 = blockIdx.x * kBlockTiles;                 // first 64-column tile of the block
+  const int block_tiles = min(kBlockTiles, n_tiles - tile_n0);  // tiles this block really has
   const int row0 = blockIdx.y * kBlockM;
   const int total_stages = p.k / kStageK;
   const int stage_begin = blockIdx.z * p.stages_per_split;
@@ -611,7 +619,7 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
   // Weights: a stage is kStageKTiles k-tile rows of the block's 4 tiles, each row 2 KB
   // contiguous in global memory and stored as-is in shared memory (chunk c = kt * 128 + lane
   // chunk). Thread tid copies chunk tid % 128 of rows tid / 128 + i * kRowsPerIter.
-  constexpr int kChunksPerKTile = kWarpsN * 32;
+  constexpr int kChunksPerKTile = kBlockTiles * 32;
   constexpr int kWeightIters = kStageKTiles * kChunksPerKTile / kThreads;
   constexpr int kRowsPerIter = kThreads / kChunksPerKTile;
   const size_t w_row_stride = static_cast<size_t>(n_tiles) * 32;  // uint4 per k-tile row
@@ -683,11 +691,11 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
     }
   };
 
-  constexpr int kGroupTiles = kScaled ? 1 : kWarpTilesM;  // scaled tiles need no group sums
-  float acc[kWarpTilesM][8][4];        // scaled running sum
+  constexpr int kGroupTiles = kScaled ? 1 : kAccRows;  // scaled tiles need no group sums
+  float acc[kAccRows][8][4];           // scaled running sum
   float group_acc[kGroupTiles][8][4];  // exact partial sum of the current group (exact tiles)
 #pragma unroll
-  for (int mi = 0; mi < kWarpTilesM; ++mi)
+  for (int mi = 0; mi < kAccRows; ++mi)
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
@@ -701,7 +709,7 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
 
   if constexpr (kWgmma) {  // zeros materialised here, not sunk past the first wgmma (C7515)
 #pragma unroll
-    for (int r = 0; r < kWarpTilesM; ++r) fence_registers(reinterpret_cast<float(&)[32]>(acc[r]));
+    for (int r = 0; r < kAccRows; ++r) fence_registers(reinterpret_cast<float(&)[32]>(acc[r]));
     if constexpr (!kScaled) {
 #pragma unroll
       for (int r = 0; r < kGroupTiles; ++r) fence_registers(reinterpret_cast<float(&)[32]>(group_acc[r]));
@@ -814,7 +822,7 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
           }
         }
         if constexpr (kWgmma) {
-          const uint4* lane_words = w_src + (kt * kWarpsN + my_tile) * 32 + lane;
+          const uint4* lane_words = w_src + (kt * kBlockTiles + my_tile) * 32 + lane;
           uint32_t w[kWW];
           if constexpr (kWW == 4) {
             const uint4 v = *lane_words;
@@ -835,7 +843,7 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
             wgmma_step<T, kWW, kWgTokens>(group_acc, a, desc);
         } else {
           uint32_t frag[8][2];
-          dequant_tile<T, kScaled, kLean>(w_src[(kt * kWarpsN + warp_n) * 32 + lane], biased_zero, neg_zero16,
+          dequant_tile<T, kScaled, kLean>(w_src[(kt * kBlockTiles + warp_n) * 32 + lane], biased_zero, neg_zero16,
                                           frag_scale, frag);
 #pragma unroll
           for (int mi = 0; mi < kWarpTilesM; ++mi) {
@@ -861,7 +869,7 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
   if constexpr (kWgmma) {
     wgmma_wait<0>();
 #pragma unroll
-    for (int r = 0; r < kWarpTilesM; ++r) fence_registers(reinterpret_cast<float(&)[32]>(acc[r]));
+    for (int r = 0; r < kAccRows; ++r) fence_registers(reinterpret_cast<float(&)[32]>(acc[r]));
   }
 
   // ---------------------------------------------------------------------------------------
@@ -923,18 +931,20 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
 
   // Split-K: publish this split's partial tile, then let the last split reduce.
   float* part = p.partials + static_cast<size_t>(blockIdx.z) * p.m * p.n;
-  if (!kWgmma && warp_active) {  // (wgmma tiles wrote theirs above)
+  if constexpr (!kWgmma) {  // (wgmma tiles wrote theirs above)
+    if (warp_active) {
 #pragma unroll
-    for (int mi = 0; mi < kWarpTilesM; ++mi)
+      for (int mi = 0; mi < kWarpTilesM; ++mi)
 #pragma unroll
-      for (int nb = 0; nb < 8; ++nb)
+        for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = row_base + mi * 16 + 8 * h;
-          if (row < p.m)
-            __stcg(reinterpret_cast<float2*>(part + static_cast<size_t>(row) * p.n + col_base + nb * 8),
-                   make_float2(acc[mi][nb][2 * h], acc[mi][nb][2 * h + 1]));
-        }
+          for (int h = 0; h < 2; ++h) {
+            const int row = row_base + mi * 16 + 8 * h;
+            if (row < p.m)
+              __stcg(reinterpret_cast<float2*>(part + static_cast<size_t>(row) * p.n + col_base + nb * 8),
+                     make_float2(acc[mi][nb][2 * h], acc[mi][nb][2 * h + 1]));
+          }
+    }
   }
   __threadfence();  // partials visible device-wide before the counter says so
   __syncthreads();
@@ -975,12 +985,14 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
 // Launcher
 // ------------------------------------------------------------------------------------------
 template <typename T, int kWarpTilesM, int kWarpsM, bool kScaled, int kMinBlocks, bool kLean = false,
-          int kWgWords = 0>
+          int kWgWords = 0, int kBlockTilesT = kBlockTilesDefault>
 struct Config {
   static constexpr int kThreads = 32 * kWarpsN * kWarpsM;
   static constexpr int kBlockM = 16 * kWarpTilesM * kWarpsM;
-  static constexpr int kSmem = SmemLayout<kBlockM, (kWgWords > 0)>::kTotalBytes;
-  static constexpr auto kernel = quick_gemm_kernel<T, kWarpTilesM, kWarpsM, kScaled, kMinBlocks, kLean, kWgWords>;
+  static constexpr int kBlockTiles = kBlockTilesT;
+  static constexpr int kSmem = SmemLayout<kBlockM, (kWgWords > 0), kBlockTiles>::kTotalBytes;
+  static constexpr auto kernel =
+      quick_gemm_kernel<T, kWarpTilesM, kWarpsM, kScaled, kMinBlocks, kLean, kWgWords, kBlockTiles>;
 
   // Blocks of this configuration one SM holds at once (registers / shared memory permitting).
   static int blocks_per_sm() {
@@ -1017,6 +1029,8 @@ struct Config {
 //     (128 rows, 1 block per SM); w128n: 2 words per warp, two warpgroups along N sharing 128 rows.
 //   w64x (fp16 and bf16, sm_90a only): exact fragments q - z through wgmma, 2 words per warp, two
 //     warpgroups along N sharing 64 rows, per-group fp32 scaling like the x tiles.
+//   w128h (fp16, sm_90a only): w128n's warpgroup alone in a block of 128 columns (2 tiles): twice
+//     the column blocks and 2 blocks per SM (16 warps instead of 8) for the same work per warp.
 // A tile the activation type does not support (scaled tiles for bf16) falls back to x64.
 template <typename T, typename F>
 auto with_tile(int tile, F&& f) {
@@ -1035,6 +1049,7 @@ auto with_tile(int tile, F&& f) {
     case kTileW128: if constexpr (kHalf) return f.template operator()<Config<T, 4, 2, true, 1, true, 4>>(); break;
     case kTileW128N: if constexpr (kHalf) return f.template operator()<Config<T, 4, 2, true, 1, true, 2>>(); break;
     case kTileW64X: return f.template operator()<Config<T, 2, 2, false, 1, false, 2>>();
+    case kTileW128H: if constexpr (kHalf) return f.template operator()<Config<T, 8, 1, true, 2, true, 2, 2>>(); break;
     default: break;
   }
   return f.template operator()<Config<T, 2, 2, false, 1>>();  // kTileX64
@@ -1057,7 +1072,7 @@ int sm_count(int device) {
 
 const char* tile_name(int tile) {
   static const char* const kNames[kTileCount] = {"x16", "x32", "x64", "s16", "s32", "s64", "s128",
-                                                 "s16m", "s32m", "s64m", "w64", "w128", "w128n", "w64x"};
+                                                 "s16m", "s32m", "s64m", "w64", "w128", "w128n", "w64x", "w128h"};
   return tile >= 0 && tile < kTileCount ? kNames[tile] : "auto";
 }
 
@@ -1068,7 +1083,7 @@ bool tile_supports(int tile, ActType act) {
 }
 
 bool tile_runs_on(int tile, int device) {
-  if (tile != kTileW64 && tile != kTileW128 && tile != kTileW128N && tile != kTileW64X) return true;
+  if (tile < kTileW64 || tile > kTileW128H) return true;
   int major = 0, minor = 0;  // wgmma code exists only in the sm_90a build
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
@@ -1125,7 +1140,7 @@ GemmPlan plan(const GemmProblem& pr, int device) {
   return with_act(pr.act, resolve_tile(pr), [&]<typename Cfg>() {
     GemmPlan pl{};
     pl.block_m = Cfg::kBlockM;
-    pl.grid_n = (pr.n / kTileN + kWarpsN - 1) / kWarpsN;
+    pl.grid_n = (pr.n / kTileN + Cfg::kBlockTiles - 1) / Cfg::kBlockTiles;
     pl.grid_m = (pr.m + Cfg::kBlockM - 1) / Cfg::kBlockM;
     const int total_stages = pr.k / kStageK;
     // Split K until the grid fills the GPU once, with at most max_splits (8) splits: every split
