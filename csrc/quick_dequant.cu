@@ -9,6 +9,7 @@
 
 #include "quick_gemm.h"
 #include "quick_layout.cuh"
+#include "quick_ptx.cuh"
 
 namespace quick {
 namespace {
@@ -17,13 +18,6 @@ constexpr int kTilesPerBlock = 8;                  // 8 warps, one 16 x 64 tile 
 constexpr int kRowPad = 8;                         // halves of padding per smem row: keeps the
                                                    // 16 rows of a tile off the same banks
 constexpr int kSmemRow = kTilesPerBlock * kTileN + kRowPad;
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Block (kt, group of 8 n-tiles of the range): each warp unpacks its tile into shared memory at
 // the natural (k, n) position, then the block writes 16 rows x 512 columns with 16-byte coalesced
@@ -58,7 +52,7 @@ __global__ void __launch_bounds__(256) dequant_kernel(const uint4* __restrict__ 
         const int q = (w[j] >> (4 * i)) & 0xf, z = (zero_word >> (4 * zi)) & 0xf;
         // scale of column nl: position 16 a + 2 nb + e with nl = 8 nb + 2 a + e
         const float s = __half2float(tile_scales[16 * ((nl % 8) / 2) + 2 * block + nl % 2]);
-        tile[kl][warp * kTileN + nl] = from_float<T>(static_cast<float>(q - z) * s);
+        tile[kl][warp * kTileN + nl] = Act<T>::from_float(static_cast<float>(q - z) * s);
       }
   }
   __syncthreads();

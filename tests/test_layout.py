@@ -77,7 +77,7 @@ def test_scales_follow_the_accumulator_fragment():
 
 
 def test_scaled_tiles_find_their_b_column_scales():
-    """The scaled tiles' reading (load_fragment_scales in csrc/quick_gemm.cu): lane t takes half
+    """The scaled tiles' reading (load_fragment_scales in csrc/quick_fragments.cuh): lane t takes half
     (t//4) % 2 of word nb of the 32 bytes at 16 * ((t//4) // 2) and must get the scale of its B
     fragment column 8nb + t//4."""
     src = layout.scale_tile_source()
@@ -207,13 +207,13 @@ def test_binding_formats_messages_without_iostreams():
 
 
 def _cuda_constant(name: str) -> int:
-    m = re.search(rf"constexpr uint32_t {name} = (0x[0-9A-Fa-f]+)u;", (CSRC / "quick_gemm.cu").read_text())
-    assert m, f"{name} not found in csrc/quick_gemm.cu"
+    m = re.search(rf"constexpr uint32_t {name} = (0x[0-9A-Fa-f]+)u;", (CSRC / "quick_fragments.cuh").read_text())
+    assert m, f"{name} not found in csrc/quick_fragments.cuh"
     return int(m.group(1), 16)
 
 
 def test_sixteen_x_magic_gives_q_minus_z():
-    """The lean tiles' arithmetic (csrc/quick_gemm.cu, "16x magic"), emulated in fp16 with the
+    """The lean tiles' arithmetic (csrc/quick_fragments.cuh, "16x magic"), emulated in fp16 with the
     kernel's own constants: 0x6400 | q << 4 is 1024 + 16 q, 0xD400 | z << 4 is -(64 + z), and one
     fused multiply-add by 1/16 gives q - z exactly, for every q and z."""
     import numpy as np

@@ -70,7 +70,7 @@ position ``p = 16*a + 2*nb + e`` holds column ``8*nb + 2*a + e`` (a = 0..3, nb =
 lane ``t`` loads the 32 bytes at ``16*(t % 4)`` and finds, for each block ``nb``, its two
 columns' scales as one half2 at index ``nb``. (A scaled tile needs the scale of its B column
 ``8*nb + t // 4`` = ``8*nb + 2*a + e`` with ``a = (t // 4) // 2``, ``e = (t // 4) % 2``: the 32
-bytes at ``16*a``, half ``e`` of word ``nb``; ``load_fragment_scales`` in csrc/quick_gemm.cu.)
+bytes at ``16*a``, half ``e`` of word ``nb``; ``load_fragment_scales`` in csrc/quick_fragments.cuh.)
 
 Interleaved zeros (``qzeros``)
 ------------------------------
