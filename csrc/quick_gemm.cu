@@ -10,13 +10,15 @@
 // few lop3 and subtractions; nothing is written back to shared memory and no ldmatrix is needed
 // for B (the AutoAWQ kernel dequantises into shared memory and reads back, with bank conflicts).
 //
-// Numerics: the B fragments hold the exact integers (q - z) (|q - z| <= 15 is exact in fp16 and
-// bf16), so the tensor cores produce exact per-group partial sums in fp32; each group's sum is
-// scaled by the fp32 scale on the accumulator (acc += group_sum * s). The only rounding left is
-// the fp32 accumulation and the final cast, which matters for bf16 (see layout.py).
+// Numerics: the exact ("x") tiles' B fragments hold the integers (q - z) (|q - z| <= 15 is exact
+// in fp16 and bf16), so the tensor cores produce exact per-group partial sums in fp32; each
+// group's sum is scaled by the fp32 scale on the accumulator (acc += group_sum * s). The only
+// rounding left is the fp32 accumulation and the final cast, which matters for bf16 (see
+// layout.py). The fp16 scaled ("s", and most "w") tiles put (q - z) * s into the fragments.
 //
 // Work split: a thread block computes block_m rows x 256 columns (4 warps along N, one 64-column
-// tile each, and 1, 2 or 4 warps along M) over a range of K in stages of 64. When M is small the
+// tile each, and 1, 2 or 4 warps along M; the wgmma tiles cut it as quick_wgmma.cuh says, w128h
+// into 128 columns) over a range of K in stages of 64. When M is small the
 // (M, N) grid cannot fill the GPU, so K is split too (split-K): every split writes an fp32 partial
 // tile, and the last split to finish (an atomic counter per output tile) sums the partials in
 // split order (deterministic) and writes y. The counter is reset by that block, so the counters
