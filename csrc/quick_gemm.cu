@@ -618,11 +618,18 @@ bool tile_supports(int tile, ActType act) {
 }
 
 bool tile_runs_on(int tile, int device) {
-  if (tile < kTileW64 || tile > kTileW128H) return true;
-  int major = 0, minor = 0;  // wgmma code exists only in the sm_90a build
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-  return major == 9 && minor == 0;
+  if (tile < kTileW64 || tile > kTileW128H) return true;  // the w tiles close the Tile enum
+  // wgmma code exists only in the sm_90a build. Cached per device like sm_count(): the binding
+  // asks on every call.
+  static int cached[64] = {0};  // 0 unknown, 1 sm_90, 2 other
+  if (device < 0 || device >= 64) return false;
+  if (cached[device] == 0) {
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    cached[device] = major == 9 && minor == 0 ? 1 : 2;
+  }
+  return cached[device] == 1;
 }
 
 int default_tile(int m, ActType) {

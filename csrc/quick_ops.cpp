@@ -197,12 +197,12 @@ std::string dequantize_error(const torch::Tensor& qweight, const torch::Tensor& 
   QUICK_REQUIRE(qzeros.size(0) == k / group_size && qzeros.size(1) == n / 8, "qzeros must be [",
                 k / group_size, ", ", n / 8, "], got ", qzeros.sizes());
   const int64_t n_tiles = n / quick::kTileN;
-  QUICK_REQUIRE(tile_begin >= 0 && tile_begin < n_tiles && (tile_count == -1 || tile_count >= 1) &&
-                    tile_begin + (tile_count < 0 ? 1 : tile_count) <= n_tiles,
+  const int64_t count = tile_count == -1 ? n_tiles - tile_begin : tile_count;  // -1: to the end
+  QUICK_REQUIRE(tile_begin >= 0 && count >= 1 && tile_begin + count <= n_tiles,
                 "tile_begin=", tile_begin, ", tile_count=", tile_count, " is not a range of the ", n_tiles,
                 " 64-column tiles");
   if (out.has_value()) {
-    const int64_t cols = (tile_count < 0 ? n_tiles - tile_begin : tile_count) * quick::kTileN;
+    const int64_t cols = count * quick::kTileN;
     QUICK_REQUIRE(out->is_cuda() && out->device() == qweight.device() && out->is_contiguous() &&
                       out->scalar_type() == dtype && out->dim() == 2 && out->size(0) == k && out->size(1) == cols,
                   "out must be a contiguous [", k, ", ", cols, "] ", dtype_name(dtype),

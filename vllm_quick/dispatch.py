@@ -5,18 +5,17 @@ freeze it). The paths:
 
 * a **kernel tile** (``"x16"``, ``"x32"``, ``"x64"``, ``"s16"``, ``"s32"``, ``"s64"``,
   ``"s128"``, ``"s16m"``, ``"s32m"``, ``"s64m"``, ``"w64"``, ``"w128"``, ``"w128n"``, ``"w64x"``,
-  ``"w128h"``;
-  ``vllm_quick._C.TILES``, described in
-  csrc/quick_gemm.cu, ``with_tile``): the QUICK kernel streaming int4 weights, with that many rows
-  per thread block. ``x`` tiles keep the exact integers ``q - z`` in the mma fragments and scale
+  ``"w128h"``; ``vllm_quick._C.TILES``, described in csrc/quick_gemm.cu, ``with_tile``): the
+  QUICK kernel streaming int4 weights, with that many rows per thread block. ``x`` tiles keep the exact integers ``q - z`` in the mma fragments and scale
   per group in fp32 (fp16 and bf16); ``s`` tiles (fp16 only) put ``(q - z) * s`` into the
   fragments, one fp16 rounding per weight, and free the registers of the second accumulator set
   for taller tiles; ``s..m`` tiles are ``s`` tiles with fewer dequantisation instructions (the
   "16x magic"; 4-6% faster than the plain ``s`` tiles at M <= 64 on the H100); ``w64`` / ``w128``
   (fp16, sm_90 only) feed the same fragments to Hopper's warpgroup MMA (wgmma) with 64 / 128 rows
-  per block, ``w128n`` with half a tile per warp and 128 tokens per wgmma (the one plans use); ``w64x`` (fp16 and bf16, sm_90 only) feeds the exact fragments to wgmma with
-  per-group fp32 scaling, a bf16 candidate beyond the x tiles, and ``w128h`` (w128n in
-  128-column blocks, 2 per SM) are not yet measured, so no plan names them;
+  per block, ``w128n`` with half a tile per warp and 128 tokens per wgmma (the one plans use);
+  ``w64x`` (fp16 and bf16, sm_90 only: the exact fragments through wgmma with per-group fp32
+  scaling, a bf16 candidate) and ``w128h`` (w128n in 128-column blocks, 2 per SM) are not yet
+  measured, so no plan names them;
 * ``"auto"``: the kernel with its own built-in choice by M (families not measured yet);
 * ``"dequant"``: dequantise the layer once into a dense matrix (csrc/quick_dequant.cu) and call
   cuBLAS; wins once the GEMM is bound by arithmetic (large M, prefill), where cuBLAS's Hopper
