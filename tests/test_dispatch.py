@@ -181,3 +181,17 @@ def test_describe_says_what_runs(monkeypatch):
                     "M >= 65: dequantise + cuBLAS (measured)")
     monkeypatch.setattr(dispatch, "_major", lambda device: 8)
     assert dispatch.describe(torch.float16, dev).endswith("M >= 1: the kernel's own tile choice (not measured on this GPU family)")
+
+
+@pytest.mark.parametrize("table", ["PLANS", "SMALL_LAYER_PLANS"])
+def test_shipped_plans_are_well_formed(table):
+    """Each shipped plan round-trips through the env spec parser (which checks increasing M and a
+    final '*'), and bf16 plans name only tiles that keep the weights exact: the x tiles and w64x
+    (an s tile or a dense bf16 weight rounds (q - z) * s to bf16, ~2.3e-3 of error)."""
+    exact_bf16 = {"x16", "x32", "x64", "w64x", "auto"}
+    for family, plans in getattr(dispatch, table).items():
+        assert dispatch.parse_plan_spec(dispatch.format_plan_spec(plans)) == plans, family
+        for dtype, plan in plans.items():
+            assert plan[-1][0] is None, (family, dtype)
+            if dtype == torch.bfloat16:
+                assert {path for _, path in plan} <= exact_bf16, (family, plan)

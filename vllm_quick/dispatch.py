@@ -13,9 +13,8 @@ freeze it). The paths:
   "16x magic"; 4-6% faster than the plain ``s`` tiles at M <= 64 on the H100); ``w64`` / ``w128``
   (fp16, sm_90 only) feed the same fragments to Hopper's warpgroup MMA (wgmma) with 64 / 128 rows
   per block, ``w128n`` with half a tile per warp and 128 tokens per wgmma (the one plans use);
-  ``w64x`` (fp16 and bf16, sm_90 only: the exact fragments through wgmma with per-group fp32
-  scaling, a bf16 candidate) and ``w128h`` (w128n in 128-column blocks, 2 per SM) are not yet
-  measured, so no plan names them;
+  ``w64x`` (fp16 and bf16, sm_90 only) feeds the exact fragments to wgmma with per-group fp32
+  scaling (the bf16 tile beyond M = 16, and fp16's from M = 33 to 64 on large layers);
 * ``"auto"``: the kernel with its own built-in choice by M (families not measured yet);
 * ``"dequant"``: dequantise the layer once into a dense matrix (csrc/quick_dequant.cu) and call
   cuBLAS; wins once the GEMM is bound by arithmetic (large M, prefill), where cuBLAS's Hopper
@@ -43,29 +42,33 @@ import torch
 Plan = tuple[tuple[int | None, str], ...]
 
 # (compute capability major) -> {dtype: plan}
-# sm90, float16: measured on an H100 80GB HBM3, 2026-11-25, every tile + dequant + cuBLAS on the
-# 12 Llama shapes. M = 1-128: benchmarks/results/kernel_h100_tiles_v32.json (geometric-mean
-# slowdown against the per-shape best: s16m 1.00 at M <= 16 (s16 1.04-1.06), s32m 1.04-1.06 at
-# M = 32-64 (s32 1.08-1.10), s64 1.10 at M = 128). The wgmma tile w128n (session 4,
-# benchmarks/results/kernel_h100_tiles_v4.json, 12 shapes, M = 1-1024) beats them from M = 33 and
-# dequantise + cuBLAS up to M = 512 (geomean slowdown vs the per-shape best 1.05-1.06 at
-# M = 64-512; e.g. llama3-8b.gate_up at M = 128: 61 us against s64 110, cuBLAS 89), except on
-# small layers (SMALL_LAYER_PLANS below). Beyond M = 512: dequantise + cuBLAS.
-# sm90, bfloat16: only x tiles exist; from the earlier full sweep (benchmarks/results/
-# kernel_h100.json, same day).
+# sm90: measured on an H100 80GB HBM3, 2026-11-25, every candidate tile + dequant + cuBLAS on the
+# 12 Llama shapes, fp16 and bf16, M = 1-512 (bf16 to 1024):
+# benchmarks/results/kernel_h100_tiles_s5.json (session 5; M = 512-4096 in
+# kernel_h100_tiles_s5_large.json). Geometric mean of the speedup over cuBLAS on the 10 large
+# layers, best path first:
+#   fp16 M <= 16: s16m 2.05-2.52 (x16 1.87-2.08); M = 24-32: s32m 1.60-1.74 (w64x 1.54-1.57);
+#   M = 48-64: w64x 1.37-1.45 (w128n 1.18-1.24, s32m 1.06-1.08); M = 96-512: w128n 0.68-1.10;
+#   beyond 512: dequantise + cuBLAS (0.80 at M = 1024, 0.92 at 4096; w128n 0.76 / 0.79).
+#   bf16 M <= 16: x16 1.88-2.09; beyond: w64x (1.54 at M = 32, 1.36 at 64, 0.87 at 128, 0.50 at
+#   1024; the x tiles 0.33 there). bf16 never takes "dequant" (see above).
 PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
-        torch.float16: ((16, "s16m"), (32, "s32m"), (512, "w128n"), (None, "dequant")),
-        torch.bfloat16: ((16, "x16"), (32, "x32"), (None, "x64")),
+        torch.float16: ((16, "s16m"), (32, "s32m"), (64, "w64x"), (512, "w128n"), (None, "dequant")),
+        torch.bfloat16: ((16, "x16"), (None, "w64x")),
     },
 }
 # Small layers (K x N <= SMALL_LAYER_ELEMENTS, e.g. Llama-3-8B's o 4096x4096 and qkv 4096x6144)
-# have too few 256-column blocks to fill 132 SMs with the w128n tile (16-24 blocks before split-K),
-# and their dense fp16 copy is small enough (32-48 MB) for dequantise + cuBLAS to win from M = 65
-# (kernel_h100_tiles_v4.json: w128n 1.35-1.66x slower than dequantise + cuBLAS there at M = 128-512).
+# have too few column blocks to fill 132 SMs with the wgmma tiles, and their dense fp16 copy is
+# small enough (32-48 MB) for dequantise + cuBLAS to win from M = 65 (same sweep, the 2 small
+# layers: fp16 s32m 0.67 against w64x 0.60 at M = 64, dequant 0.51 against w64x 0.49 at M = 96;
+# bf16 x16 0.91 against w64x 0.81 at M = 32, w64x from M = 48).
 SMALL_LAYER_ELEMENTS = 4096 * 6144
 SMALL_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
-    9: {torch.float16: ((16, "s16m"), (64, "s32m"), (None, "dequant"))},
+    9: {
+        torch.float16: ((16, "s16m"), (64, "s32m"), (None, "dequant")),
+        torch.bfloat16: ((32, "x16"), (None, "w64x")),
+    },
 }
 # Families not measured yet: the kernel's own choice everywhere (always correct, maybe not fastest).
 DEFAULT_PLAN: Plan = ((None, "auto"),)
