@@ -248,7 +248,7 @@ step_ncustall() {
     "$OUT/ncu_stall.txt" | head -n 150
 }
 
-TILE_BACKENDS="${TILE_BACKENDS:-quick_x16,quick_x32,quick_x64,quick_s16,quick_s32,quick_s64,quick_s128,quick_s16m,quick_s32m,quick_s64m,quick_w64,quick_w128,quick_w128n,quick_w64x,quick_w128h,quick_dequant,quick_dequant_l2,quick,cublas,awq_gemm,marlin,machete}"
+TILE_BACKENDS="${TILE_BACKENDS:-quick_x16,quick_x32,quick_x64,quick_s16,quick_s32,quick_s64,quick_s128,quick_s16m,quick_s32m,quick_s64m,quick_w64,quick_w128,quick_w128n,quick_w64x,quick_dequant,quick_dequant_fp16,quick,cublas,awq_gemm,marlin,machete}"
 export TILE_BACKENDS
 
 step_tiles() {

@@ -32,16 +32,15 @@ import torch  # noqa: E402
 from vllm_quick import dispatch  # noqa: E402
 
 TILE_PREFIX = "quick_"
-NOT_A_TILE = ("quick_kernel", "quick_dequant", "quick_dequant_l2")
+NOT_A_TILE = ("quick_kernel", "quick_dequant", "quick_dequant_fp16")
 # A path whose error on a row exceeds this is not a candidate there, however fast (the GPU tests'
 # budget is 2e-3; bf16 gets the margin of its output rounding, ~1.6e-3 on its own).
 MAX_REL_ERR = {"float16": 2e-3, "bfloat16": 2.5e-3}
 
 
 def candidates(row: dict) -> dict[str, float]:
-    """path -> µs for one result row: tiles from quick_<tile>, 'dequant' from quick_dequant,
-    'dequant_l2' from quick_dequant_l2;
-    only paths that were timed and, where the row records it, within MAX_REL_ERR."""
+    """path -> µs for one result row: tiles from quick_<tile>, 'dequant' from quick_dequant (fp16),
+    'dequant_fp16' from quick_dequant_fp16 (bf16); only paths that were timed and, where the row records it, within MAX_REL_ERR."""
     dtype, us, errs = row["dtype"], row.get("us", {}), row.get("rel_err_backends", {})
     limit = MAX_REL_ERR.get(dtype, 2e-3)
 
@@ -51,9 +50,10 @@ def candidates(row: dict) -> dict[str, float]:
 
     out = {b[len(TILE_PREFIX):]: us[b] for b in us
            if b.startswith(TILE_PREFIX) and b not in NOT_A_TILE and ok(b)}
-    for backend, path in (("quick_dequant", "dequant"), ("quick_dequant_l2", "dequant_l2")):
-        if ok(backend) and dtype != "bfloat16":
-            out[path] = us[backend]
+    if ok("quick_dequant") and dtype != "bfloat16":
+        out["dequant"] = us["quick_dequant"]
+    if ok("quick_dequant_fp16") and dtype == "bfloat16":
+        out["dequant_fp16"] = us["quick_dequant_fp16"]
     return out
 
 

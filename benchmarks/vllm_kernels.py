@@ -46,9 +46,9 @@ CALLS = {
     "itself at every M, bypassing the op's M dispatch",
     "quick_dequant": "vllm_quick.ops.dequant_matmul(x, ...): the op's large-M path (dequantise "
     "kernel + cuBLAS) at every M, to measure where it overtakes the kernel (benchmarks/dispatch_table.py)",
-    "quick_dequant_l2": "vllm_quick.ops.dequant_matmul(x, ..., chunk_bytes=ops.dequant_chunk_bytes()): the "
-    "dequant_l2 path (column chunks of VLLM_QUICK_DEQUANT_CHUNK_MB, default 24, dequantised into one reused "
-    "buffer, cuBLAS into y's columns) at every M",
+    "quick_dequant_fp16": "vllm_quick.ops.fp16_matmul_for_bf16(x, dequantize(..., float16), None): the "
+    "dequant_fp16 path for bf16 activations (x moved exactly into fp16 by a power-of-two scale, fp16 cuBLAS "
+    "with an fp32 output, one rounding to bf16) at every M",
     "cublas": "torch.nn.functional.linear(x, W) with W = dequant(codes, zeros, scales) as [N, K] "
     "in the activation dtype (what an unquantised vLLM layer runs)",
     "awq_gemm": "torch.ops._C.awq_gemm(x, qweight_awq, scales_fp16, qzeros_awq, split_k_iters=8) "
@@ -285,7 +285,7 @@ class QuickKernelBackend(QuickBackend):
 # "w64x" feeds it the exact ones (fp16 and bf16, sm_90 only). One backend per tile,
 # "quick_<tile>", to derive vllm_quick/dispatch.py.
 KERNEL_TILES = ("x16", "x32", "x64", "s16", "s32", "s64", "s128", "s16m", "s32m", "s64m", "w64", "w128", "w128n",
-                "w64x", "w128h")
+                "w64x")
 # Tiles with scaled fp16 fragments: the kernel refuses bf16 for them.
 FP16_ONLY_TILES = tuple(t for t in KERNEL_TILES if t.startswith("s") or (t.startswith("w") and not t.endswith("x")))
 for _tile in KERNEL_TILES:
@@ -334,17 +334,24 @@ class QuickDequantBackend(QuickBackend):
         )
 
 
-class QuickDequantL2Backend(QuickBackend):
-    """The dequant_l2 path (dequantise + cuBLAS in L2-sized column chunks) called directly."""
+class QuickDequantFp16Backend(QuickBackend):
+    """The dequant_fp16 path (bf16 activations through an fp16 dense weight and fp16 cuBLAS with
+    an fp32 output, ops.fp16_matmul_for_bf16) called directly, whatever M; bf16 only."""
 
-    name = "quick_dequant_l2"
+    name = "quick_dequant_fp16"
+
+    def unsupported(self, k, n, group_size, act_dtype):
+        if act_dtype != torch.bfloat16:
+            return "dequant_fp16 is the bf16 path (for fp16 it is quick_dequant)"
+        return super().unsupported(k, n, group_size, act_dtype)
 
     def run(self, state, x):
         from vllm_quick import ops
 
         w = state.weights
-        return ops.dequant_matmul(x, w["qweight"], w["qzeros"], w["scales"], None, state.meta["group"],
-                                  state.meta["n"], chunk_bytes=ops.dequant_chunk_bytes())
+        n = state.meta["n"]
+        w16 = ops.kernel_dequantize(w["qweight"], w["qzeros"], w["scales"], state.meta["group"], torch.float16)
+        return ops.fp16_matmul_for_bf16(x, w16[:, :n], None)
 
 
 class CublasBackend(Backend):
@@ -603,7 +610,7 @@ BACKENDS: dict[str, Backend] = {
         QuickBackend(),
         QuickKernelBackend(),
         QuickDequantBackend(),
-        QuickDequantL2Backend(),
+        QuickDequantFp16Backend(),
         *(QuickTileBackend(t) for t in KERNEL_TILES),
         CublasBackend(),
         AwqGemmBackend(),

@@ -17,11 +17,10 @@
 // layout.py). The fp16 scaled ("s", and most "w") tiles put (q - z) * s into the fragments.
 //
 // Work split: a thread block computes block_m rows x 256 columns (4 warps along N, one 64-column
-// tile each, and 1, 2 or 4 warps along M; the wgmma tiles cut it as quick_wgmma.cuh says, w128h
-// into 128 columns) over a range of K in stages of 64. When M is small the
-// (M, N) grid cannot fill the GPU, so K is split too (split-K): every split writes an fp32 partial
-// tile, and the last split to finish (an atomic counter per output tile) sums the partials in
-// split order (deterministic) and writes y. The counter is reset by that block, so the counters
+// tile each, and 1, 2 or 4 warps along M; the wgmma tiles cut it as quick_wgmma.cuh says) over a
+// range of K in stages of 64. When M is small the (M, N) grid cannot fill the GPU, so K is split
+// too (split-K): every split writes an fp32 partial tile, and the last split to finish (an atomic
+// counter per output tile) sums the partials in split order (deterministic) and writes y. The counter is reset by that block, so the counters
 // stay zero between launches and CUDA-graph replays.
 
 #include <cuda_bf16.h>
@@ -43,7 +42,7 @@ namespace {
 constexpr int kStageK = 64;                 // k rows per stage = 4 mma k-steps
 constexpr int kStageKTiles = kStageK / kTileK;
 constexpr int kWarpsN = 4;                  // warps along N (one 64-column tile each for mma.sync)
-constexpr int kBlockTilesDefault = 4;       // 64-column tiles per block: 256 columns (w128h: 2)
+constexpr int kBlockTiles = 4;              // 64-column tiles per block: 256 columns
 constexpr int kMaxGroupRowsPerStage = 2;    // group size 32 -> two groups in a 64-row stage
 
 // ------------------------------------------------------------------------------------------
@@ -63,7 +62,7 @@ struct KernelParams {
   bool weights_evict_first;
 };
 
-template <int kBlockM, bool kWgmma, int kBlockTiles = kBlockTilesDefault>
+template <int kBlockM, bool kWgmma>
 struct SmemLayout {
   static constexpr int kBlockN = kBlockTiles * kTileN;
   // Per stage, in bytes. Weights: 4 k-tiles x 4 n-tiles x 512 B, copied verbatim (already in
@@ -101,9 +100,7 @@ __device__ __forceinline__ int swizzled_chunk(int row, int chunk) { return row *
 // blocks per SM the register allocation must allow; kLean: the 16x magic for odd nibble pairs,
 // and group boundaries looked for on even k-tiles only (scaled tiles); kWgWords: 0 = mma.sync, 4 or
 // 2 = the warpgroup MMA with that many weight words per warp and k-step (sm_90a; see wgmma_step);
-// kBlockTiles: 64-column tiles per block (4; 2 for w128h).
-template <typename T, int kWarpTilesM, int kWarpsM, bool kScaled, int kMinBlocks, bool kLean, int kWgWords,
-          int kBlockTiles>
+template <typename T, int kWarpTilesM, int kWarpsM, bool kScaled, int kMinBlocks, bool kLean, int kWgWords>
 __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
     quick_gemm_kernel(const KernelParams p) {
   static_assert(!kScaled || std::is_same_v<T, __half>, "scaled fragments are fp16 only");
@@ -115,14 +112,13 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
   constexpr int kThreads = 32 * kWarpsN * kWarpsM;
   constexpr int kBlockM = 16 * kWarpTilesM * kWarpsM;
   constexpr int kBlockN = kBlockTiles * kTileN;
-  static_assert(kWgWords == 2 || kBlockTiles == kWarpsN, "one 64-column tile per warp along N");
   static_assert(kWgWords != 2 || (2 * kWarpsM == kBlockTiles && kBlockM == (kScaled ? 128 : 64)),
                 "2-word wgmma tiles: a warpgroup per two tiles, 128 (scaled) or 64 (exact) tokens");
   constexpr int kWgTokens = kWW == 4 ? 64 : kBlockM;  // wgmma N: tokens per instruction
   // Accumulator rows of 32 floats per thread: the mma.sync tiles' 16-row tiles, or the wgmma
   // D operands (kWW of them, kWgTokens / 2 floats each).
   constexpr int kAccRows = kWgmma ? kWW * kWgTokens / 64 : kWarpTilesM;
-  using Smem = SmemLayout<kBlockM, kWgmma, kBlockTiles>;
+  using Smem = SmemLayout<kBlockM, kWgmma>;
   constexpr int kStages = Smem::kStages, kAhead = Smem::kAhead;
   extern __shared__ __align__(16) unsigned char smem_window[];
   unsigned char* smem = smem_window;
@@ -520,14 +516,13 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
 // Launcher
 // ------------------------------------------------------------------------------------------
 template <typename T, int kWarpTilesM, int kWarpsM, bool kScaled, int kMinBlocks, bool kLean = false,
-          int kWgWords = 0, int kBlockTilesT = kBlockTilesDefault>
+          int kWgWords = 0>
 struct Config {
   static constexpr int kThreads = 32 * kWarpsN * kWarpsM;
   static constexpr int kBlockM = 16 * kWarpTilesM * kWarpsM;
-  static constexpr int kBlockTiles = kBlockTilesT;
-  static constexpr int kSmem = SmemLayout<kBlockM, (kWgWords > 0), kBlockTiles>::kTotalBytes;
+  static constexpr int kSmem = SmemLayout<kBlockM, (kWgWords > 0)>::kTotalBytes;
   static constexpr auto kernel =
-      quick_gemm_kernel<T, kWarpTilesM, kWarpsM, kScaled, kMinBlocks, kLean, kWgWords, kBlockTiles>;
+      quick_gemm_kernel<T, kWarpTilesM, kWarpsM, kScaled, kMinBlocks, kLean, kWgWords>;
 
   // Blocks of this configuration one SM holds at once (registers / shared memory permitting).
   static int blocks_per_sm() {
@@ -564,8 +559,6 @@ struct Config {
 //     (128 rows, 1 block per SM); w128n: 2 words per warp, two warpgroups along N sharing 128 rows.
 //   w64x (fp16 and bf16, sm_90a only): exact fragments q - z through wgmma, 2 words per warp, two
 //     warpgroups along N sharing 64 rows, per-group fp32 scaling like the x tiles.
-//   w128h (fp16, sm_90a only): w128n's warpgroup alone in a block of 128 columns (2 tiles): twice
-//     the column blocks and 2 blocks per SM (16 warps instead of 8) for the same work per warp.
 // A tile the activation type does not support (scaled tiles for bf16) falls back to x64.
 template <typename T, typename F>
 auto with_tile(int tile, F&& f) {
@@ -584,7 +577,6 @@ auto with_tile(int tile, F&& f) {
     case kTileW128: if constexpr (kHalf) return f.template operator()<Config<T, 4, 2, true, 1, true, 4>>(); break;
     case kTileW128N: if constexpr (kHalf) return f.template operator()<Config<T, 4, 2, true, 1, true, 2>>(); break;
     case kTileW64X: return f.template operator()<Config<T, 2, 2, false, 1, false, 2>>();
-    case kTileW128H: if constexpr (kHalf) return f.template operator()<Config<T, 8, 1, true, 2, true, 2, 2>>(); break;
     default: break;
   }
   return f.template operator()<Config<T, 2, 2, false, 1>>();  // kTileX64
@@ -607,7 +599,7 @@ int sm_count(int device) {
 
 const char* tile_name(int tile) {
   static const char* const kNames[kTileCount] = {"x16", "x32", "x64", "s16", "s32", "s64", "s128",
-                                                 "s16m", "s32m", "s64m", "w64", "w128", "w128n", "w64x", "w128h"};
+                                                 "s16m", "s32m", "s64m", "w64", "w128", "w128n", "w64x"};
   return tile >= 0 && tile < kTileCount ? kNames[tile] : "auto";
 }
 
@@ -618,7 +610,7 @@ bool tile_supports(int tile, ActType act) {
 }
 
 bool tile_runs_on(int tile, int device) {
-  if (tile < kTileW64 || tile > kTileW128H) return true;  // the w tiles close the Tile enum
+  if (tile < kTileW64 || tile > kTileW64X) return true;  // the w tiles close the Tile enum
   // wgmma code exists only in the sm_90a build. Cached per device like sm_count(): the binding
   // asks on every call.
   static int cached[64] = {0};  // 0 unknown, 1 sm_90, 2 other
@@ -649,31 +641,6 @@ static int max_splits_setting() {
   return n >= 1 && n <= kLimit ? static_cast<int>(n) : kDefault;
 }
 
-// VLLM_QUICK_SPLIT_WAVES=1 (an experiment, session 4): choose the split count that fills whole
-// waves of resident blocks best, instead of the largest that fits in one wave. ncu of w128n on
-// 4096 x 12288: 48 column blocks x 2 splits = 96 blocks for 132 SMs (0.73 waves); 8 splits would
-// be 384 blocks, 2.9 waves (97% filled), at 4x the partial-sum traffic. Off by default.
-static bool split_waves_setting() {
-  const char* v = std::getenv("VLLM_QUICK_SPLIT_WAVES");
-  return v != nullptr && v[0] == '1' && v[1] == '\0';
-}
-
-// The split count in [1, limit] whose grid fills its last wave best (ties: fewer splits).
-static int wave_filling_splits(int mn_blocks, int capacity, int limit) {
-  int best = 1;
-  double best_fill = 0.0;
-  for (int s = 1; s <= limit; ++s) {
-    const int blocks = mn_blocks * s;
-    const int waves = (blocks + capacity - 1) / capacity;
-    const double fill = static_cast<double>(blocks) / (static_cast<double>(waves) * capacity);
-    if (fill > best_fill + 1e-9) {
-      best = s;
-      best_fill = fill;
-    }
-  }
-  return best;
-}
-
 static int resolve_tile(const GemmProblem& pr) {
   return tile_supports(pr.tile, pr.act) && pr.tile != kTileAuto ? pr.tile : default_tile(pr.m, pr.act);
 }
@@ -682,7 +649,7 @@ GemmPlan plan(const GemmProblem& pr, int device) {
   return with_act(pr.act, resolve_tile(pr), [&]<typename Cfg>() {
     GemmPlan pl{};
     pl.block_m = Cfg::kBlockM;
-    pl.grid_n = (pr.n / kTileN + Cfg::kBlockTiles - 1) / Cfg::kBlockTiles;
+    pl.grid_n = (pr.n / kTileN + kBlockTiles - 1) / kBlockTiles;
     pl.grid_m = (pr.m + Cfg::kBlockM - 1) / Cfg::kBlockM;
     const int total_stages = pr.k / kStageK;
     // Split K until the grid fills the GPU once, with at most max_splits (8) splits: every split
@@ -693,9 +660,7 @@ GemmPlan plan(const GemmProblem& pr, int device) {
     const int capacity = sm_count(device) * Cfg::blocks_per_sm();
     const int mn_blocks = pl.grid_n * pl.grid_m;
     const int limit = std::max(1, std::min(total_stages / 2, max_splits));
-    const int splits = split_waves_setting()
-                           ? wave_filling_splits(std::max(mn_blocks, 1), capacity, limit)
-                           : std::max(1, std::min(capacity / std::max(mn_blocks, 1), limit));
+    const int splits = std::max(1, std::min(capacity / std::max(mn_blocks, 1), limit));
     pl.stages_per_split = (total_stages + splits - 1) / splits;
     pl.splits = (total_stages + pl.stages_per_split - 1) / pl.stages_per_split;
     pl.partial_floats = pl.splits > 1 ? static_cast<size_t>(pl.splits) * pr.m * pr.n : 0;

@@ -42,24 +42,6 @@ def test_small_layers_take_their_own_plan(monkeypatch):
     assert dispatch.choose_path(256, torch.float16, dev, weight_elements=small) == "dequant"
 
 
-def test_dequant_chunk_size(monkeypatch):
-    """dequant_l2 chunks: as many 64-column tiles as fit the byte budget, at least 2048 columns,
-    at most the layer; the budget comes from VLLM_QUICK_DEQUANT_CHUNK_MB (default 24)."""
-    from vllm_quick import ops
-
-    assert ops.dequant_chunk_tiles(4096, 192, 2, 24 * 2**20) == 48     # 3072 columns x 4096 x 2 B
-    assert ops.dequant_chunk_tiles(28672, 128, 2, 24 * 2**20) == 32    # the 2048-column floor
-    assert ops.dequant_chunk_tiles(4096, 20, 2, 24 * 2**20) == 20      # the whole layer
-    monkeypatch.delenv(ops.DEQUANT_CHUNK_ENV, raising=False)
-    assert ops.dequant_chunk_bytes() == 24 * 2**20
-    monkeypatch.setenv(ops.DEQUANT_CHUNK_ENV, "8.5")
-    assert ops.dequant_chunk_bytes() == int(8.5 * 2**20)
-    for bad in ("0", "-3", "lots"):
-        monkeypatch.setenv(ops.DEQUANT_CHUNK_ENV, bad)
-        with pytest.raises(ValueError, match=ops.DEQUANT_CHUNK_ENV):
-            ops.dequant_chunk_bytes()
-
-
 def test_unmeasured_gpu_family_lets_the_kernel_choose(monkeypatch):
     monkeypatch.setattr(dispatch, "_major", lambda device: 7)
     monkeypatch.setattr(dispatch, "_env_plans", {})
@@ -125,6 +107,12 @@ def test_dispatch_table_picks_the_geometric_mean_winner_per_m():
         "float16": ((16, "x16"), (64, "s64"), (None, "dequant")),
         "bfloat16": ((None, "x64"),),
     }
+
+
+def test_dispatch_table_offers_dequant_fp16_to_bf16_only():
+    rows = [_row("bfloat16", 1024, "a", w64x=100, dequant=50, dequant_fp16=60),
+            _row("float16", 1024, "a", w64x=100, dequant=50, dequant_fp16=40)]
+    assert dispatch_table.suggest(rows) == {"bfloat16": ((None, "dequant_fp16"),), "float16": ((None, "dequant"),)}
 
 
 def test_dispatch_table_ignores_inaccurate_paths():

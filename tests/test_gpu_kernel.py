@@ -329,14 +329,12 @@ def test_every_tile(kernel, tile, dtype_name, group_size):
             assert torch.equal(y, ops.kernel_gemm(*args)), f"tile {tile} M={m}: two calls differ"
 
 
-@pytest.mark.parametrize("split_waves", ["0", "1"])
 @pytest.mark.parametrize("max_splits", ["1", "16", "32", "junk"])
-def test_max_splits_setting_keeps_results(kernel, monkeypatch, max_splits, split_waves):
+def test_max_splits_setting_keeps_results(kernel, monkeypatch, max_splits):
     """VLLM_QUICK_MAX_SPLITS (a tuning knob of the split-K plan, read on every call) changes how K
     is cut up, never the result: no split at all, more splits than the default 8, and a bad value
     (ignored) all match the reference."""
     monkeypatch.setenv("VLLM_QUICK_MAX_SPLITS", max_splits)
-    monkeypatch.setenv("VLLM_QUICK_SPLIT_WAVES", split_waves)  # the wave-filling split choice
     cases = [((4096, 4096), 1, "s16"), ((11008, 4096), 64, "s32"), ((4096, 4096), 128, "s64"), ((4096, 4096), 16, "x16")]
     if torch.cuda.get_device_capability() == (9, 0):
         cases.append(((4096, 12288), 128, "w128n"))
@@ -355,7 +353,8 @@ def test_dispatch_plan_names_supported_tiles(kernel):
     for dtype in (torch.float16, torch.bfloat16):
         for _, path in dispatch.plan_for(dtype, dev):
             if path in dispatch.DEQUANT_PATHS:
-                assert dtype == torch.float16, "bf16 must not take a dequant path (accuracy)"
+                # (a bf16 dense weight is over the error budget; dequant_fp16 keeps an fp16 one)
+                assert dtype == torch.float16 or path == "dequant_fp16", "bf16 must not take 'dequant'"
                 continue
             index = dispatch.tile_index(path, kernel.TILES)
             w = make_weight(512, 256, 128)
@@ -531,25 +530,35 @@ def test_extension_raises_value_errors(kernel):
     check_output(y, x.float() @ w.w32, torch.float16, "after the errors")
 
 
-@pytest.mark.parametrize("n,chunk_mb", [(4096, 1), (4096, 24), (200, 1), (2624, 0.5)])
-def test_dequant_in_column_chunks(kernel, n, chunk_mb):
-    """The dequant_l2 path: column chunks dequantised into one reused buffer, each product written
-    into its columns of y, equal the whole-layer dequant path; a padded last tile and a bias
-    included; fp16 only, like every dequant path (a bf16 dense weight is over the error budget).
-    (At K = 4096 a 2048-column chunk is 16 MB: chunk_mb 1 and 0.5 still give the 2048-column
-    minimum, so 4096 and 2624 columns take two chunks, the second one partial.)"""
-    dtype, dtype_name = torch.float16, "float16"
-    k = 4096
-    w = make_weight(k, n, 128)
-    bias = random_x((n,), dtype, seed=11)
-    for m in (1, 300, 1024):
-        x = random_x((m, k), dtype, seed=zlib.crc32(f"l2/{n}/{m}".encode()))
-        whole = ops.dequant_matmul(x, w.qweight, w.qzeros, w.scales, bias, w.group, n)
-        chunked = ops.dequant_matmul(x, w.qweight, w.qzeros, w.scales, bias, w.group, n,
-                                     chunk_bytes=int(chunk_mb * 2**20))
-        assert chunked.shape == (m, n) and chunked.dtype == dtype
-        check_output(chunked, x.float() @ w.w32 + bias.float(), dtype, f"dequant_l2 N={n} M={m} {dtype_name}")
-        assert (chunked.float() - whole.float()).abs().max() <= 1e-2 * whole.float().abs().max()
+@pytest.mark.parametrize("x_scale", [1.0, 1e4])
+def test_dequant_fp16_path_for_bf16(kernel, monkeypatch, x_scale):
+    """The dequant_fp16 path (bf16 activations, an fp16 dense weight, fp16 cuBLAS with an fp32
+    output), forced through the op by the plan: within the budget against the fp32 reference on
+    a padded and an unpadded layer, with and without bias, for activations whose products leave
+    fp16's range (x_scale 1e4), and the same under a CUDA graph."""
+    from vllm_quick import dispatch
+
+    monkeypatch.setenv(dispatch.PLAN_ENV, "bfloat16=*:dequant_fp16")
+    monkeypatch.setattr(dispatch, "_env_plans", None)  # re-read the plan from the environment
+    dtype = torch.bfloat16
+    for (k, n), m in [((4096, 12288), 1), ((4096, 12288), 300), ((11008, 4096), 1024), ((4096, 200), 33)]:
+        w = make_weight(k, n, 128)
+        x = (random_x((m, k), torch.float32, seed=zlib.crc32(f"fp16/{k}/{n}/{m}".encode())) * x_scale).to(dtype)
+        bias = random_x((n,), dtype, seed=3)
+        assert dispatch.choose(m, dtype, x.device, weight_elements=k * n) == "dequant_fp16"
+        for b in (None, bias):
+            y = quick_gemm(x, w, b)
+            ref = x.float() @ w.w32 + (0 if b is None else b.float())
+            check_output(y, ref, dtype, f"dequant_fp16 K={k} N={n} M={m} x*{x_scale} bias={b is not None}")
+    static_x = x.clone()
+    quick_gemm(static_x, w, bias)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = quick_gemm(static_x, w, bias)
+    static_x.copy_(x * 0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_y, quick_gemm(x * 0.5, w, bias)), "dequant_fp16: graph replay differs from eager"
 
 
 def test_dequantize_column_range_and_out(kernel):

@@ -69,3 +69,26 @@ def test_merge_keeps_the_later_file_for_the_same_case(tmp_path):
     merged = {r["M"]: r["us"]["quick"] for r in json.loads((out / "kernel_h100.json").read_text())}
     assert merged == {1: 5.0, 16: 6.0}
     assert "merged from" in (out / "kernel_h100.md").read_text()
+
+
+def test_targets_table_counts_shapes_meeting_each_target():
+    import targets
+
+    def row(shape, m, dtype, **us):
+        return {"shape": shape, "M": m, "group_size": 128, "dtype": dtype, "us": us}
+
+    rows = [
+        row("a", 16, "float16", quick=10.0, cublas=35.0, marlin=13.0, machete=11.0),  # 3.5x, 1.1x best
+        row("b", 16, "float16", quick=10.0, cublas=20.0, marlin=15.0, machete=None),  # 2.0x, 1.5x
+        row("a", 16, "bfloat16", quick=10.4),  # 1.04x the fp16 time: meets the 5% target
+        row("b", 16, "bfloat16", quick=12.0),  # 1.2x: misses it
+        row("a", 16, "float16", quick=1.0, cublas=1.0) | {"group_size": 64},  # another group: ignored
+    ]
+    table = targets.table(rows)
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()[2:]}
+    assert "| 16 | 2.00-3.50 | 2.65 | 1 of 2 |" in lines["vs cuBLAS >= 3"]
+    assert "| 16 | 1.10-1.50 |" in lines["vs best(Marlin, Machete) >= 1.2"]
+    assert lines["vs best(Marlin, Machete) >= 1.2"].endswith("| 1 of 2 |")
+    assert lines["vs cuBLAS (floor) >= 0.97"].endswith("| 2 of 2 |")
+    assert "| 1.04-1.20 |" in lines["bf16 time / fp16 time <= 1.05"]
+    assert lines["bf16 time / fp16 time <= 1.05"].endswith("| 1 of 2 |")

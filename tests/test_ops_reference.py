@@ -196,35 +196,66 @@ def test_bad_input_raises_value_error_naming_it(good, what):
         _call(good)
 
 
-@pytest.mark.parametrize("n,chunk_tiles", [(200, 1), (448, 3), (448, 7), (448, 32), (64, 1)])
-def test_dequant_chunk_loop_covers_every_column(monkeypatch, n, chunk_tiles):
-    """The dequant_l2 loop of ops.dequant_matmul, on the CPU with the dequantise kernel emulated
-    from the layout's reference (the kernel itself is checked on the GPU): chunks of
-    ``chunk_tiles`` 64-column tiles, a partial last chunk and the padded columns beyond size_n
-    all land in the right columns of y, bias included, equal to the whole-layer product."""
-    case = make_case(seed=n + chunk_tiles, group_size=64, k=128, n=n)
-    dense = layout.dequantize_quick(case["qweight"], case["qzeros"], case["scales"])  # [K, Np] fp32
-    calls = []
+# ---------------------------------------------------------------------------------------------
+# ops.fp16_matmul_for_bf16 (the dequant_fp16 path): its arithmetic on the CPU, where the fp32
+# product of fp16 operands is emulated in fp32 exactly as cuBLAS does it (the GPU test runs cuBLAS).
+# ---------------------------------------------------------------------------------------------
+def _bf16_via_fp16_case(seed: int, m: int = 24, k: int = 512, n: int = 200, x_scale: float = 1.0):
+    case = make_case(seed=seed, group_size=128, k=k, n=n)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen)
+    x[:, :3] *= 50.0  # outlier channels, as real activations have
+    x = (x * x_scale).to(torch.bfloat16)
+    bias = torch.randn(n, generator=gen).to(torch.bfloat16)
+    return case, x, bias
 
-    def fake_dequantize(qweight, qzeros, scales, group_size, dtype, tile_begin=0, tile_count=-1, out=None):
-        count = qweight.shape[1] - tile_begin if tile_count < 0 else tile_count
-        calls.append((tile_begin, count))
-        block = dense[:, tile_begin * 64:(tile_begin + count) * 64].to(dtype)
-        if out is None:
-            return block
-        assert out.shape == block.shape and out.is_contiguous()
-        out.copy_(block)
-        return out
 
-    monkeypatch.setattr(ops, "kernel_dequantize", fake_dequantize)
-    monkeypatch.setattr(ops, "dequant_chunk_tiles", lambda k, n_tiles, element_size, chunk_bytes: chunk_tiles)
-    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(n))
-    bias = torch.randn(n, generator=torch.Generator().manual_seed(n + 1))
-    for b in (None, bias):
-        y = ops.dequant_matmul(x, case["qweight"], case["qzeros"], case["scales"], b, 64, n, chunk_bytes=1)
-        ref = x @ dense[:, :n] + (0 if b is None else b)
-        assert y.shape == (5, n)
-        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-    n_tiles = case["qweight"].shape[1]
-    assert calls[: (n_tiles + chunk_tiles - 1) // chunk_tiles] == [
-        (t, min(chunk_tiles, n_tiles - t)) for t in range(0, n_tiles, chunk_tiles)]
+@pytest.mark.parametrize("x_scale", [1.0, 3e6, 1e-9])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fp16_matmul_for_bf16_rounds_once(x_scale, with_bias):
+    """Elementwise: the fp16 dense weight (one fp16 rounding per weight), fp32 accumulation and a
+    single rounding to bf16; activations far above fp16's range (3e6 * 50) and far below its normal
+    range (1e-9) go through the power-of-two scale without overflow or lost bits."""
+    case, x, bias = _bf16_via_fp16_case(seed=7, x_scale=x_scale)
+    b = bias if with_bias else None
+    w16 = case["w64"].to(torch.float16)
+    y = ops.fp16_matmul_for_bf16(x, w16, b)
+    assert y.dtype == torch.bfloat16 and y.shape == (x.shape[0], case["n"])
+    y64 = x.double() @ case["w64"] + (0 if b is None else b.double())
+    magnitude = x.double().abs() @ case["w64"].abs() + (0 if b is None else b.double().abs())
+    bound = 2.0**-8 * y64.abs() + (2.0**-11 + case["k"] * 2.0**-24) * 1.01 * magnitude
+    err = (y.double() - y64).abs()
+    assert bool(torch.isfinite(y).all())
+    assert bool((err <= bound).all()), f"worst excess {(err - bound).max().item():.3e}"
+    rel = ((y.double() - y64).norm() / y64.norm()).item()
+    assert rel < 2e-3, rel
+
+
+def test_fp16_matmul_for_bf16_beats_a_bf16_dense_weight():
+    """Why the path exists: at K = 4096 its error against the exact product stays at bf16's output
+    rounding, while a bf16 dense weight (the plain dequant path for bf16) adds its own rounding."""
+    case, x, _ = _bf16_via_fp16_case(seed=3, m=16, k=4096, n=256)
+    y64 = x.double() @ case["w64"]
+    ours = ops.fp16_matmul_for_bf16(x, case["w64"].to(torch.float16), None)
+    dense_bf16 = (x.float() @ case["w64"].to(torch.bfloat16).float()).to(torch.bfloat16)
+
+    def rel(y):
+        return ((y.double() - y64).norm() / y64.norm()).item()
+
+    assert rel(ours) < 0.8 * rel(dense_bf16), (rel(ours), rel(dense_bf16))
+
+
+def test_fp16_matmul_for_bf16_in_row_chunks(monkeypatch):
+    """The fp32 output is made a block of rows at a time (FP32_OUT_CHUNK_BYTES): a partial last
+    block and the bias land where the one-block result has them, bit for bit."""
+    case, x, bias = _bf16_via_fp16_case(seed=11, m=300, n=64)
+    w16 = case["w64"].to(torch.float16)
+    whole = ops.fp16_matmul_for_bf16(x, w16, bias)
+    monkeypatch.setattr(ops, "FP32_OUT_CHUNK_BYTES", 4 * 64 * 128)  # 128 rows per block: 3 blocks
+    assert torch.equal(ops.fp16_matmul_for_bf16(x, w16, bias), whole)
+
+
+def test_fp16_matmul_for_bf16_zero_input():
+    case, _, _ = _bf16_via_fp16_case(seed=5)
+    y = ops.fp16_matmul_for_bf16(torch.zeros(4, case["k"], dtype=torch.bfloat16), case["w64"].half(), None)
+    assert torch.equal(y, torch.zeros_like(y))

@@ -4,12 +4,12 @@ This runs inside the custom op at run time (never in ``apply()``, where vLLM's c
 freeze it). The paths:
 
 * a **kernel tile** (``"x16"``, ``"x32"``, ``"x64"``, ``"s16"``, ``"s32"``, ``"s64"``,
-  ``"s128"``, ``"s16m"``, ``"s32m"``, ``"s64m"``, ``"w64"``, ``"w128"``, ``"w128n"``, ``"w64x"``,
-  ``"w128h"``; ``vllm_quick._C.TILES``, described in csrc/quick_gemm.cu, ``with_tile``): the
-  QUICK kernel streaming int4 weights, with that many rows per thread block. ``x`` tiles keep the exact integers ``q - z`` in the mma fragments and scale
-  per group in fp32 (fp16 and bf16); ``s`` tiles (fp16 only) put ``(q - z) * s`` into the
-  fragments, one fp16 rounding per weight, and free the registers of the second accumulator set
-  for taller tiles; ``s..m`` tiles are ``s`` tiles with fewer dequantisation instructions (the
+  ``"s128"``, ``"s16m"``, ``"s32m"``, ``"s64m"``, ``"w64"``, ``"w128"``, ``"w128n"``, ``"w64x"``;
+  ``vllm_quick._C.TILES``, described in csrc/quick_gemm.cu, ``with_tile``): the QUICK kernel
+  streaming int4 weights, with that many rows per thread block. ``x`` tiles keep the exact
+  integers ``q - z`` in the mma fragments and scale per group in fp32 (fp16 and bf16); ``s``
+  tiles (fp16 only) put ``(q - z) * s`` into the fragments, one fp16 rounding per weight, and
+  free the registers of the second accumulator set for taller tiles; ``s..m`` tiles are ``s`` tiles with fewer dequantisation instructions (the
   "16x magic"; 4-6% faster than the plain ``s`` tiles at M <= 64 on the H100); ``w64`` / ``w128``
   (fp16, sm_90 only) feed the same fragments to Hopper's warpgroup MMA (wgmma) with 64 / 128 rows
   per block, ``w128n`` with half a tile per warp and 128 tokens per wgmma (the one plans use);
@@ -18,10 +18,10 @@ freeze it). The paths:
 * ``"auto"``: the kernel with its own built-in choice by M (families not measured yet);
 * ``"dequant"``: dequantise the layer once into a dense matrix (csrc/quick_dequant.cu) and call
   cuBLAS; wins once the GEMM is bound by arithmetic (large M, prefill), where cuBLAS's Hopper
-  (wgmma) kernels beat our mma.sync ones;
-* ``"dequant_l2"``: the same, a chunk of columns at a time into one buffer small enough to stay
-  in L2 (``VLLM_QUICK_DEQUANT_CHUNK_MB``, default 24), so the dense copy need not travel to DRAM
-  and back (an experiment: not in any plan until timed on a GPU).
+  (wgmma) kernels beat ours (0.80x cuBLAS at M = 1024 against w128n's 0.76 on the H100);
+* ``"dequant_fp16"`` (bf16 activations): the same with an fp16 dense weight, the activations
+  moved exactly into fp16 by a power-of-two scale and an fp32 cuBLAS output
+  (``ops.fp16_matmul_for_bf16``): bf16's large-M candidate, not in a plan until timed on a GPU.
 
 ``PLANS`` is the measured choice per GPU family and activation dtype: ``(largest M, path)`` pairs
 in increasing M, the last one with ``None`` (any larger M). ``benchmarks/dispatch_table.py``
@@ -84,9 +84,8 @@ def _major(device: torch.device) -> int:
 
 
 PLAN_ENV = "VLLM_QUICK_DISPATCH_PLAN"
-# The dequantise + cuBLAS paths: the whole layer at once, or L2-sized column chunks (ops.py,
-# dequant_matmul; an experiment not in any plan until timed).
-DEQUANT_PATHS = ("dequant", "dequant_l2")
+# The dequantise + cuBLAS paths (ops.py): dequant_matmul, and fp16_matmul_for_bf16 for bf16.
+DEQUANT_PATHS = ("dequant", "dequant_fp16")
 _DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -169,7 +168,7 @@ def describe(dtype: torch.dtype, device: torch.device) -> str:
 def _describe_plan(plan: Plan) -> str:
     ranges, low = [], 1
     for max_m, path in plan:
-        what = {"dequant": "dequantise + cuBLAS", "dequant_l2": "dequantise in L2-sized chunks + cuBLAS",
+        what = {"dequant": "dequantise + cuBLAS", "dequant_fp16": "dequantise to fp16 + fp16 cuBLAS",
                 "auto": "the kernel's own tile choice"}.get(path, f"tile {path}")
         span = f"M >= {low}" if max_m is None else f"M {low}-{max_m}"
         ranges.append(f"{span}: {what}")

@@ -136,9 +136,11 @@ def _cuda_gemm(x, qweight, qzeros, scales, bias, group_size: int, size_n: int):
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     path = dispatch.choose(x2.shape[0], x.dtype, x.device, weight_elements=x2.shape[1] * size_n)
-    if path in dispatch.DEQUANT_PATHS:
-        chunk = dequant_chunk_bytes() if path == "dequant_l2" else 0
-        y = dequant_matmul(x2, qweight, qzeros, scales, bias, group_size, size_n, chunk)
+    if path == "dequant_fp16" and x2.dtype == torch.bfloat16:
+        w16 = kernel_dequantize(qweight, qzeros, scales, group_size, torch.float16)[:, :size_n]
+        y = fp16_matmul_for_bf16(x2, w16, bias)
+    elif path in dispatch.DEQUANT_PATHS:  # (for fp16 activations dequant_fp16 is plain dequant)
+        y = dequant_matmul(x2, qweight, qzeros, scales, bias, group_size, size_n)
     else:
         tile = dispatch.tile_index(path, kernel_extension().TILES)
         y = kernel_gemm(x2, qweight, qzeros, scales, bias, group_size, size_n, tile)
@@ -168,56 +170,55 @@ def kernel_dequantize(qweight, qzeros, scales, group_size: int, dtype: torch.dty
     return w
 
 
-DEQUANT_CHUNK_ENV = "VLLM_QUICK_DEQUANT_CHUNK_MB"
-# cuBLAS wants wide chunks: at M = 1024 a 2048-column chunk is 8 x 16 output tiles of 128 x 128,
-# about one wave on 132 SMs.
-MIN_CHUNK_COLUMNS = 2048
-
-
-def dequant_chunk_tiles(k: int, n_tiles: int, element_size: int, chunk_bytes: int) -> int:
-    """64-column tiles per chunk of the ``dequant_l2`` path: as many as fit ``chunk_bytes`` of
-    dense weight, at least MIN_CHUNK_COLUMNS wide, at most the whole layer."""
-    fit = chunk_bytes // (k * element_size * 64)
-    return max(1, min(n_tiles, max(fit, MIN_CHUNK_COLUMNS // 64)))
-
-
-def dequant_matmul(x2, qweight, qzeros, scales, bias, group_size: int, size_n: int,
-                   chunk_bytes: int = 0) -> torch.Tensor:
+def dequant_matmul(x2, qweight, qzeros, scales, bias, group_size: int, size_n: int) -> torch.Tensor:
     """The large-M path on a CUDA ``[M, K]`` x: dense weight from the dequantise kernel, then
-    cuBLAS (``bias`` already in x's dtype). With ``chunk_bytes`` > 0 (the ``dequant_l2`` path) the
-    weight is dequantised a column chunk at a time into one reused buffer of about that size, and
-    each chunk's product is written straight into its columns of y: a buffer that fits in L2 is
-    overwritten there, and the dense copy need not go to DRAM and back."""
-    if chunk_bytes <= 0:
-        w = kernel_dequantize(qweight, qzeros, scales, group_size, x2.dtype)[:, :size_n]
-        return torch.addmm(bias, x2, w) if bias is not None else x2 @ w
-    k, n_tiles = x2.shape[1], qweight.shape[1]
-    tiles = dequant_chunk_tiles(k, n_tiles, x2.element_size(), chunk_bytes)
-    y = torch.empty((x2.shape[0], size_n), dtype=x2.dtype, device=x2.device)
-    buffer = torch.empty(k * tiles * 64, dtype=x2.dtype, device=x2.device)
-    for tile_begin in range(0, n_tiles, tiles):
-        count = min(tiles, n_tiles - tile_begin)
-        n0, n1 = tile_begin * 64, min((tile_begin + count) * 64, size_n)
-        w = kernel_dequantize(qweight, qzeros, scales, group_size, x2.dtype, tile_begin, count,
-                              buffer[: k * count * 64].view(k, count * 64))[:, : n1 - n0]
-        if bias is not None:
-            torch.addmm(bias[n0:n1], x2, w, out=y[:, n0:n1])
-        else:
-            torch.mm(x2, w, out=y[:, n0:n1])
+    cuBLAS (``bias`` already in x's dtype)."""
+    w = kernel_dequantize(qweight, qzeros, scales, group_size, x2.dtype)[:, :size_n]
+    return torch.addmm(bias, x2, w) if bias is not None else x2 @ w
+
+
+# Output rows per fp32 product in fp16_matmul_for_bf16: at most this many bytes of fp32 output at
+# once (M = 8192 on an 8192 x 57344 layer would otherwise need 1.9 GB), at least 128 rows.
+FP32_OUT_CHUNK_BYTES = 256 * 2**20
+# fp16_matmul_for_bf16 brings max |x| into [2^14, 2^15): below fp16's largest finite value
+# (65504, just under 2^16) and far above its smallest normal one (2^-14).
+FP16_TOP_EXPONENT = 15
+
+
+def fp16_matmul_for_bf16(x2: torch.Tensor, w16: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x2 @ w16 (+ bias)`` for bf16 ``x2`` [M, K] and an fp16 dense weight ``w16`` [K, N], with
+    one rounding to bf16 at the end (the ``dequant_fp16`` path).
+
+    Why not a bf16 dense weight: it rounds every ``(q - z) * s`` to bf16's 8 significant bits,
+    ~2.3e-3 of relative error, over the 2e-3 budget; fp16 keeps 11 bits (2.4e-4). The activations
+    can go to fp16 without rounding too: a bf16 significand (8 bits) fits fp16's 11, only the
+    exponent range differs. So x is scaled by a power of two 2^e chosen on the GPU from max |x|
+    (no host sync: graph capture is fine) that brings it into [2^14, 2^15), converted to fp16
+    exactly (values 2^28 times smaller than max |x| lose bits as fp16 subnormals), multiplied by
+    cuBLAS in fp16 with fp32 accumulation and fp32 output (which cannot overflow), and 2^-e is
+    taken off exactly before the bias and the single rounding to bf16."""
+    amax = torch.linalg.vector_norm(x2, ord=float("inf"), dtype=torch.float32)
+    shift = FP16_TOP_EXPONENT - torch.frexp(amax).exponent  # max |x| in [2^(e-1), 2^e) -> top 2^15
+    scale, unscale = torch.exp2(shift.float()), torch.exp2(-shift.float())  # exact powers of two
+    x16 = (x2 * scale.to(x2.dtype)).to(torch.float16)  # bf16 * 2^e is exact (same exponent range as fp32)
+    m, n = x2.shape[0], w16.shape[1]
+    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    bias32 = bias.float() if bias is not None else None
+    rows = max(128, FP32_OUT_CHUNK_BYTES // (4 * max(n, 1)) // 128 * 128)
+    for r0 in range(0, m, rows):
+        part = _mm_fp32_out(x16[r0:r0 + rows], w16).mul_(unscale)
+        if bias32 is not None:
+            part.add_(bias32)
+        y[r0:r0 + rows].copy_(part)  # the one rounding to bf16
     return y
 
 
-def dequant_chunk_bytes() -> int:
-    """The ``dequant_l2`` chunk size from VLLM_QUICK_DEQUANT_CHUNK_MB (default 24 MB of the 50 MB
-    L2 of an H100); ValueError on a value that is not a positive number."""
-    text = os.environ.get(DEQUANT_CHUNK_ENV, "24")
-    try:
-        mb = float(text)
-    except ValueError:
-        mb = -1.0
-    if not mb > 0:
-        raise ValueError(f"{DEQUANT_CHUNK_ENV}={text!r} must be a positive number of megabytes")
-    return int(mb * 2**20)
+def _mm_fp32_out(a16: torch.Tensor, b16: torch.Tensor) -> torch.Tensor:
+    """fp16 x fp16 -> fp32 product: cuBLAS with an fp32 output on CUDA; elsewhere (the CPU tests)
+    the same arithmetic in fp32 (fp16 values and their products are exact in fp32)."""
+    if a16.is_cuda:
+        return torch.mm(a16, b16, out_dtype=torch.float32)
+    return a16.float() @ b16.float()
 
 
 torch.library.impl(_lib, "gemm", "CUDA")(_cuda_gemm)
