@@ -46,9 +46,9 @@ CALLS = {
     "itself at every M, bypassing the op's M dispatch",
     "quick_dequant": "vllm_quick.ops.dequant_matmul(x, ...): the op's large-M path (dequantise "
     "kernel + cuBLAS) at every M, to measure where it overtakes the kernel (benchmarks/dispatch_table.py)",
-    "quick_dequant_fp16": "vllm_quick.ops.fp16_matmul_for_bf16(x, dequantize(..., float16), None): the "
-    "dequant_fp16 path for bf16 activations (x moved exactly into fp16 by a power-of-two scale, fp16 cuBLAS "
-    "with an fp32 output, one rounding to bf16) at every M",
+    "quick_dequant_fp16": "vllm_quick.ops.fp16_matmul_for_bf16(x, dequantize(..., float16), None, bound): the "
+    "dequant_fp16 path for bf16 activations (x and the product scaled by a power of two into fp16's range, "
+    "fp16 cuBLAS, exact unscaling in bf16) at every M",
     "cublas": "torch.nn.functional.linear(x, W) with W = dequant(codes, zeros, scales) as [N, K] "
     "in the activation dtype (what an unquantised vLLM layer runs)",
     "awq_gemm": "torch.ops._C.awq_gemm(x, qweight_awq, scales_fp16, qzeros_awq, split_k_iters=8) "
@@ -350,8 +350,10 @@ class QuickDequantFp16Backend(QuickBackend):
 
         w = state.weights
         n = state.meta["n"]
-        w16 = ops.kernel_dequantize(w["qweight"], w["qzeros"], w["scales"], state.meta["group"], torch.float16)
-        return ops.fp16_matmul_for_bf16(x, w16[:, :n], None)
+        group = state.meta["group"]
+        w16 = ops.kernel_dequantize(w["qweight"], w["qzeros"], w["scales"], group, torch.float16)
+        bound = ops.column_abs_sum_bound(w["scales"], x.shape[1], group)
+        return ops.fp16_matmul_for_bf16(x, w16[:, :n], None, bound)
 
 
 class CublasBackend(Backend):

@@ -213,17 +213,18 @@ def _bf16_via_fp16_case(seed: int, m: int = 24, k: int = 512, n: int = 200, x_sc
 @pytest.mark.parametrize("x_scale", [1.0, 3e6, 1e-9])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_fp16_matmul_for_bf16_rounds_once(x_scale, with_bias):
-    """Elementwise: the fp16 dense weight (one fp16 rounding per weight), fp32 accumulation and a
-    single rounding to bf16; activations far above fp16's range (3e6 * 50) and far below its normal
-    range (1e-9) go through the power-of-two scale without overflow or lost bits."""
+    """Elementwise: the fp16 dense weight (one fp16 rounding per weight), fp32 accumulation, the
+    fp16 output's rounding and the final one to bf16; activations far above fp16's range
+    (3e6 * 50) and far below its normal range (1e-9) go through the power-of-two scale without
+    overflow or lost bits."""
     case, x, bias = _bf16_via_fp16_case(seed=7, x_scale=x_scale)
     b = bias if with_bias else None
     w16 = case["w64"].to(torch.float16)
-    y = ops.fp16_matmul_for_bf16(x, w16, b)
+    y = ops.fp16_matmul_for_bf16(x, w16, b, ops.column_abs_sum_bound(case["scales"], case["k"], 128))
     assert y.dtype == torch.bfloat16 and y.shape == (x.shape[0], case["n"])
     y64 = x.double() @ case["w64"] + (0 if b is None else b.double())
     magnitude = x.double().abs() @ case["w64"].abs() + (0 if b is None else b.double().abs())
-    bound = 2.0**-8 * y64.abs() + (2.0**-11 + case["k"] * 2.0**-24) * 1.01 * magnitude
+    bound = (2.0**-8 + 2.0**-11) * y64.abs() + (2.0**-11 + case["k"] * 2.0**-24) * 1.01 * magnitude
     err = (y.double() - y64).abs()
     assert bool(torch.isfinite(y).all())
     assert bool((err <= bound).all()), f"worst excess {(err - bound).max().item():.3e}"
@@ -231,12 +232,22 @@ def test_fp16_matmul_for_bf16_rounds_once(x_scale, with_bias):
     assert rel < 2e-3, rel
 
 
+def test_column_abs_sum_bound_holds():
+    """The scales-only bound is >= every column's sum |W[k, n]| (and within 15x of the largest)."""
+    for g in (32, 128, -1):
+        case = make_case(seed=21, group_size=g, k=256, n=136)
+        true = case["w64"].abs().sum(0).max().item()
+        bound = ops.column_abs_sum_bound(case["scales"], case["k"], g).item()
+        assert true <= bound <= 15 * true, (g, true, bound)
+
+
 def test_fp16_matmul_for_bf16_beats_a_bf16_dense_weight():
-    """Why the path exists: at K = 4096 its error against the exact product stays at bf16's output
-    rounding, while a bf16 dense weight (the plain dequant path for bf16) adds its own rounding."""
+    """Why the path exists: at K = 4096 its error against the exact product stays near bf16's
+    output rounding, while a bf16 dense weight (plain dequant for bf16) adds its own rounding."""
     case, x, _ = _bf16_via_fp16_case(seed=3, m=16, k=4096, n=256)
     y64 = x.double() @ case["w64"]
-    ours = ops.fp16_matmul_for_bf16(x, case["w64"].to(torch.float16), None)
+    bound = ops.column_abs_sum_bound(case["scales"], case["k"], 128)
+    ours = ops.fp16_matmul_for_bf16(x, case["w64"].to(torch.float16), None, bound)
     dense_bf16 = (x.float() @ case["w64"].to(torch.bfloat16).float()).to(torch.bfloat16)
 
     def rel(y):
@@ -245,17 +256,21 @@ def test_fp16_matmul_for_bf16_beats_a_bf16_dense_weight():
     assert rel(ours) < 0.8 * rel(dense_bf16), (rel(ours), rel(dense_bf16))
 
 
-def test_fp16_matmul_for_bf16_in_row_chunks(monkeypatch):
-    """The fp32 output is made a block of rows at a time (FP32_OUT_CHUNK_BYTES): a partial last
-    block and the bias land where the one-block result has them, bit for bit."""
-    case, x, bias = _bf16_via_fp16_case(seed=11, m=300, n=64)
-    w16 = case["w64"].to(torch.float16)
-    whole = ops.fp16_matmul_for_bf16(x, w16, bias)
-    monkeypatch.setattr(ops, "FP32_OUT_CHUNK_BYTES", 4 * 64 * 128)  # 128 rows per block: 3 blocks
-    assert torch.equal(ops.fp16_matmul_for_bf16(x, w16, bias), whole)
-
-
 def test_fp16_matmul_for_bf16_zero_input():
     case, _, _ = _bf16_via_fp16_case(seed=5)
-    y = ops.fp16_matmul_for_bf16(torch.zeros(4, case["k"], dtype=torch.bfloat16), case["w64"].half(), None)
+    bound = ops.column_abs_sum_bound(case["scales"], case["k"], 128)
+    y = ops.fp16_matmul_for_bf16(torch.zeros(4, case["k"], dtype=torch.bfloat16), case["w64"].half(), None, bound)
     assert torch.equal(y, torch.zeros_like(y))
+
+
+def test_fp16_matmul_for_bf16_worst_case_does_not_overflow():
+    """Every product of the same sign and the largest |q - z| = 15: the output reaches the bound
+    max|x| * col_bound itself, which is where a scale chosen from max |x| alone would overflow fp16."""
+    k, n, g = 512, 64, 128
+    scales = torch.full((k // g, n), 0.5, dtype=torch.float16)
+    w16 = torch.full((k, n), 15 * 0.5, dtype=torch.float16)  # codes 15, zeros 0
+    x = torch.full((3, k), 3.0, dtype=torch.bfloat16)
+    bias = torch.full((n,), -2.0, dtype=torch.bfloat16)
+    y = ops.fp16_matmul_for_bf16(x, w16, bias, ops.column_abs_sum_bound(scales, k, g))
+    expected = torch.full((3, n), 3.0 * 7.5 * k - 2.0).to(torch.bfloat16)
+    assert torch.equal(y, expected), y[0, :4]

@@ -138,7 +138,7 @@ def _cuda_gemm(x, qweight, qzeros, scales, bias, group_size: int, size_n: int):
     path = dispatch.choose(x2.shape[0], x.dtype, x.device, weight_elements=x2.shape[1] * size_n)
     if path == "dequant_fp16" and x2.dtype == torch.bfloat16:
         w16 = kernel_dequantize(qweight, qzeros, scales, group_size, torch.float16)[:, :size_n]
-        y = fp16_matmul_for_bf16(x2, w16, bias)
+        y = fp16_matmul_for_bf16(x2, w16, bias, column_abs_sum_bound(scales, x2.shape[1], group_size))
     elif path in dispatch.DEQUANT_PATHS:  # (for fp16 activations dequant_fp16 is plain dequant)
         y = dequant_matmul(x2, qweight, qzeros, scales, bias, group_size, size_n)
     else:
@@ -177,48 +177,53 @@ def dequant_matmul(x2, qweight, qzeros, scales, bias, group_size: int, size_n: i
     return torch.addmm(bias, x2, w) if bias is not None else x2 @ w
 
 
-# Output rows per fp32 product in fp16_matmul_for_bf16: at most this many bytes of fp32 output at
-# once (M = 8192 on an 8192 x 57344 layer would otherwise need 1.9 GB), at least 128 rows.
-FP32_OUT_CHUNK_BYTES = 256 * 2**20
-# fp16_matmul_for_bf16 brings max |x| into [2^14, 2^15): below fp16's largest finite value
-# (65504, just under 2^16) and far above its smallest normal one (2^-14).
+# fp16_matmul_for_bf16 scales the product so that its bound lands in [2^14, 2^15): below fp16's
+# largest finite value (65504, just under 2^16) with a factor 2 to spare.
 FP16_TOP_EXPONENT = 15
 
 
-def fp16_matmul_for_bf16(x2: torch.Tensor, w16: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x2 @ w16 (+ bias)`` for bf16 ``x2`` [M, K] and an fp16 dense weight ``w16`` [K, N], with
-    one rounding to bf16 at the end (the ``dequant_fp16`` path).
+def column_abs_sum_bound(scales: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
+    """A bound of max over columns n of sum_k |W[k, n]|, from the scales alone (a 0-dim fp32 tensor,
+    computed on the scales' device): |q - z| <= 15, so sum_k |W[k, n]| <= 15 * g * sum_groups |s|
+    (``scales`` [K/g, Np]; padded columns have zero scales)."""
+    g = k if group_size == -1 else group_size
+    per_column = torch.linalg.vector_norm(scales, ord=1, dim=0, dtype=torch.float32)
+    return per_column.amax() * (15 * g)
+
+
+def fp16_matmul_for_bf16(x2: torch.Tensor, w16: torch.Tensor, bias: torch.Tensor | None,
+                         col_bound: torch.Tensor) -> torch.Tensor:
+    """``x2 @ w16 (+ bias)`` for bf16 ``x2`` [M, K] and an fp16 dense weight ``w16`` [K, N] (the
+    ``dequant_fp16`` path); ``col_bound`` bounds max_n sum_k |w16[k, n]| (column_abs_sum_bound).
 
     Why not a bf16 dense weight: it rounds every ``(q - z) * s`` to bf16's 8 significant bits,
     ~2.3e-3 of relative error, over the 2e-3 budget; fp16 keeps 11 bits (2.4e-4). The activations
-    can go to fp16 without rounding too: a bf16 significand (8 bits) fits fp16's 11, only the
-    exponent range differs. So x is scaled by a power of two 2^e chosen on the GPU from max |x|
-    (no host sync: graph capture is fine) that brings it into [2^14, 2^15), converted to fp16
-    exactly (values 2^28 times smaller than max |x| lose bits as fp16 subnormals), multiplied by
-    cuBLAS in fp16 with fp32 accumulation and fp32 output (which cannot overflow), and 2^-e is
-    taken off exactly before the bias and the single rounding to bf16."""
-    amax = torch.linalg.vector_norm(x2, ord=float("inf"), dtype=torch.float32)
-    shift = FP16_TOP_EXPONENT - torch.frexp(amax).exponent  # max |x| in [2^(e-1), 2^e) -> top 2^15
-    scale, unscale = torch.exp2(shift.float()), torch.exp2(-shift.float())  # exact powers of two
-    x16 = (x2 * scale.to(x2.dtype)).to(torch.float16)  # bf16 * 2^e is exact (same exponent range as fp32)
-    m, n = x2.shape[0], w16.shape[1]
-    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    bias32 = bias.float() if bias is not None else None
-    rows = max(128, FP32_OUT_CHUNK_BYTES // (4 * max(n, 1)) // 128 * 128)
-    for r0 in range(0, m, rows):
-        part = _mm_fp32_out(x16[r0:r0 + rows], w16).mul_(unscale)
-        if bias32 is not None:
-            part.add_(bias32)
-        y[r0:r0 + rows].copy_(part)  # the one rounding to bf16
-    return y
+    go to fp16 without rounding too: a bf16 significand (8 bits) fits fp16's 11, only the exponent
+    range differs. So everything is scaled by a power of two 2^e, chosen on the GPU (no host sync:
+    graph capture is fine) such that the bound max|x| * col_bound + max|bias| of every output
+    lands in [2^14, 2^15): then neither x * 2^e nor the fp16 output (fp32 accumulation in cuBLAS)
+    can overflow. 2^-e comes off exactly in bf16 at the end. Roundings: the fp16 output (2^-12),
+    then bf16 (2^-9). x values below 2^-24 * 2^-e become fp16 subnormals and lose bits; with the
+    conservative bound that is ~2^-28 of max |x| or less for Llama-sized K, far below what moves
+    an output. (A first version with an fp32 cuBLAS output, no bound needed, ran 0.32-0.54x
+    cuBLAS on the H100: the fp32 output's traffic and kernels cost more than they saved.)"""
+    bound = torch.linalg.vector_norm(x2, ord=float("inf"), dtype=torch.float32) * col_bound.clamp(min=1.0)
+    if bias is not None:  # (clamp: |x| <= bound too, so x * 2^e stays finite)
+        bound = bound + torch.linalg.vector_norm(bias, ord=float("inf"), dtype=torch.float32)
+    shift = (FP16_TOP_EXPONENT - torch.frexp(bound).exponent).float()  # bound in [2^(x-1), 2^x)
+    x16 = (x2 * torch.exp2(shift).to(x2.dtype)).to(torch.float16)  # exact: a power of two, in range
+    bias16 = None if bias is None else (bias.float() * torch.exp2(shift)).to(torch.float16)
+    y16 = _fp16_gemm(x16, w16, bias16)
+    return y16.to(torch.bfloat16).mul_(torch.exp2(-shift).to(torch.bfloat16))  # exact unscaling
 
 
-def _mm_fp32_out(a16: torch.Tensor, b16: torch.Tensor) -> torch.Tensor:
-    """fp16 x fp16 -> fp32 product: cuBLAS with an fp32 output on CUDA; elsewhere (the CPU tests)
-    the same arithmetic in fp32 (fp16 values and their products are exact in fp32)."""
+def _fp16_gemm(a16: torch.Tensor, b16: torch.Tensor, bias16: torch.Tensor | None) -> torch.Tensor:
+    """fp16 cuBLAS (fp32 accumulation, bias added in fp32, one rounding to fp16); elsewhere (the
+    CPU tests) the same arithmetic spelled out in fp32."""
     if a16.is_cuda:
-        return torch.mm(a16, b16, out_dtype=torch.float32)
-    return a16.float() @ b16.float()
+        return a16 @ b16 if bias16 is None else torch.addmm(bias16, a16, b16)
+    acc = a16.float() @ b16.float()
+    return (acc if bias16 is None else acc + bias16.float()).to(torch.float16)
 
 
 torch.library.impl(_lib, "gemm", "CUDA")(_cuda_gemm)
