@@ -44,14 +44,15 @@ Plan = tuple[tuple[int | None, str], ...]
 # (compute capability major) -> {dtype: plan}
 # sm90: measured on an H100 80GB HBM3, 2026-11-25, every candidate tile + dequant + cuBLAS on the
 # 12 Llama shapes, fp16 and bf16, M = 1-512 (bf16 to 1024):
-# benchmarks/results/kernel_h100_tiles_s5.json (session 5; M = 512-4096 in
+# benchmarks/results/kernel_h100_tiles_s5.json (session 5; M = 32-4096 for the large-M paths in
 # kernel_h100_tiles_s5_large.json). Geometric mean of the speedup over cuBLAS on the 10 large
 # layers, best path first:
 #   fp16 M <= 16: s16m 2.05-2.52 (x16 1.87-2.08); M = 24-32: s32m 1.60-1.74 (w64x 1.54-1.57);
 #   M = 48-64: w64x 1.37-1.45 (w128n 1.18-1.24, s32m 1.06-1.08); M = 96-512: w128n 0.68-1.10;
 #   beyond 512: dequantise + cuBLAS (0.80 at M = 1024, 0.92 at 4096; w128n 0.76 / 0.79).
 #   bf16 M <= 16: x16 1.88-2.09; beyond: w64x (1.54 at M = 32, 1.36 at 64, 0.87 at 128, 0.50 at
-#   1024; the x tiles 0.33 there). bf16 never takes "dequant" (see above).
+#   1024; the x tiles 0.33 there). bf16 never takes "dequant" (see above); "dequant_fp16" is
+#   not timed in its current form yet.
 PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
         torch.float16: ((16, "s16m"), (32, "s32m"), (64, "w64x"), (512, "w128n"), (None, "dequant")),
