@@ -46,7 +46,7 @@ CALLS = {
     "itself at every M, bypassing the op's M dispatch",
     "quick_dequant": "vllm_quick.ops.dequant_matmul(x, ...): the op's large-M path (dequantise "
     "kernel + cuBLAS) at every M, to measure where it overtakes the kernel (benchmarks/dispatch_table.py)",
-    "quick_dequant_fp16": "vllm_quick.ops.fp16_matmul_for_bf16(x, dequantize(..., float16), None, bound): the "
+    "quick_dequant_fp16": "vllm_quick.ops.dequant_fp16_matmul(x, ...): the "
     "dequant_fp16 path for bf16 activations (x and the product scaled by a power of two into fp16's range, "
     "fp16 cuBLAS, exact unscaling in bf16) at every M",
     "cublas": "torch.nn.functional.linear(x, W) with W = dequant(codes, zeros, scales) as [N, K] "
@@ -335,8 +335,8 @@ class QuickDequantBackend(QuickBackend):
 
 
 class QuickDequantFp16Backend(QuickBackend):
-    """The dequant_fp16 path (bf16 activations through an fp16 dense weight and fp16 cuBLAS with
-    an fp32 output, ops.fp16_matmul_for_bf16) called directly, whatever M; bf16 only."""
+    """The dequant_fp16 path (bf16 activations through an fp16 dense weight and fp16 cuBLAS,
+    ops.dequant_fp16_matmul) called directly, whatever M; bf16 only."""
 
     name = "quick_dequant_fp16"
 
@@ -349,11 +349,9 @@ class QuickDequantFp16Backend(QuickBackend):
         from vllm_quick import ops
 
         w = state.weights
-        n = state.meta["n"]
-        group = state.meta["group"]
-        w16 = ops.kernel_dequantize(w["qweight"], w["qzeros"], w["scales"], group, torch.float16)
-        bound = ops.column_abs_sum_bound(w["scales"], x.shape[1], group)
-        return ops.fp16_matmul_for_bf16(x, w16[:, :n], None, bound)
+        return ops.dequant_fp16_matmul(
+            x, w["qweight"], w["qzeros"], w["scales"], None, state.meta["group"], state.meta["n"]
+        )
 
 
 class CublasBackend(Backend):

@@ -19,24 +19,20 @@ constexpr int kRowPad = 8;                         // halves of padding per smem
                                                    // 16 rows of a tile off the same banks
 constexpr int kSmemRow = kTilesPerBlock * kTileN + kRowPad;
 
-// Block (kt, group of 8 n-tiles of the range): each warp unpacks its tile into shared memory at
-// the natural (k, n) position, then the block writes 16 rows x 512 columns with 16-byte coalesced
-// stores. The range [tile_begin, tile_begin + tile_count) lets the large-M path dequantise a few
-// columns at a time into a buffer that stays in L2 (vllm_quick/ops.py, dequant_matmul).
+// Block (kt, group of 8 n-tiles): each warp unpacks its tile into shared memory at the natural
+// (k, n) position, then the block writes 16 rows x 512 columns with 16-byte coalesced stores.
 template <typename T>
 __global__ void __launch_bounds__(256) dequant_kernel(const uint4* __restrict__ qweight,
                                                      const uint32_t* __restrict__ qzeros,
                                                      const __half* __restrict__ scales, T* __restrict__ out,
-                                                     int k, int n, int group_size, int tile_begin, int tile_count) {
+                                                     int k, int n, int group_size) {
   __shared__ __align__(16) T tile[kTileK][kSmemRow];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int n_tiles = n / kTileN;
-  const int out_n = tile_count * kTileN;  // columns (and row stride) of out
   const int kt = blockIdx.y;
-  const int local_tile = blockIdx.x * kTilesPerBlock + warp;
-  const int nt = tile_begin + local_tile;
+  const int nt = blockIdx.x * kTilesPerBlock + warp;
   const int group = kt * kTileK / group_size;
-  if (local_tile < tile_count) {
+  if (nt < n_tiles) {
     const uint4 words = qweight[(static_cast<size_t>(kt) * n_tiles + nt) * 32 + lane];
     const uint32_t zero_word = qzeros[static_cast<size_t>(group) * (n / 8) + nt * 8 + lane / 4];
     const __half* tile_scales = scales + static_cast<size_t>(group) * n + nt * kTileN;
@@ -56,10 +52,10 @@ __global__ void __launch_bounds__(256) dequant_kernel(const uint4* __restrict__ 
       }
   }
   __syncthreads();
-  const int cols = min(kTilesPerBlock, tile_count - static_cast<int>(blockIdx.x) * kTilesPerBlock) * kTileN;
+  const int cols = min(kTilesPerBlock, n_tiles - blockIdx.x * kTilesPerBlock) * kTileN;
   for (int c = threadIdx.x; c < kTileK * cols / 8; c += blockDim.x) {
     const int row = c / (cols / 8), chunk = c % (cols / 8);
-    *reinterpret_cast<uint4*>(out + static_cast<size_t>(kt * kTileK + row) * out_n +
+    *reinterpret_cast<uint4*>(out + static_cast<size_t>(kt * kTileK + row) * n +
                               blockIdx.x * kTilesPerBlock * kTileN + chunk * 8) =
         *reinterpret_cast<const uint4*>(&tile[row][chunk * 8]);
   }
@@ -68,19 +64,15 @@ __global__ void __launch_bounds__(256) dequant_kernel(const uint4* __restrict__ 
 }  // namespace
 
 cudaError_t dequantize(const DequantArgs& a, cudaStream_t stream) {
-  const int tile_count = a.tile_count < 0 ? a.n / kTileN - a.tile_begin : a.tile_count;
-  if (tile_count <= 0) return cudaSuccess;
-  const dim3 grid((tile_count + kTilesPerBlock - 1) / kTilesPerBlock, a.k / kTileK);
+  const dim3 grid((a.n / kTileN + kTilesPerBlock - 1) / kTilesPerBlock, a.k / kTileK);
   if (a.act == ActType::kBFloat16) {
     dequant_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(
         static_cast<const uint4*>(a.qweight), static_cast<const uint32_t*>(a.qzeros),
-        static_cast<const __half*>(a.scales), static_cast<__nv_bfloat16*>(a.out), a.k, a.n, a.group_size,
-        a.tile_begin, tile_count);
+        static_cast<const __half*>(a.scales), static_cast<__nv_bfloat16*>(a.out), a.k, a.n, a.group_size);
   } else {
     dequant_kernel<__half><<<grid, 256, 0, stream>>>(
         static_cast<const uint4*>(a.qweight), static_cast<const uint32_t*>(a.qzeros),
-        static_cast<const __half*>(a.scales), static_cast<__half*>(a.out), a.k, a.n, a.group_size,
-        a.tile_begin, tile_count);
+        static_cast<const __half*>(a.scales), static_cast<__half*>(a.out), a.k, a.n, a.group_size);
   }
   return cudaGetLastError();
 }

@@ -58,18 +58,14 @@ struct GemmArgs {
   int* counters;         // plan.counters ints, all zero on entry (and on exit)
 };
 
-// Dense dequantisation of the interleaved layout: out[k, c] = (q - z) * s of column
-// 64 tile_begin + c, in the activation type, for the 64-column tiles [tile_begin, tile_begin +
-// tile_count) (all of them: 0 and n / 64).
+// Dense dequantisation of the interleaved layout: out[k, n] = (q - z) * s in the activation type.
 struct DequantArgs {
   const void* qweight;
   const void* qzeros;
   const void* scales;
-  void* out;  // [k, 64 tile_count] row-major
-  int k, n, group_size;  // n: all columns of the layer (qweight's N / 64 * 64)
+  void* out;  // [k, n] row-major
+  int k, n, group_size;
   ActType act;
-  int tile_begin = 0;
-  int tile_count = -1;  // -1: n / 64 - tile_begin
 };
 
 GemmPlan plan(const GemmProblem& problem, int device);

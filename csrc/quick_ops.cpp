@@ -178,8 +178,7 @@ std::tuple<c10::optional<torch::Tensor>, std::string> gemm(
 }
 
 std::string dequantize_error(const torch::Tensor& qweight, const torch::Tensor& qzeros,
-                             const torch::Tensor& scales, int64_t group_size, torch::ScalarType dtype,
-                             int64_t tile_begin, int64_t tile_count, const c10::optional<torch::Tensor>& out) {
+                             const torch::Tensor& scales, int64_t group_size, torch::ScalarType dtype) {
   constexpr const char* kWhere = "quick::dequantize: ";
   QUICK_REQUIRE(qweight.is_cuda() && qweight.is_contiguous() && qweight.scalar_type() == torch::kInt32 &&
                     qweight.dim() == 3 && qweight.size(2) == quick::kWordsPerTile,
@@ -196,40 +195,22 @@ std::string dequantize_error(const torch::Tensor& qweight, const torch::Tensor& 
                 "scales must be float16 [", k / group_size, ", ", n, "], got ", scales.sizes());
   QUICK_REQUIRE(qzeros.size(0) == k / group_size && qzeros.size(1) == n / 8, "qzeros must be [",
                 k / group_size, ", ", n / 8, "], got ", qzeros.sizes());
-  const int64_t n_tiles = n / quick::kTileN;
-  const int64_t count = tile_count == -1 ? n_tiles - tile_begin : tile_count;  // -1: to the end
-  QUICK_REQUIRE(tile_begin >= 0 && count >= 1 && tile_begin + count <= n_tiles,
-                "tile_begin=", tile_begin, ", tile_count=", tile_count, " is not a range of the ", n_tiles,
-                " 64-column tiles");
-  if (out.has_value()) {
-    const int64_t cols = count * quick::kTileN;
-    QUICK_REQUIRE(out->is_cuda() && out->device() == qweight.device() && out->is_contiguous() &&
-                      out->scalar_type() == dtype && out->dim() == 2 && out->size(0) == k && out->size(1) == cols,
-                  "out must be a contiguous [", k, ", ", cols, "] ", dtype_name(dtype),
-                  " tensor on the weight's device, got ", dtype_name(out->scalar_type()), " ", out->sizes());
-  }
   return "";
 }
 
-// Dense [K, 64 tile_count] weight in the given dtype (64-column tiles tile_begin on; tile_count
-// -1: to the end), for the large-M path (dequantise, then cuBLAS): (out, "") or (None, message),
-// like gemm(). `out`, when given, receives it (a contiguous [K, 64 tile_count] tensor of that
-// dtype on the same device: a buffer the caller reuses chunk after chunk).
+// Dense [K, Np] weight in the given dtype, for the large-M paths (dequantise, then cuBLAS):
+// (out, "") or (None, message), like gemm().
 std::tuple<c10::optional<torch::Tensor>, std::string> dequantize(
     const torch::Tensor& qweight, const torch::Tensor& qzeros, const torch::Tensor& scales,
-    int64_t group_size, torch::ScalarType dtype, int64_t tile_begin, int64_t tile_count,
-    const c10::optional<torch::Tensor>& out_arg) {
-  std::string error = dequantize_error(qweight, qzeros, scales, group_size, dtype, tile_begin, tile_count, out_arg);
+    int64_t group_size, torch::ScalarType dtype) {
+  std::string error = dequantize_error(qweight, qzeros, scales, group_size, dtype);
   if (!error.empty()) return {c10::nullopt, error};
   const int64_t k = qweight.size(0) * quick::kTileK, n = qweight.size(1) * quick::kTileN;
-  if (tile_count < 0) tile_count = n / quick::kTileN - tile_begin;
   const at::cuda::OptionalCUDAGuard guard(qweight.device());
-  torch::Tensor out = out_arg.has_value() ? *out_arg
-                                          : torch::empty({k, tile_count * quick::kTileN}, qweight.options().dtype(dtype));
+  torch::Tensor out = torch::empty({k, n}, qweight.options().dtype(dtype));
   quick::DequantArgs args{qweight.data_ptr(), qzeros.data_ptr(), scales.data_ptr(), out.data_ptr(),
                           static_cast<int>(k), static_cast<int>(n), static_cast<int>(group_size),
-                          dtype == torch::kBFloat16 ? quick::ActType::kBFloat16 : quick::ActType::kFloat16,
-                          static_cast<int>(tile_begin), static_cast<int>(tile_count)};
+                          dtype == torch::kBFloat16 ? quick::ActType::kBFloat16 : quick::ActType::kFloat16};
   const cudaError_t err = quick::dequantize(args, c10::cuda::getCurrentCUDAStream());
   if (err != cudaSuccess)
     return {c10::nullopt, std::string("quick::dequantize: kernel launch failed: ") + cudaGetErrorString(err)};
@@ -242,12 +223,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "(None, error); tile: an index into TILES, or -1 to let the kernel choose by M", pybind11::arg("x"), pybind11::arg("qweight"),
              pybind11::arg("qzeros"), pybind11::arg("scales"), pybind11::arg("bias"),
              pybind11::arg("group_size"), pybind11::arg("size_n"), pybind11::arg("tile") = -1);
-  module.def("dequantize", &dequantize,
-             "(dense [K, 64 tile_count] weight in the given dtype, '') or (None, error); columns from "
-             "64 tile_begin on (tile_count -1: to the end), into `out` when given",
+  module.def("dequantize", &dequantize, "(dense [K, Np] weight in the given dtype, '') or (None, error)",
              pybind11::arg("qweight"), pybind11::arg("qzeros"), pybind11::arg("scales"),
-             pybind11::arg("group_size"), pybind11::arg("dtype"), pybind11::arg("tile_begin") = 0,
-             pybind11::arg("tile_count") = -1, pybind11::arg("out") = pybind11::none());
+             pybind11::arg("group_size"), pybind11::arg("dtype"));
   module.attr("LAYOUT_VERSION") = quick::kLayoutVersion;
   pybind11::list tiles;
   for (int t = 0; t < quick::kTileCount; ++t) tiles.append(quick::tile_name(t));

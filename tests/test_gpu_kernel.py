@@ -532,8 +532,8 @@ def test_extension_raises_value_errors(kernel):
 
 @pytest.mark.parametrize("x_scale", [1.0, 1e4])
 def test_dequant_fp16_path_for_bf16(kernel, monkeypatch, x_scale):
-    """The dequant_fp16 path (bf16 activations, an fp16 dense weight, fp16 cuBLAS with an fp32
-    output), forced through the op by the plan: within the budget against the fp32 reference on
+    """The dequant_fp16 path (bf16 activations, an fp16 dense weight, fp16 cuBLAS, ops.
+    fp16_matmul_for_bf16), forced through the op by the plan: within the budget against the fp32 reference on
     a padded and an unpadded layer, with and without bias, for activations whose products leave
     fp16's range (x_scale 1e4), and the same under a CUDA graph."""
     from vllm_quick import dispatch
@@ -559,23 +559,6 @@ def test_dequant_fp16_path_for_bf16(kernel, monkeypatch, x_scale):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static_y, quick_gemm(x * 0.5, w, bias)), "dequant_fp16: graph replay differs from eager"
-
-
-def test_dequantize_column_range_and_out(kernel):
-    """quick::dequantize of a tile range equals those columns of the whole layer, also into a
-    caller's buffer; bad ranges and buffers raise ValueError."""
-    w = make_weight(512, 448, 64)
-    whole = ops.kernel_dequantize(w.qweight, w.qzeros, w.scales, w.group, torch.float16)
-    part = ops.kernel_dequantize(w.qweight, w.qzeros, w.scales, w.group, torch.float16, 2, 3)
-    assert torch.equal(part, whole[:, 128:320])
-    out = torch.empty(512, 4 * 64, dtype=torch.float16, device="cuda")
-    ops.kernel_dequantize(w.qweight, w.qzeros, w.scales, w.group, torch.float16, 3, -1, out)
-    assert torch.equal(out, whole[:, 192:448])
-    for begin, count in ((7, 1), (-1, 2), (5, 3), (0, 0)):
-        with pytest.raises(ValueError, match="not a range"):
-            ops.kernel_dequantize(w.qweight, w.qzeros, w.scales, w.group, torch.float16, begin, count)
-    with pytest.raises(ValueError, match="out must be"):
-        ops.kernel_dequantize(w.qweight, w.qzeros, w.scales, w.group, torch.float16, 0, 2, out)
 
 
 def test_group_the_kernel_does_not_take_falls_back_to_the_reference(kernel):

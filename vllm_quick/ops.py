@@ -137,8 +137,7 @@ def _cuda_gemm(x, qweight, qzeros, scales, bias, group_size: int, size_n: int):
         bias = bias.to(x.dtype)
     path = dispatch.choose(x2.shape[0], x.dtype, x.device, weight_elements=x2.shape[1] * size_n)
     if path == "dequant_fp16" and x2.dtype == torch.bfloat16:
-        w16 = kernel_dequantize(qweight, qzeros, scales, group_size, torch.float16)[:, :size_n]
-        y = fp16_matmul_for_bf16(x2, w16, bias, column_abs_sum_bound(scales, x2.shape[1], group_size))
+        y = dequant_fp16_matmul(x2, qweight, qzeros, scales, bias, group_size, size_n)
     elif path in dispatch.DEQUANT_PATHS:  # (for fp16 activations dequant_fp16 is plain dequant)
         y = dequant_matmul(x2, qweight, qzeros, scales, bias, group_size, size_n)
     else:
@@ -161,11 +160,9 @@ def kernel_gemm(x2, qweight, qzeros, scales, bias, group_size: int, size_n: int,
     return y
 
 
-def kernel_dequantize(qweight, qzeros, scales, group_size: int, dtype: torch.dtype, tile_begin: int = 0,
-                      tile_count: int = -1, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Dense ``[K, 64 tile_count]`` weight in ``dtype`` from the dequantise kernel: the 64-column
-    tiles from ``tile_begin`` on (``tile_count`` -1: all the rest), into ``out`` when given."""
-    w, error = kernel_extension().dequantize(qweight, qzeros, scales, group_size, dtype, tile_begin, tile_count, out)
+def kernel_dequantize(qweight, qzeros, scales, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Dense ``[K, Np]`` weight in ``dtype`` from the dequantise kernel."""
+    w, error = kernel_extension().dequantize(qweight, qzeros, scales, group_size, dtype)
     _raise_if(error)
     return w
 
@@ -175,6 +172,13 @@ def dequant_matmul(x2, qweight, qzeros, scales, bias, group_size: int, size_n: i
     cuBLAS (``bias`` already in x's dtype)."""
     w = kernel_dequantize(qweight, qzeros, scales, group_size, x2.dtype)[:, :size_n]
     return torch.addmm(bias, x2, w) if bias is not None else x2 @ w
+
+
+def dequant_fp16_matmul(x2, qweight, qzeros, scales, bias, group_size: int, size_n: int) -> torch.Tensor:
+    """bf16's large-M path (``dequant_fp16``) on a CUDA bf16 ``[M, K]`` x: an fp16 dense weight from
+    the dequantise kernel, then fp16_matmul_for_bf16 (``bias`` already in x's dtype)."""
+    w16 = kernel_dequantize(qweight, qzeros, scales, group_size, torch.float16)[:, :size_n]
+    return fp16_matmul_for_bf16(x2, w16, bias, column_abs_sum_bound(scales, x2.shape[1], group_size))
 
 
 # fp16_matmul_for_bf16 scales the product so that its bound lands in [2^14, 2^15): below fp16's
@@ -211,10 +215,11 @@ def fp16_matmul_for_bf16(x2: torch.Tensor, w16: torch.Tensor, bias: torch.Tensor
     if bias is not None:  # (clamp: |x| <= bound too, so x * 2^e stays finite)
         bound = bound + torch.linalg.vector_norm(bias, ord=float("inf"), dtype=torch.float32)
     shift = (FP16_TOP_EXPONENT - torch.frexp(bound).exponent).float()  # bound in [2^(x-1), 2^x)
-    x16 = (x2 * torch.exp2(shift).to(x2.dtype)).to(torch.float16)  # exact: a power of two, in range
-    bias16 = None if bias is None else (bias.float() * torch.exp2(shift)).to(torch.float16)
+    scale = torch.exp2(shift)
+    x16 = (x2 * scale.to(x2.dtype)).to(torch.float16)  # exact: a power of two, in range
+    bias16 = None if bias is None else (bias.float() * scale).to(torch.float16)
     y16 = _fp16_gemm(x16, w16, bias16)
-    return y16.to(torch.bfloat16).mul_(torch.exp2(-shift).to(torch.bfloat16))  # exact unscaling
+    return y16.to(torch.bfloat16).mul_(scale.reciprocal().to(torch.bfloat16))  # exact unscaling
 
 
 def _fp16_gemm(a16: torch.Tensor, b16: torch.Tensor, bias16: torch.Tensor | None) -> torch.Tensor:
