@@ -40,7 +40,8 @@ MAX_REL_ERR = {"float16": 2e-3, "bfloat16": 2.5e-3}
 
 def candidates(row: dict) -> dict[str, float]:
     """path -> µs for one result row: tiles from quick_<tile>, 'dequant' from quick_dequant (fp16),
-    'dequant_fp16' from quick_dequant_fp16 (bf16); only paths that were timed and, where the row records it, within MAX_REL_ERR."""
+    'dequant_fp16' from quick_dequant_fp16 (bf16); only paths that were timed and, where the row
+    records it, within MAX_REL_ERR."""
     dtype, us, errs = row["dtype"], row.get("us", {}), row.get("rel_err_backends", {})
     limit = MAX_REL_ERR.get(dtype, 2e-3)
 

@@ -413,11 +413,11 @@ def run_sweep(args) -> int:
                     skipped.append(f"{case}: data generation failed ({short(e)})")
                     fatal = cuda_alive()
                     continue
+                order = backend_order(args.backends, case_index, args.rotate_order)
                 for m in args.m:
                     rows[(name, m, g, dname)] = new_row(name, k, n, m, g, dname, args.backends)
-                    rows[(name, m, g, dname)]["order"] = backend_order(args.backends, case_index, args.rotate_order)
+                    rows[(name, m, g, dname)]["order"] = order
 
-                order = backend_order(args.backends, case_index, args.rotate_order)
                 for bname in order:
                     if fatal:
                         break

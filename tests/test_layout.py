@@ -146,12 +146,18 @@ def test_cuda_header_agrees_with_python(cuda_layout_tables):
     assert tables["z"] == list(layout.ZERO_NIBBLE_BLOCK)
 
 
+def _find_nvcc() -> str | None:
+    """nvcc on PATH, else the usual toolkit location, else None (the compile tests skip)."""
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return shutil.which("nvcc") or (str(default) if default.exists() else None)
+
+
 @pytest.mark.parametrize("source", ["quick_gemm.cu", "quick_dequant.cu"])
 def test_kernel_compiles_with_nvcc(source, tmp_path):
     """Compile the kernel translation units (no torch headers) for sm_80 and sm_90a (as setup.py
     does: the wgmma tiles need sm_90a); fail on a compile error, on register spills in the GEMM
     kernel, or when ptxas serialises the wgmma pipeline (it says so in a warning)."""
-    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+    nvcc = _find_nvcc()
     if nvcc is None:
         pytest.skip("nvcc not installed")
     cmd = [nvcc, "-c", str(CSRC / source), "-o", str(tmp_path / "k.o"), "-std=c++20", "-O3",
@@ -177,7 +183,7 @@ def test_binding_compiles_against_torch_headers(tmp_path):
 
     from torch.utils.cpp_extension import include_paths
 
-    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+    nvcc = _find_nvcc()
     cxx = shutil.which("g++")
     if nvcc is None or cxx is None:
         pytest.skip("needs g++ and the CUDA toolkit")

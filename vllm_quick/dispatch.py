@@ -9,18 +9,19 @@ freeze it). The paths:
   streaming int4 weights, with that many rows per thread block. ``x`` tiles keep the exact
   integers ``q - z`` in the mma fragments and scale per group in fp32 (fp16 and bf16); ``s``
   tiles (fp16 only) put ``(q - z) * s`` into the fragments, one fp16 rounding per weight, and
-  free the registers of the second accumulator set for taller tiles; ``s..m`` tiles are ``s`` tiles with fewer dequantisation instructions (the
-  "16x magic"; 4-6% faster than the plain ``s`` tiles at M <= 64 on the H100); ``w64`` / ``w128``
-  (fp16, sm_90 only) feed the same fragments to Hopper's warpgroup MMA (wgmma) with 64 / 128 rows
-  per block, ``w128n`` with half a tile per warp and 128 tokens per wgmma (the one plans use);
+  free the registers of the second accumulator set for taller tiles; ``s..m`` tiles are ``s``
+  tiles with fewer dequantisation instructions (the "16x magic"; 4-6% faster than the plain ``s``
+  tiles at M <= 64 on the H100); ``w64`` / ``w128`` (fp16, sm_90 only) feed the same fragments to
+  Hopper's warpgroup MMA (wgmma) with 64 / 128 rows per block, ``w128n`` with half a tile per
+  warp and 128 tokens per wgmma (the one plans use);
   ``w64x`` (fp16 and bf16, sm_90 only) feeds the exact fragments to wgmma with per-group fp32
   scaling (the bf16 tile beyond M = 16, and fp16's from M = 33 to 64 on large layers);
 * ``"auto"``: the kernel with its own built-in choice by M (families not measured yet);
 * ``"dequant"``: dequantise the layer once into a dense matrix (csrc/quick_dequant.cu) and call
   cuBLAS; wins once the GEMM is bound by arithmetic (large M, prefill), where cuBLAS's Hopper
   (wgmma) kernels beat ours (0.80x cuBLAS at M = 1024 against w128n's 0.76 on the H100);
-* ``"dequant_fp16"`` (bf16 activations): the same with an fp16 dense weight, the activations
-  moved exactly into fp16 by a power-of-two scale and an fp32 cuBLAS output
+* ``"dequant_fp16"`` (bf16 activations): the same with an fp16 dense weight, the activations and
+  the product scaled by a power of two into fp16's range and back exactly
   (``ops.fp16_matmul_for_bf16``): bf16's large-M candidate, not in a plan until timed on a GPU.
 
 ``PLANS`` is the measured choice per GPU family and activation dtype: ``(largest M, path)`` pairs
