@@ -22,7 +22,8 @@ freeze it). The paths:
   (wgmma) kernels beat ours (0.80x cuBLAS at M = 1024 against w128n's 0.76 on the H100);
 * ``"dequant_fp16"`` (bf16 activations): the same with an fp16 dense weight, the activations and
   the product scaled by a power of two into fp16's range and back exactly
-  (``ops.fp16_matmul_for_bf16``): bf16's large-M candidate, not in a plan until timed on a GPU.
+  (``ops.fp16_matmul_for_bf16``): bf16's path beyond M = 1024 on the large layers (the dense fp16
+  weight rounds (q - z) * s once to fp16, 1.7e-3 of relative error measured; bf16 would be 2.3e-3).
 
 ``PLANS`` is the measured choice per GPU family and activation dtype: ``(largest M, path)`` pairs
 in increasing M, the last one with ``None`` (any larger M). ``benchmarks/dispatch_table.py``
@@ -52,12 +53,15 @@ Plan = tuple[tuple[int | None, str], ...]
 #   M = 48-64: w64x 1.37-1.45 (w128n 1.18-1.24, s32m 1.06-1.08); M = 96-512: w128n 0.68-1.10;
 #   beyond 512: dequantise + cuBLAS (0.80 at M = 1024, 0.92 at 4096; w128n 0.76 / 0.79).
 #   bf16 M <= 16: x16 1.88-2.09; beyond: w64x (1.54 at M = 32, 1.36 at 64, 0.87 at 128, 0.50 at
-#   1024; the x tiles 0.33 there). bf16 never takes "dequant" (see above); "dequant_fp16" is
-#   not timed in its current form yet.
+#   1024; the x tiles 0.33 there). bf16 never takes "dequant" (see above). "dequant_fp16"
+#   (session 6, benchmarks/results/kernel_h100_s6_dequant_fp16_v2.json, bf16, M = 128-4096):
+#   time relative to the best path, geomean of the 12 shapes, w64x / dequant_fp16: M = 512
+#   1.02 / 1.24, 1024 1.06 / 1.07, 4096 1.17 / 1.01 -> dequant_fp16 beyond 1024 (large layers;
+#   on the small ones the two tie at 4096: 0.53x cuBLAS each).
 PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
         torch.float16: ((16, "s16m"), (32, "s32m"), (64, "w64x"), (512, "w128n"), (None, "dequant")),
-        torch.bfloat16: ((16, "x16"), (None, "w64x")),
+        torch.bfloat16: ((16, "x16"), (1024, "w64x"), (None, "dequant_fp16")),
     },
 }
 # Small layers (K x N <= SMALL_LAYER_ELEMENTS, e.g. Llama-3-8B's o 4096x4096 and qkv 4096x6144)
