@@ -30,37 +30,16 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "quick_common.cuh"
 #include "quick_fragments.cuh"
 #include "quick_gemm.h"
+#include "quick_gemm_ws.cuh"
 #include "quick_layout.cuh"
 #include "quick_ptx.cuh"
 #include "quick_wgmma.cuh"
 
 namespace quick {
 namespace {
-
-constexpr int kStageK = 64;                 // k rows per stage = 4 mma k-steps
-constexpr int kStageKTiles = kStageK / kTileK;
-constexpr int kWarpsN = 4;                  // warps along N (one 64-column tile each for mma.sync)
-constexpr int kBlockTiles = 4;              // 64-column tiles per block: 256 columns
-constexpr int kMaxGroupRowsPerStage = 2;    // group size 32 -> two groups in a 64-row stage
-
-// ------------------------------------------------------------------------------------------
-// The kernel
-// ------------------------------------------------------------------------------------------
-struct KernelParams {
-  const void* x;
-  const uint4* qweight;  // 32 uint4 (one per lane) per 16 x 64 tile
-  const uint32_t* qzeros;
-  const __half* scales;
-  const void* bias;
-  void* y;
-  float* partials;
-  int* counters;
-  int m, k, n, size_n, group_size;
-  int stages_per_split, splits;
-  bool weights_evict_first;
-};
 
 template <int kBlockM, bool kWgmma>
 struct SmemLayout {
@@ -412,16 +391,6 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
   T* y = static_cast<T*>(p.y);
   const T* bias = static_cast<const T*>(p.bias);
 
-  auto store_output = [&](int row, int col, float v0, float v1) {
-    if (row < p.m && col < p.size_n) {
-      if (bias != nullptr) {
-        v0 += Act<T>::to_float(bias[col]);
-        v1 += Act<T>::to_float(bias[col + 1]);
-      }
-      *reinterpret_cast<uint32_t*>(y + static_cast<size_t>(row) * p.size_n + col) = Act<T>::pack(v0, v1);
-    }
-  };
-
   if constexpr (kWgmma) {
     // D of wgmma j (wgmma_step), element [i][e]: column n0 + 16 j + 8 (e / 2), row t0 + 8 i + e % 2.
     const auto& d = reinterpret_cast<const float(&)[kWW][kWgTokens / 8][4]>(acc);
@@ -455,8 +424,8 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
       for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-          store_output(row_base + mi * 16 + 8 * h, col_base + nb * 8, acc[mi][nb][2 * h],
-                       acc[mi][nb][2 * h + 1]);
+          store_pair<T>(p, row_base + mi * 16 + 8 * h, col_base + nb * 8, acc[mi][nb][2 * h],
+                        acc[mi][nb][2 * h + 1]);
     return;
   }
 
@@ -477,69 +446,87 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
           }
     }
   }
-  __threadfence();  // partials visible device-wide before the counter says so
-  __syncthreads();
-  __shared__ int is_last;
-  int* counter = p.counters + blockIdx.y * gridDim.x + blockIdx.x;
-  if (tid == 0) is_last = atomicAdd(counter, 1) == p.splits - 1;
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();  // acquire side: see the other splits' partials
-  // The whole block reduces the tile, four columns per thread and several splits' loads in
-  // flight at once. (A first version let each thread reduce its own accumulator fragment: for
-  // M = 1 only 4 lanes had rows, and their ~180 dependent L2 loads took ~25 us.)
-  {
-    const int cols = block_tiles * kTileN;
-    const int rows = min(kBlockM, p.m - row0);
-    const size_t split_stride = static_cast<size_t>(p.m) * p.n;
-    for (int idx = tid; idx < rows * (cols / 4); idx += kThreads) {
-      const int row = row0 + idx / (cols / 4);
-      const int col = tile_n0 * kTileN + (idx % (cols / 4)) * 4;
-      const float* src = p.partials + static_cast<size_t>(row) * p.n + col;
-      float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 8
-      for (int sp = 0; sp < p.splits; ++sp) {  // fixed order: deterministic
-        const float4 v = __ldcg(reinterpret_cast<const float4*>(src + sp * split_stride));
-        sum.x += v.x;
-        sum.y += v.y;
-        sum.z += v.z;
-        sum.w += v.w;
-      }
-      store_output(row, col, sum.x, sum.y);
-      store_output(row, col + 2, sum.z, sum.w);
-    }
-  }
-  if (tid == 0) *counter = 0;  // ready for the next launch / graph replay
+  reduce_split_k<T>(p, row0, kBlockM, tile_n0 * kTileN, block_tiles * kTileN);
 }
 
 // ------------------------------------------------------------------------------------------
 // Launcher
 // ------------------------------------------------------------------------------------------
+// Blocks of configuration Cfg one SM holds at once (registers / shared memory permitting); also
+// raises the kernel's dynamic shared-memory limit, once.
+template <typename Cfg>
+int blocks_per_sm() {
+  static int cached = -1;
+  if (cached < 0) {
+    cudaFuncSetAttribute(Cfg::kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem);
+    int n = 1;
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Cfg::kernel, Cfg::kThreads, Cfg::kSmem);
+    cached = std::max(n, 1);
+  }
+  return cached;
+}
+
 template <typename T, int kWarpTilesM, int kWarpsM, bool kScaled, int kMinBlocks, bool kLean = false,
           int kWgWords = 0>
 struct Config {
   static constexpr int kThreads = 32 * kWarpsN * kWarpsM;
   static constexpr int kBlockM = 16 * kWarpTilesM * kWarpsM;
+  static constexpr int kTilesN = kBlockTiles;  // 64-column tiles per block
   static constexpr int kSmem = SmemLayout<kBlockM, (kWgWords > 0)>::kTotalBytes;
   static constexpr auto kernel =
       quick_gemm_kernel<T, kWarpTilesM, kWarpsM, kScaled, kMinBlocks, kLean, kWgWords>;
 
-  // Blocks of this configuration one SM holds at once (registers / shared memory permitting).
-  static int blocks_per_sm() {
-    static int cached = -1;
-    if (cached < 0) {
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-      int n = 1;
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, kSmem);
-      cached = std::max(n, 1);
-    }
-    return cached;
-  }
-
   static cudaError_t launch(const GemmPlan& plan, const KernelParams& params, cudaStream_t stream) {
-    blocks_per_sm();  // also raises the dynamic shared-memory limit once
+    blocks_per_sm<Config>();  // raises the dynamic shared-memory limit once
     dim3 grid(plan.grid_n, plan.grid_m, plan.splits);
     kernel<<<grid, kThreads, kSmem, stream>>>(params);
+    return cudaGetLastError();
+  }
+};
+
+// cuTensorMapEncodeTiled, a driver API function, found through the runtime so that the extension
+// needs no link to libcuda (nullptr where the driver lacks it).
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+EncodeTiledFn tensor_map_encoder() {
+  static const EncodeTiledFn fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    const bool ok = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
+                                                     &found) == cudaSuccess &&
+                    found == cudaDriverEntryPointSuccess;
+    return ok ? reinterpret_cast<EncodeTiledFn>(f) : nullptr;
+  }();
+  return fn;
+}
+
+// The ws tiles (quick_gemm_ws.cuh): the Config interface, plus the activations' TMA map: x
+// [m, k] fp16, k fastest, read in boxes of 64 k x kTokens rows with the 128-byte swizzle that
+// the wgmma descriptor expects (sw128_kmajor_desc); rows past m read as zeros.
+template <int kWGs, int kTokens, int kStages, int kMinBlocks>
+struct WsConfig {
+  static constexpr int kThreads = 128 * kWGs + 32;
+  static constexpr int kBlockM = kTokens;
+  static constexpr int kTilesN = kWGs;
+  static constexpr int kSmem = WsSmem<kWGs, kTokens, kStages>::kTotalBytes;
+  static constexpr auto kernel = quick_gemm_ws_kernel<kWGs, kTokens, kStages, kMinBlocks>;
+
+  static cudaError_t launch(const GemmPlan& plan, const KernelParams& params, cudaStream_t stream) {
+    const EncodeTiledFn encode = tensor_map_encoder();
+    if (encode == nullptr) return cudaErrorNotSupported;
+    CUtensorMap map;
+    const cuuint64_t dims[2] = {static_cast<cuuint64_t>(params.k), static_cast<cuuint64_t>(params.m)};
+    const cuuint64_t row_bytes[1] = {static_cast<cuuint64_t>(params.k) * 2};
+    const cuuint32_t box[2] = {kStageK, kTokens};
+    const cuuint32_t element_strides[2] = {1, 1};
+    if (encode(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, const_cast<void*>(params.x), dims, row_bytes, box,
+               element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+               CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+      return cudaErrorInvalidValue;
+    blocks_per_sm<WsConfig>();
+    dim3 grid(plan.grid_n, plan.grid_m, plan.splits);
+    kernel<<<grid, kThreads, kSmem, stream>>>(map, params);
     return cudaGetLastError();
   }
 };
@@ -559,6 +546,8 @@ struct Config {
 //     (128 rows, 1 block per SM); w128n: 2 words per warp, two warpgroups along N sharing 128 rows.
 //   w64x (fp16 and bf16, sm_90a only): exact fragments q - z through wgmma, 2 words per warp, two
 //     warpgroups along N sharing 64 rows, per-group fp32 scaling like the x tiles.
+//   ws128 / ws256 (fp16, sm_90a only): warp-specialised (quick_gemm_ws.cuh): a TMA producer warp
+//     and two consumer warpgroups of one 64-column tile each, 128 tokens (2 blocks per SM) or 256.
 // A tile the activation type does not support (scaled tiles for bf16) falls back to x64.
 template <typename T, typename F>
 auto with_tile(int tile, F&& f) {
@@ -577,6 +566,10 @@ auto with_tile(int tile, F&& f) {
     case kTileW128: if constexpr (kHalf) return f.template operator()<Config<T, 4, 2, true, 1, true, 4>>(); break;
     case kTileW128N: if constexpr (kHalf) return f.template operator()<Config<T, 4, 2, true, 1, true, 2>>(); break;
     case kTileW64X: return f.template operator()<Config<T, 2, 2, false, 1, false, 2>>();
+    // (ws128 asks for 1 block per SM: at 2, ptxas caps it at 112 registers and serialises the
+    // wgmmas (C7512); it takes 100 and 2 blocks fit anyway.)
+    case kTileWS128: if constexpr (kHalf) return f.template operator()<WsConfig<2, 128, 5, 1>>(); break;
+    case kTileWS256: if constexpr (kHalf) return f.template operator()<WsConfig<2, 256, 5, 1>>(); break;
     default: break;
   }
   return f.template operator()<Config<T, 2, 2, false, 1>>();  // kTileX64
@@ -599,7 +592,8 @@ int sm_count(int device) {
 
 const char* tile_name(int tile) {
   static const char* const kNames[kTileCount] = {"x16", "x32", "x64", "s16", "s32", "s64", "s128",
-                                                 "s16m", "s32m", "s64m", "w64", "w128", "w128n", "w64x"};
+                                                 "s16m", "s32m", "s64m", "w64", "w128", "w128n", "w64x",
+                                                 "ws128", "ws256"};
   return tile >= 0 && tile < kTileCount ? kNames[tile] : "auto";
 }
 
@@ -610,7 +604,7 @@ bool tile_supports(int tile, ActType act) {
 }
 
 bool tile_runs_on(int tile, int device) {
-  if (tile < kTileW64 || tile > kTileW64X) return true;  // the w tiles close the Tile enum
+  if (tile < kTileW64 || tile >= kTileCount) return true;  // the w tiles close the Tile enum
   // wgmma code exists only in the sm_90a build. Cached per device like sm_count(): the binding
   // asks on every call.
   static int cached[64] = {0};  // 0 unknown, 1 sm_90, 2 other
@@ -649,7 +643,7 @@ GemmPlan plan(const GemmProblem& pr, int device) {
   return with_act(pr.act, resolve_tile(pr), [&]<typename Cfg>() {
     GemmPlan pl{};
     pl.block_m = Cfg::kBlockM;
-    pl.grid_n = (pr.n / kTileN + kBlockTiles - 1) / kBlockTiles;
+    pl.grid_n = (pr.n / kTileN + Cfg::kTilesN - 1) / Cfg::kTilesN;
     pl.grid_m = (pr.m + Cfg::kBlockM - 1) / Cfg::kBlockM;
     const int total_stages = pr.k / kStageK;
     // Split K until the grid fills the GPU once, with at most max_splits (8) splits: every split
@@ -657,7 +651,7 @@ GemmPlan plan(const GemmProblem& pr, int device) {
     // holding 4 blocks each: 16 column blocks, 528 / 16 = 33 -> 8 splits of 8 stages (512 rows).
     // (Up to 22 splits were tried first: at M = 16 the reduction then cost more than it saved.)
     const int max_splits = max_splits_setting();
-    const int capacity = sm_count(device) * Cfg::blocks_per_sm();
+    const int capacity = sm_count(device) * blocks_per_sm<Cfg>();
     const int mn_blocks = pl.grid_n * pl.grid_m;
     const int limit = std::max(1, std::min(total_stages / 2, max_splits));
     const int splits = std::max(1, std::min(capacity / std::max(mn_blocks, 1), limit));

@@ -1,0 +1,90 @@
+// Shared by the QUICK GEMM kernels (quick_gemm.cu: mma.sync and wgmma tiles; quick_gemm_ws.cuh:
+// the warp-specialised wgmma tiles): stage constants, the kernel parameters, the output store
+// and the split-K reduction. Included by csrc/quick_gemm.cu only.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "quick_layout.cuh"
+#include "quick_ptx.cuh"
+
+namespace quick {
+namespace {
+
+constexpr int kStageK = 64;                 // k rows per stage = 4 mma k-steps
+constexpr int kStageKTiles = kStageK / kTileK;
+constexpr int kWarpsN = 4;                  // warps along N (one 64-column tile each for mma.sync)
+constexpr int kBlockTiles = 4;              // 64-column tiles per block: 256 columns
+constexpr int kMaxGroupRowsPerStage = 2;    // group size 32 -> two groups in a 64-row stage
+
+struct KernelParams {
+  const void* x;
+  const uint4* qweight;  // 32 uint4 (one per lane) per 16 x 64 tile
+  const uint32_t* qzeros;
+  const __half* scales;
+  const void* bias;
+  void* y;
+  float* partials;
+  int* counters;
+  int m, k, n, size_n, group_size;
+  int stages_per_split, splits;
+  bool weights_evict_first;
+};
+
+// y[row, col], y[row, col + 1] = v0, v1 (+ bias), for rows < M and columns < size_n.
+template <typename T>
+__device__ __forceinline__ void store_pair(const KernelParams& p, int row, int col, float v0, float v1) {
+  if (row < p.m && col < p.size_n) {
+    const T* bias = static_cast<const T*>(p.bias);
+    if (bias != nullptr) {
+      v0 += Act<T>::to_float(bias[col]);
+      v1 += Act<T>::to_float(bias[col + 1]);
+    }
+    *reinterpret_cast<uint32_t*>(static_cast<T*>(p.y) + static_cast<size_t>(row) * p.size_n + col) =
+        Act<T>::pack(v0, v1);
+  }
+}
+
+// Split-K, called by every thread of the block once it has stored its share of this split's fp32
+// partial tile (rows [row0, row0 + block_rows), columns [col0, col0 + cols)): the last split to
+// finish (an atomic counter per output tile) sums the partials in split order (deterministic)
+// and writes y, then resets the counter, so the counters stay zero between launches and
+// CUDA-graph replays.
+template <typename T>
+__device__ __forceinline__ void reduce_split_k(const KernelParams& p, int row0, int block_rows, int col0, int cols) {
+  __threadfence();  // partials visible device-wide before the counter says so
+  __syncthreads();
+  __shared__ int is_last;
+  const int tid = threadIdx.x;
+  int* counter = p.counters + blockIdx.y * gridDim.x + blockIdx.x;
+  if (tid == 0) is_last = atomicAdd(counter, 1) == p.splits - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();  // acquire side: see the other splits' partials
+  // The whole block reduces the tile, four columns per thread and several splits' loads in
+  // flight at once. (A first version let each thread reduce its own accumulator fragment: for
+  // M = 1 only 4 lanes had rows, and their ~180 dependent L2 loads took ~25 us.)
+  const int rows = min(block_rows, p.m - row0);
+  const size_t split_stride = static_cast<size_t>(p.m) * p.n;
+  for (int idx = tid; idx < rows * (cols / 4); idx += blockDim.x) {
+    const int row = row0 + idx / (cols / 4);
+    const int col = col0 + (idx % (cols / 4)) * 4;
+    const float* src = p.partials + static_cast<size_t>(row) * p.n + col;
+    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+    for (int sp = 0; sp < p.splits; ++sp) {  // fixed order: deterministic
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(src + sp * split_stride));
+      sum.x += v.x;
+      sum.y += v.y;
+      sum.z += v.z;
+      sum.w += v.w;
+    }
+    store_pair<T>(p, row, col, sum.x, sum.y);
+    store_pair<T>(p, row, col + 2, sum.z, sum.w);
+  }
+  if (tid == 0) *counter = 0;  // ready for the next launch / graph replay
+}
+
+}  // namespace
+}  // namespace quick
