@@ -12,7 +12,8 @@
 #             awq_gemm, marlin and machete at 4096x12288 g128 fp16, M=16 and M=128
 #   bench     benchmarks/kernel_bench.py, full sweep, with the time that is left
 #   ncustall  Nsight Compute stall reasons (WarpStateStats, SchedulerStats) of tiles x16 / s64 / s128
-#             at 4096x12288 fp16, M = 1, 16, 64, 256 (ncu_stall.ncu-rep, ncu_stall.txt)
+#             at 4096x12288 fp16, M = 1, 16, 64, 256 (ncu_stall.ncu-rep, ncu_stall.txt; NCU_STALL_BACKENDS,
+#             NCU_STALL_M and NCU_STALL_SECTIONS (extra --section arguments) override)
 #   tiles     sweep of every kernel tile, dequant, the op, cuBLAS, awq_gemm, Marlin, Machete on the 12
 #             shapes, M = 1..512 (kernel_<gpu>_tiles.json/.md; TILE_BACKENDS, TILE_M, TILE_DTYPES
 #             (float16) and TILE_TARGET_MS override), then benchmarks/dispatch_table.py:
@@ -237,14 +238,15 @@ step_bench() {
 step_ncustall() {
   local ncu rep="$OUT/ncu_stall" c cases=()
   ncu=$(find_tool ncu) || { echo "ncu: not found"; return 1; }
-  for c in 1 16 64 256; do cases+=(--case "4096x12288:g128:M$c:float16"); done
+  for c in ${NCU_STALL_M:-1 16 64 256}; do cases+=(--case "4096x12288:g128:M$c:float16"); done
+  # shellcheck disable=SC2086  # NCU_STALL_SECTIONS is a list of arguments
   "$ncu" --profile-from-start off --nvtx --clock-control none --target-processes all \
     --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
-    --section LaunchStats -f -o "$rep" \
+    --section LaunchStats ${NCU_STALL_SECTIONS:-} -f -o "$rep" \
     "$PY" benchmarks/memcheck_cases.py --profile --backends "${NCU_STALL_BACKENDS:-quick_x16,quick_s64,quick_s128}" \
     "${cases[@]}" || return 1
   "$ncu" --import "$rep.ncu-rep" --page details --print-units base >"$OUT/ncu_stall.txt" 2>&1
-  grep -E "quick_gemm_kernel|NVTX|Duration|Memory Throughput|Issued Ipc|No Eligible|Active Warps Per|Eligible Warps|Warp Cycles Per Issued|Registers Per|Achieved Occupancy|Stall|stall" \
+  grep -E "quick_gemm_kernel|quick_gemm_ws_kernel|NVTX|Duration|Pipe|Shared|Memory Throughput|Issued Ipc|No Eligible|Active Warps Per|Eligible Warps|Warp Cycles Per Issued|Registers Per|Achieved Occupancy|Stall|stall" \
     "$OUT/ncu_stall.txt" | head -n 150
 }
 

@@ -504,13 +504,13 @@ EncodeTiledFn tensor_map_encoder() {
 // The ws tiles (quick_gemm_ws.cuh): the Config interface, plus the activations' TMA map: x
 // [m, k] fp16, k fastest, read in boxes of 64 k x kTokens rows with the 128-byte swizzle that
 // the wgmma descriptor expects (sw128_kmajor_desc); rows past m read as zeros.
-template <int kWGs, int kTokens, int kStages, int kMinBlocks>
+template <int kWGs, int kTokens, int kStages, int kMaxRegisters, int kGroupSteps>
 struct WsConfig {
   static constexpr int kThreads = 128 * kWGs + 32;
   static constexpr int kBlockM = kTokens;
   static constexpr int kTilesN = kWGs;
   static constexpr int kSmem = WsSmem<kWGs, kTokens, kStages>::kTotalBytes;
-  static constexpr auto kernel = quick_gemm_ws_kernel<kWGs, kTokens, kStages, kMinBlocks>;
+  static constexpr auto kernel = quick_gemm_ws_kernel<kWGs, kTokens, kStages, kMaxRegisters, kGroupSteps>;
 
   static cudaError_t launch(const GemmPlan& plan, const KernelParams& params, cudaStream_t stream) {
     const EncodeTiledFn encode = tensor_map_encoder();
@@ -547,7 +547,8 @@ struct WsConfig {
 //   w64x (fp16 and bf16, sm_90a only): exact fragments q - z through wgmma, 2 words per warp, two
 //     warpgroups along N sharing 64 rows, per-group fp32 scaling like the x tiles.
 //   ws128 / ws256 (fp16, sm_90a only): warp-specialised (quick_gemm_ws.cuh): a TMA producer warp
-//     and two consumer warpgroups of one 64-column tile each, 128 tokens (2 blocks per SM) or 256.
+//     and consumer warpgroups of one 64-column tile each: four of 128 tokens, or two of 256; the
+//     four wgmmas of a stage in one commit group. ws128s / ws256s: one group per k-step.
 // A tile the activation type does not support (scaled tiles for bf16) falls back to x64.
 template <typename T, typename F>
 auto with_tile(int tile, F&& f) {
@@ -566,10 +567,10 @@ auto with_tile(int tile, F&& f) {
     case kTileW128: if constexpr (kHalf) return f.template operator()<Config<T, 4, 2, true, 1, true, 4>>(); break;
     case kTileW128N: if constexpr (kHalf) return f.template operator()<Config<T, 4, 2, true, 1, true, 2>>(); break;
     case kTileW64X: return f.template operator()<Config<T, 2, 2, false, 1, false, 2>>();
-    // (ws128 asks for 1 block per SM: at 2, ptxas caps it at 112 registers and serialises the
-    // wgmmas (C7512); it takes 100 and 2 blocks fit anyway.)
-    case kTileWS128: if constexpr (kHalf) return f.template operator()<WsConfig<2, 128, 5, 1>>(); break;
-    case kTileWS256: if constexpr (kHalf) return f.template operator()<WsConfig<2, 256, 5, 1>>(); break;
+    case kTileWS128: if constexpr (kHalf) return f.template operator()<WsConfig<4, 128, 6, 120, 4>>(); break;
+    case kTileWS256: if constexpr (kHalf) return f.template operator()<WsConfig<2, 256, 5, 224, 4>>(); break;
+    case kTileWS128S: if constexpr (kHalf) return f.template operator()<WsConfig<4, 128, 6, 120, 1>>(); break;
+    case kTileWS256S: if constexpr (kHalf) return f.template operator()<WsConfig<2, 256, 5, 224, 1>>(); break;
     default: break;
   }
   return f.template operator()<Config<T, 2, 2, false, 1>>();  // kTileX64
@@ -593,7 +594,7 @@ int sm_count(int device) {
 const char* tile_name(int tile) {
   static const char* const kNames[kTileCount] = {"x16", "x32", "x64", "s16", "s32", "s64", "s128",
                                                  "s16m", "s32m", "s64m", "w64", "w128", "w128n", "w64x",
-                                                 "ws128", "ws256"};
+                                                 "ws128", "ws256", "ws128s", "ws256s"};
   return tile >= 0 && tile < kTileCount ? kNames[tile] : "auto";
 }
 
