@@ -546,9 +546,10 @@ struct WsConfig {
 //     (128 rows, 1 block per SM); w128n: 2 words per warp, two warpgroups along N sharing 128 rows.
 //   w64x (fp16 and bf16, sm_90a only): exact fragments q - z through wgmma, 2 words per warp, two
 //     warpgroups along N sharing 64 rows, per-group fp32 scaling like the x tiles.
-//   ws128 / ws256 (fp16, sm_90a only): warp-specialised (quick_gemm_ws.cuh): a TMA producer warp
-//     and consumer warpgroups of one 64-column tile each: four of 128 tokens, or two of 256; the
-//     four wgmmas of a stage in one commit group. ws128s / ws256s: one group per k-step.
+//   ws128 / ws192 / ws256s (fp16, sm_90a only): warp-specialised (quick_gemm_ws.cuh): a TMA
+//     producer warp and two consumer warpgroups of one 64-column tile each, 128, 192 or 256
+//     tokens; ws128 / ws192 issue the four wgmmas of a stage as one commit group, ws256s one
+//     group per k-step.
 // A tile the activation type does not support (scaled tiles for bf16) falls back to x64.
 template <typename T, typename F>
 auto with_tile(int tile, F&& f) {
@@ -567,10 +568,12 @@ auto with_tile(int tile, F&& f) {
     case kTileW128: if constexpr (kHalf) return f.template operator()<Config<T, 4, 2, true, 1, true, 4>>(); break;
     case kTileW128N: if constexpr (kHalf) return f.template operator()<Config<T, 4, 2, true, 1, true, 2>>(); break;
     case kTileW64X: return f.template operator()<Config<T, 2, 2, false, 1, false, 2>>();
-    case kTileWS128: if constexpr (kHalf) return f.template operator()<WsConfig<4, 128, 6, 120, 4>>(); break;
-    case kTileWS256: if constexpr (kHalf) return f.template operator()<WsConfig<2, 256, 5, 224, 4>>(); break;
-    case kTileWS128S: if constexpr (kHalf) return f.template operator()<WsConfig<4, 128, 6, 120, 1>>(); break;
-    case kTileWS256S: if constexpr (kHalf) return f.template operator()<WsConfig<2, 256, 5, 224, 1>>(); break;
+    // (168 registers: 9 warps put 3 on one SM sub-partition, whose 16384 registers then allow
+    // 170; at more the launch fails with "too many resources requested". 256 tokens with four
+    // k-steps per group would need more: ptxas serialises them at 168.)
+    case kTileWS128: if constexpr (kHalf) return f.template operator()<WsConfig<2, 128, 6, 168, 4>>(); break;
+    case kTileWS192: if constexpr (kHalf) return f.template operator()<WsConfig<2, 192, 5, 168, 4>>(); break;
+    case kTileWS256S: if constexpr (kHalf) return f.template operator()<WsConfig<2, 256, 5, 168, 1>>(); break;
     default: break;
   }
   return f.template operator()<Config<T, 2, 2, false, 1>>();  // kTileX64
@@ -594,7 +597,7 @@ int sm_count(int device) {
 const char* tile_name(int tile) {
   static const char* const kNames[kTileCount] = {"x16", "x32", "x64", "s16", "s32", "s64", "s128",
                                                  "s16m", "s32m", "s64m", "w64", "w128", "w128n", "w64x",
-                                                 "ws128", "ws256", "ws128s", "ws256s"};
+                                                 "ws128", "ws192", "ws256s"};
   return tile >= 0 && tile < kTileCount ? kNames[tile] : "auto";
 }
 

@@ -1,4 +1,4 @@
-// The warp-specialised Hopper tiles ws128 / ws256 (sm_90a, fp16): one producer warp moves every
+// The warp-specialised Hopper tiles ws128 / ws192 / ws256s (sm_90a, fp16): one producer warp moves every
 // stage into shared memory with the Tensor Memory Accelerator (TMA), consumer warpgroups only
 // dequantise and multiply. Included by csrc/quick_gemm.cu.
 //
