@@ -504,13 +504,13 @@ EncodeTiledFn tensor_map_encoder() {
 // The ws tiles (quick_gemm_ws.cuh): the Config interface, plus the activations' TMA map: x
 // [m, k] fp16, k fastest, read in boxes of 64 k x kTokens rows with the 128-byte swizzle that
 // the wgmma descriptor expects (sw128_kmajor_desc); rows past m read as zeros.
-template <int kWGs, int kTokens, int kStages, int kMaxRegisters, int kGroupSteps>
+template <int kWGs, int kTokens, int kStages, int kMaxRegisters>
 struct WsConfig {
   static constexpr int kThreads = 128 * kWGs + 32;
   static constexpr int kBlockM = kTokens;
   static constexpr int kTilesN = kWGs;
   static constexpr int kSmem = WsSmem<kWGs, kTokens, kStages>::kTotalBytes;
-  static constexpr auto kernel = quick_gemm_ws_kernel<kWGs, kTokens, kStages, kMaxRegisters, kGroupSteps>;
+  static constexpr auto kernel = quick_gemm_ws_kernel<kWGs, kTokens, kStages, kMaxRegisters>;
 
   static cudaError_t launch(const GemmPlan& plan, const KernelParams& params, cudaStream_t stream) {
     const EncodeTiledFn encode = tensor_map_encoder();
@@ -546,10 +546,8 @@ struct WsConfig {
 //     (128 rows, 1 block per SM); w128n: 2 words per warp, two warpgroups along N sharing 128 rows.
 //   w64x (fp16 and bf16, sm_90a only): exact fragments q - z through wgmma, 2 words per warp, two
 //     warpgroups along N sharing 64 rows, per-group fp32 scaling like the x tiles.
-//   ws128 / ws192 / ws256s (fp16, sm_90a only): warp-specialised (quick_gemm_ws.cuh): a TMA
-//     producer warp and two consumer warpgroups of one 64-column tile each, 128, 192 or 256
-//     tokens; ws128 / ws192 issue the four wgmmas of a stage as one commit group, ws256s one
-//     group per k-step.
+//   ws256 (fp16, sm_90a only): warp-specialised (quick_gemm_ws.cuh): a TMA producer warp and two
+//     consumer warpgroups of one 64-column tile each, 256 tokens.
 // A tile the activation type does not support (scaled tiles for bf16) falls back to x64.
 template <typename T, typename F>
 auto with_tile(int tile, F&& f) {
@@ -569,11 +567,8 @@ auto with_tile(int tile, F&& f) {
     case kTileW128N: if constexpr (kHalf) return f.template operator()<Config<T, 4, 2, true, 1, true, 2>>(); break;
     case kTileW64X: return f.template operator()<Config<T, 2, 2, false, 1, false, 2>>();
     // (168 registers: 9 warps put 3 on one SM sub-partition, whose 16384 registers then allow
-    // 170; at more the launch fails with "too many resources requested". 256 tokens with four
-    // k-steps per group would need more: ptxas serialises them at 168.)
-    case kTileWS128: if constexpr (kHalf) return f.template operator()<WsConfig<2, 128, 6, 168, 4>>(); break;
-    case kTileWS192: if constexpr (kHalf) return f.template operator()<WsConfig<2, 192, 5, 168, 4>>(); break;
-    case kTileWS256S: if constexpr (kHalf) return f.template operator()<WsConfig<2, 256, 5, 168, 1>>(); break;
+    // 170; with more the launch fails with "too many resources requested".)
+    case kTileWS256: if constexpr (kHalf) return f.template operator()<WsConfig<2, 256, 5, 168>>(); break;
     default: break;
   }
   return f.template operator()<Config<T, 2, 2, false, 1>>();  // kTileX64
@@ -597,7 +592,7 @@ int sm_count(int device) {
 const char* tile_name(int tile) {
   static const char* const kNames[kTileCount] = {"x16", "x32", "x64", "s16", "s32", "s64", "s128",
                                                  "s16m", "s32m", "s64m", "w64", "w128", "w128n", "w64x",
-                                                 "ws128", "ws192", "ws256s"};
+                                                 "ws256"};
   return tile >= 0 && tile < kTileCount ? kNames[tile] : "auto";
 }
 

@@ -19,7 +19,7 @@ enum Tile : int {
   kTileS16M, kTileS32M, kTileS64M,                   // scaled, 16x magic ("lean"), fp16
   kTileW64, kTileW128, kTileW128N,                   // lean, Hopper wgmma (sm_90a), fp16
   kTileW64X,                                         // exact, Hopper wgmma (sm_90a), fp16 and bf16
-  kTileWS128, kTileWS192, kTileWS256S,               // lean, warp-specialised TMA + wgmma (sm_90a), fp16
+  kTileWS256,                                        // lean, warp-specialised TMA + wgmma (sm_90a), fp16
   kTileCount
 };
 const char* tile_name(int tile);                // "x16", ..., "auto" for anything else

@@ -1,4 +1,4 @@
-// The warp-specialised Hopper tiles ws128 / ws192 / ws256s (sm_90a, fp16): one producer warp moves every
+// The warp-specialised Hopper tile ws256 (sm_90a, fp16): one producer warp moves every
 // stage into shared memory with the Tensor Memory Accelerator (TMA), consumer warpgroups only
 // dequantise and multiply. Included by csrc/quick_gemm.cu.
 //
@@ -10,10 +10,10 @@
 //     of weight rows and one or two of scales and zeros, all completing on the stage's "full"
 //     mbarrier (transaction bytes), and it waits on the stage's "empty" mbarrier before reusing
 //     a slot;
-//   * a consumer warp waits on "full", loads its 4-byte weight word of each k-step, dequantises
-//     them into four wgmma A fragments (the lean scaled fragments of the w tiles) and issues the
-//     stage's four m64nTk16 over all T tokens of the block as one group, then releases the
-//     previous stage on "empty" once its wgmmas are done. No block-wide barrier in the K loop.
+//   * a consumer warp waits on "full", loads its 4-byte weight word per k-step, dequantises it
+//     into one wgmma A fragment (the lean scaled fragments of the w tiles) and issues one
+//     m64nTk16 over all T tokens of the block, then releases the previous stage on "empty" once
+//     the wgmmas reading it are done. No block-wide barrier in the K loop.
 //
 // Block: kWGs consumer warpgroups, warpgroup c computes the 64 output features of 64-column tile
 // c of the block (warp r of it: rows 16 r .. 16 r + 15, word r of every lane's 16 bytes:
@@ -121,13 +121,12 @@ struct WsSmem {
   static constexpr int kTotalBytes = kBarrierOffset + 2 * kStages * 8 + 1024;  // + alignment slack
 };
 
-// kMaxRegisters: the register budget, given to ptxas as __maxnreg__ (with __launch_bounds__'
-// blocks-per-SM form ptxas kept these kernels near 100 / 165 registers and serialised their
-// wgmmas, C7512, although 120 / 224 were allowed). kGroupSteps: k-steps per wgmma commit group.
-template <int kWGs, int kTokens, int kStages, int kMaxRegisters, int kGroupSteps>
+// kMaxRegisters: the register budget, given to ptxas as __maxnreg__ (with the blocks-per-SM
+// form of __launch_bounds__ ptxas serialised the wgmmas of the grouped variants, C7512, below
+// the budget it had been given).
+template <int kWGs, int kTokens, int kStages, int kMaxRegisters>
 __global__ void __launch_bounds__(128 * kWGs + 32) __maxnreg__(kMaxRegisters)
     quick_gemm_ws_kernel(const __grid_constant__ CUtensorMap act_map, const KernelParams p) {
-  static_assert(kStageKTiles % kGroupSteps == 0, "k-steps per wgmma group must divide a stage");
   using T = __half;
   using Smem = WsSmem<kWGs, kTokens, kStages>;
   constexpr int kRows = kTokens / 64;  // accumulator as [kRows][8][4] floats (wgmma_step)
@@ -211,16 +210,12 @@ __global__ void __launch_bounds__(128 * kWGs + 32) __maxnreg__(kMaxRegisters)
     uint32_t zero[2], neg_zero16[2], scale[2];
     int next_group_row = stage_begin * kStageK;
     const int first_boundary = (stage_begin * kStageK / p.group_size + 1) * p.group_size;
-    auto& d = reinterpret_cast<float(&)[kTokens / 2]>(acc);
     for (int s = 0; s < stage_count; ++s) {
       const int slot = s % kStages;
       mbarrier_wait(&full[slot], (s / kStages) & 1);
       const unsigned char* base = smem + slot * Smem::kStageBytes;
       const uint32_t* words = reinterpret_cast<const uint32_t*>(base + Smem::kWeightOffset);
       const uint32_t act_addr = smem_u32(base);
-      // kGroupSteps k-steps are dequantised (while the previous group's wgmmas run), then their
-      // wgmmas go out back to back as one commit group.
-      uint32_t a[kStageKTiles][1][4];
 #pragma unroll
       for (int kt = 0; kt < kStageKTiles; ++kt) {
         const int k_row = (stage_begin + s) * kStageK + kt * kTileK;
@@ -237,22 +232,16 @@ __global__ void __launch_bounds__(128 * kWGs + 32) __maxnreg__(kMaxRegisters)
         // Word r of this lane's 16 bytes of tile wg, k-tile kt (a 4-way bank conflict: lanes 8
         // apart hit the same bank; 4 wavefronts per warp and k-step, next to a 64 x T x 16 wgmma).
         const uint32_t w[1] = {words[(kt * kWGs + wg) * 128 + lane * 4 + r]};
-        dequant_a_fragments<T, 1, true, true>(w, zero, neg_zero16, scale, a[kt]);
-        if (kt % kGroupSteps == kGroupSteps - 1) {
-          fence_registers(d);
-          wgmma_fence();
-#pragma unroll
-          for (int j = kt + 1 - kGroupSteps; j <= kt; ++j)
-            wgmma_rs<T, kTokens>(d, a[j][0], sw128_kmajor_desc(act_addr + j * 32));
-          wgmma_commit();
-          fence_registers(d);
-          // Only this group may still run: the one before it (and its A registers) is done.
-          wgmma_wait<1>();
-          // After the first group of a stage, the previous stage's slot is read.
-          if (kt == kGroupSteps - 1 && s > 0) {
-            __syncwarp();
-            if (lane == 0) mbarrier_arrive(&empty[(s - 1) % kStages]);
-          }
+        uint32_t a[1][4];
+        dequant_a_fragments<T, 1, true, true>(w, zero, neg_zero16, scale, a);
+        // One wgmma per k-step, then wait for the previous one. (Session 6 also tried a stage's
+        // four wgmmas as one commit group: 1.4-1.5x slower at 128 and 192 tokens, and wrong at
+        // both -- see KERNEL_NOTES.md.)
+        wgmma_step<T, 1, kTokens>(acc, a, sw128_kmajor_desc(act_addr + kt * 32));
+        // wgmma_step waited for all but this k-step's wgmma: the previous stage is read.
+        if (kt == 0 && s > 0) {
+          __syncwarp();
+          if (lane == 0) mbarrier_arrive(&empty[(s - 1) % kStages]);
         }
       }
     }

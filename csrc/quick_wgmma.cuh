@@ -113,35 +113,6 @@ __device__ __forceinline__ uint64_t sw128_kmajor_desc(uint32_t smem_addr) {
         "+f"(d[63]) \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
 
-#define QUICK_WGMMA_RS_N192(TYPE) \
-  asm volatile( \
-      "{\n" \
-      "wgmma.mma_async.sync.aligned.m64n192k16.f32." TYPE "." TYPE " {" \
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18," \
-      "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37," \
-      "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56," \
-      "%57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75," \
-      "%76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94," \
-      "%95" \
-      "}, " \
-      "{%96, %97, %98, %99}, %100, 1, 1, 1, 0;\n" \
-      "}\n" \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), \
-        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), \
-        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), \
-        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), \
-        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), \
-        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), \
-        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), \
-        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), \
-        "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), \
-        "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), \
-        "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), \
-        "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), \
-        "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]) \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
-
 #define QUICK_WGMMA_RS_N256(TYPE) \
   asm volatile( \
       "{\n" \
@@ -177,13 +148,13 @@ __device__ __forceinline__ uint64_t sw128_kmajor_desc(uint32_t smem_addr) {
         "+f"(d[126]), "+f"(d[127]) \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
 
-// D[64 x N] += A[64 x 16] * B[16 x N] for N = 64, 128, 192 or 256 tokens, fp16 or bf16 in, fp32
+// D[64 x N] += A[64 x 16] * B[16 x N] for N = 64, 128 or 256 tokens, fp16 or bf16 in, fp32
 // accumulate; A from registers (each warp of the warpgroup holds 16 rows in the mma.m16n8k16
 // A-fragment layout), B from shared memory. D: warp w, lane l holds rows 16 w + l / 4 (+ 8 for
 // d[4 i + 2], d[4 i + 3]) and columns 8 i + 2 (l % 4) + {0, 1}.
 template <typename T, int kN>
 __device__ __forceinline__ void wgmma_rs(float (&d)[kN / 2], const uint32_t (&a)[4], uint64_t desc_b) {
-  static_assert(kN == 64 || kN == 128 || kN == 192 || kN == 256, "wgmma tiles use 64, 128, 192 or 256 tokens");
+  static_assert(kN == 64 || kN == 128 || kN == 256, "wgmma tiles use 64, 128 or 256 tokens");
 #if QUICK_WGMMA
   constexpr bool kHalf = std::is_same_v<T, __half>;
   if constexpr (kN == 64 && kHalf) {
@@ -194,10 +165,6 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[kN / 2], const uint32_t (&a)
     QUICK_WGMMA_RS_N128("f16");
   } else if constexpr (kN == 128) {
     QUICK_WGMMA_RS_N128("bf16");
-  } else if constexpr (kN == 192 && kHalf) {
-    QUICK_WGMMA_RS_N192("f16");
-  } else if constexpr (kN == 192) {
-    QUICK_WGMMA_RS_N192("bf16");
   } else if constexpr (kHalf) {
     QUICK_WGMMA_RS_N256("f16");
   } else {
@@ -209,7 +176,6 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[kN / 2], const uint32_t (&a)
 }
 #undef QUICK_WGMMA_RS_N64
 #undef QUICK_WGMMA_RS_N128
-#undef QUICK_WGMMA_RS_N192
 #undef QUICK_WGMMA_RS_N256
 
 // wgmma tiles (w64, w128, w128n, w64x). The product is computed transposed, y^T = W^T x^T:
