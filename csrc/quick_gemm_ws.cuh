@@ -216,6 +216,13 @@ __global__ void __launch_bounds__(128 * kWGs + 32) __maxnreg__(kMaxRegisters)
       const unsigned char* base = smem + slot * Smem::kStageBytes;
       const uint32_t* words = reinterpret_cast<const uint32_t*>(base + Smem::kWeightOffset);
       const uint32_t act_addr = smem_u32(base);
+      // The stage's four weight words up front: the shared-memory latency then sits off the
+      // chain between one wgmma's wait and the next one's issue (ncu: that chain holds the
+      // tensor pipe at 56%). Word r of this lane's 16 bytes of tile wg, k-tile kt: a 4-way bank
+      // conflict (lanes 8 apart hit the same bank), 4 wavefronts per warp and k-step.
+      uint32_t stage_words[kStageKTiles];
+#pragma unroll
+      for (int kt = 0; kt < kStageKTiles; ++kt) stage_words[kt] = words[(kt * kWGs + wg) * 128 + lane * 4 + r];
 #pragma unroll
       for (int kt = 0; kt < kStageKTiles; ++kt) {
         const int k_row = (stage_begin + s) * kStageK + kt * kTileK;
@@ -229,9 +236,7 @@ __global__ void __launch_bounds__(128 * kWGs + 32) __maxnreg__(kMaxRegisters)
               reinterpret_cast<const __half*>(base + Smem::kScaleOffset + gr * Smem::kScaleRowBytes) + wg * kTileN;
           unpack_word_params<T, 1, true>(zero_word, tile_scales, lane, r, zero, neg_zero16, scale);
         }
-        // Word r of this lane's 16 bytes of tile wg, k-tile kt (a 4-way bank conflict: lanes 8
-        // apart hit the same bank; 4 wavefronts per warp and k-step, next to a 64 x T x 16 wgmma).
-        const uint32_t w[1] = {words[(kt * kWGs + wg) * 128 + lane * 4 + r]};
+        const uint32_t w[1] = {stage_words[kt]};
         uint32_t a[1][4];
         dequant_a_fragments<T, 1, true, true>(w, zero, neg_zero16, scale, a);
         // One wgmma per k-step, then wait for the previous one. (Session 6 also tried a stage's
