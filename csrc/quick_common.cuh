@@ -46,6 +46,32 @@ __device__ __forceinline__ void store_pair(const KernelParams& p, int row, int c
   }
 }
 
+// One output of a wgmma tile (the product is computed transposed, so each accumulator register
+// is a single element): this split's fp32 partial (`part`) when K is split, else y[row, col]
+// (+ bias). Rows >= M and columns >= size_n are not written to y.
+template <typename T>
+__device__ __forceinline__ void store_element(const KernelParams& p, float* part, int row, int col, float v) {
+  if (row >= p.m) return;
+  if (p.splits > 1) {
+    __stcg(part + static_cast<size_t>(row) * p.n + col, v);
+  } else if (col < p.size_n) {
+    const T* bias = static_cast<const T*>(p.bias);
+    if (bias != nullptr) v += Act<T>::to_float(bias[col]);
+    static_cast<T*>(p.y)[static_cast<size_t>(row) * p.size_n + col] = Act<T>::from_float(v);
+  }
+}
+
+// Accumulators [kRows][8][4] (mma.sync tiles, or wgmma D operands seen that way) set to zero.
+template <int kRows>
+__device__ __forceinline__ void zero_accumulators(float (&acc)[kRows][8][4]) {
+#pragma unroll
+  for (int i = 0; i < kRows; ++i)
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][nb][e] = 0.f;
+}
+
 // Split-K, called by every thread of the block once it has stored its share of this split's fp32
 // partial tile (rows [row0, row0 + block_rows), columns [col0, col0 + cols)): the last split to
 // finish (an atomic counter per output tile) sums the partials in split order (deterministic)

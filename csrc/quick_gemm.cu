@@ -204,18 +204,8 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
   constexpr int kGroupTiles = kScaled ? 1 : kAccRows;  // scaled tiles need no group sums
   float acc[kAccRows][8][4];           // scaled running sum
   float group_acc[kGroupTiles][8][4];  // exact partial sum of the current group (exact tiles)
-#pragma unroll
-  for (int mi = 0; mi < kAccRows; ++mi)
-#pragma unroll
-    for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mi][nb][e] = 0.f;
-#pragma unroll
-  for (int mi = 0; mi < kGroupTiles; ++mi)
-#pragma unroll
-    for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) group_acc[mi][nb][e] = 0.f;
+  zero_accumulators(acc);
+  zero_accumulators(group_acc);
 
   if constexpr (kWgmma) {  // zeros materialised here, not sunk past the first wgmma (C7515)
 #pragma unroll
@@ -388,8 +378,6 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
   // ---------------------------------------------------------------------------------------
   const int col_base = (tile_n0 + warp_n) * kTileN + 2 * (lane % 4);
   const int row_base = row0 + warp_m * kWarpTilesM * 16 + lane / 4;
-  T* y = static_cast<T*>(p.y);
-  const T* bias = static_cast<const T*>(p.bias);
 
   if constexpr (kWgmma) {
     // D of wgmma j (wgmma_step), element [i][e]: column n0 + 16 j + 8 (e / 2), row t0 + 8 i + e % 2.
@@ -403,17 +391,8 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
 #pragma unroll
         for (int i = 0; i < kWgTokens / 8; ++i)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int row = t0 + 8 * i + e % 2, col = n0 + 16 * j + 8 * (e / 2);
-            if (row >= p.m) continue;
-            float v = d[j][i][e];
-            if (p.splits > 1) {
-              __stcg(part + static_cast<size_t>(row) * p.n + col, v);
-            } else if (col < p.size_n) {
-              if (bias != nullptr) v += Act<T>::to_float(bias[col]);
-              y[static_cast<size_t>(row) * p.size_n + col] = Act<T>::from_float(v);
-            }
-          }
+          for (int e = 0; e < 4; ++e)
+            store_element<T>(p, part, t0 + 8 * i + e % 2, n0 + 16 * j + 8 * (e / 2), d[j][i][e]);
     }
     if (p.splits == 1) return;
   } else if (p.splits == 1) {

@@ -105,7 +105,7 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
 // stored (k-tile kt, tile c at (kt kWGs + c) 512 B), scales and zeros of up to two group rows.
 // The mbarriers follow the last stage.
 // ------------------------------------------------------------------------------------------
-template <int kWGs, int kTokens, int kStagesWanted>
+template <int kWGs, int kTokens, int kStages>
 struct WsSmem {
   static constexpr int kActBytes = kTokens * kStageK * 2;
   static constexpr int kTileBytes = kWordsPerTile * 4;  // 512
@@ -116,7 +116,6 @@ struct WsSmem {
   static constexpr int kScaleOffset = kWeightOffset + kStageKTiles * kWeightRowBytes;
   static constexpr int kZeroOffset = kScaleOffset + kMaxGroupRowsPerStage * kScaleRowBytes;
   static constexpr int kStageBytes = (kZeroOffset + kMaxGroupRowsPerStage * kZeroRowBytes + 1023) / 1024 * 1024;
-  static constexpr int kStages = kStagesWanted;
   static constexpr int kBarrierOffset = kStages * kStageBytes;
   static constexpr int kTotalBytes = kBarrierOffset + 2 * kStages * 8 + 1024;  // + alignment slack
 };
@@ -198,12 +197,7 @@ __global__ void __launch_bounds__(128 * kWGs + 32) __maxnreg__(kMaxRegisters)
     // ---- Consumers: warpgroup wg, warp r of it (word r of each lane's 16 bytes). ----
     const int wg = warp / 4, r = warp % 4;
     float acc[kRows][8][4];
-#pragma unroll
-    for (int i = 0; i < kRows; ++i)
-#pragma unroll
-      for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[i][nb][e] = 0.f;
+    zero_accumulators(acc);
 #pragma unroll
     for (int i = 0; i < kRows; ++i) fence_registers(reinterpret_cast<float(&)[32]>(acc[i]));
 
@@ -260,22 +254,10 @@ __global__ void __launch_bounds__(128 * kWGs + 32) __maxnreg__(kMaxRegisters)
     const int n0 = (tile_n0 + wg) * kTileN + 16 * r + lane / 4;
     const int t0 = row0 + 2 * (lane % 4);
     float* part = p.partials + static_cast<size_t>(blockIdx.z) * p.m * p.n;
-    T* y = static_cast<T*>(p.y);
-    const T* bias = static_cast<const T*>(p.bias);
 #pragma unroll
     for (int x = 0; x < kTokens / 8; ++x)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = t0 + 8 * x + e % 2, col = n0 + 8 * (e / 2);
-        if (row >= p.m) continue;
-        float v = out[x][e];
-        if (p.splits > 1) {
-          __stcg(part + static_cast<size_t>(row) * p.n + col, v);
-        } else if (col < p.size_n) {
-          if (bias != nullptr) v += Act<T>::to_float(bias[col]);
-          y[static_cast<size_t>(row) * p.size_n + col] = Act<T>::from_float(v);
-        }
-      }
+      for (int e = 0; e < 4; ++e) store_element<T>(p, part, t0 + 8 * x + e % 2, n0 + 8 * (e / 2), out[x][e]);
   }
   if (p.splits > 1) reduce_split_k<T>(p, row0, kTokens, tile_n0 * kTileN, block_tiles * kTileN);
 }
