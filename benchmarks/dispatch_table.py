@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from benchmarks.vllm_kernels import KERNEL_TILES  # noqa: E402
 from vllm_quick import dispatch  # noqa: E402
 
 TILE_PREFIX = "quick_"
-NOT_A_TILE = ("quick_kernel", "quick_dequant", "quick_dequant_fp16")
 # A path whose error on a row exceeds this is not a candidate there, however fast (the GPU tests'
 # budget is 2e-3; bf16 gets the margin of its output rounding, ~1.6e-3 on its own).
 MAX_REL_ERR = {"float16": 2e-3, "bfloat16": 2.5e-3}
@@ -49,8 +49,9 @@ def candidates(row: dict) -> dict[str, float]:
         err = errs.get(backend)
         return us.get(backend) is not None and (err is None or err <= limit)
 
+    # quick_<tile> only: not the op, not the plan-setting variants (quick_<tile>_<variant>)
     out = {b[len(TILE_PREFIX):]: us[b] for b in us
-           if b.startswith(TILE_PREFIX) and b not in NOT_A_TILE and ok(b)}
+           if b.startswith(TILE_PREFIX) and b[len(TILE_PREFIX):] in KERNEL_TILES and ok(b)}
     if ok("quick_dequant") and dtype != "bfloat16":
         out["dequant"] = us["quick_dequant"]
     if ok("quick_dequant_fp16") and dtype == "bfloat16":

@@ -25,9 +25,11 @@ vLLM is imported lazily, so ``quick`` and ``cublas`` work without it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -294,12 +296,43 @@ for _tile in KERNEL_TILES:
                                f"tile = TILES.index({_tile!r}): the QUICK kernel with that tile at every M")
 
 
-class QuickTileBackend(QuickKernelBackend):
-    """The QUICK kernel forced onto one tile configuration."""
+# Plan settings a tile can be timed under beside its default ("quick_<tile>_<variant>"), for A/B
+# comparisons in one run: the kernel reads them on every call, so a CUDA graph keeps the plan it
+# was captured with.
+TILE_VARIANTS = {
+    "gk": {"VLLM_QUICK_CLUSTER_REDUCE": "0"},  # split-K through global memory, not a cluster (sm_90)
+    "sp16": {"VLLM_QUICK_MAX_SPLITS": "16"},   # up to 16 K splits instead of 8
+}
+# The tiles whose split-K may run in a cluster (blocks of at most 64 rows) get the variants.
+VARIANT_TILES = ("x16", "x32", "x64", "s16m", "s32m", "s64m", "w64", "w64x")
+for _tile in VARIANT_TILES:
+    for _variant, _env in TILE_VARIANTS.items():
+        CALLS[f"quick_{_tile}_{_variant}"] = (f"quick_{_tile} with the environment {_env} while it is called "
+                                              "(and captured)")
 
-    def __init__(self, tile: str):
+
+@contextlib.contextmanager
+def _environment(overrides: dict[str, str]):
+    old = {key: os.environ.get(key) for key in overrides}
+    os.environ.update(overrides)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class QuickTileBackend(QuickKernelBackend):
+    """The QUICK kernel forced onto one tile configuration (and optionally a TILE_VARIANTS plan
+    setting)."""
+
+    def __init__(self, tile: str, variant: str | None = None):
         self.tile = tile
-        self.name = f"quick_{tile}"
+        self.env = TILE_VARIANTS[variant] if variant else {}
+        self.name = f"quick_{tile}_{variant}" if variant else f"quick_{tile}"
 
     def unsupported(self, k, n, group_size, act_dtype):
         from vllm_quick import ops
@@ -317,8 +350,9 @@ class QuickTileBackend(QuickKernelBackend):
         from vllm_quick import ops
 
         w = state.weights
-        return ops.kernel_gemm(x, w["qweight"], w["qzeros"], w["scales"], None, state.meta["group"],
-                               state.meta["n"], KERNEL_TILES.index(self.tile))
+        with _environment(self.env):
+            return ops.kernel_gemm(x, w["qweight"], w["qzeros"], w["scales"], None, state.meta["group"],
+                                   state.meta["n"], KERNEL_TILES.index(self.tile))
 
 
 class QuickDequantBackend(QuickBackend):
@@ -613,6 +647,7 @@ BACKENDS: dict[str, Backend] = {
         QuickDequantBackend(),
         QuickDequantFp16Backend(),
         *(QuickTileBackend(t) for t in KERNEL_TILES),
+        *(QuickTileBackend(t, v) for t in VARIANT_TILES for v in TILE_VARIANTS),
         CublasBackend(),
         AwqGemmBackend(),
         MarlinBackend(),

@@ -30,7 +30,17 @@ struct KernelParams {
   int m, k, n, size_n, group_size;
   int stages_per_split, splits;
   bool weights_evict_first;
+  bool cluster_reduce;  // the splits of a tile form one cluster and reduce in shared memory
 };
+
+// A split's fp32 partial tile in shared memory for the cluster reduction: rows of the block's 256
+// columns, padded by 8 floats. Without the pad the eight rows an mma accumulator store touches at
+// once (lane / 4) sit 1 KB apart, all in the same banks (8-way conflict); 8 floats = 32 B shift
+// each row by 8 banks, so a warp's 256-byte float2 store takes the minimum of two wavefronts.
+constexpr int kPartialStride = kBlockTiles * kTileN + 8;
+__host__ __device__ constexpr int partial_tile_bytes(int block_rows) { return block_rows * kPartialStride * 4; }
+// The largest cluster plan() forms (16 CTAs is Hopper's non-portable maximum; 8 is portable).
+constexpr int kMaxClusterSplits = 16;
 
 // y[row, col], y[row, col + 1] = v0, v1 (+ bias), for rows < M and columns < size_n.
 template <typename T>
@@ -110,6 +120,50 @@ __device__ __forceinline__ void reduce_split_k(const KernelParams& p, int row0, 
     store_pair<T>(p, row, col + 2, sum.z, sum.w);
   }
   if (tid == 0) *counter = 0;  // ready for the next launch / graph replay
+}
+
+// Split-K inside a thread-block cluster (sm_90): the p.splits CTAs of one output tile are one
+// cluster (dims 1 x 1 x splits), and each has stored its fp32 partial tile at `tile` in its own
+// shared memory (kPartialStride floats per row). No global workspace, no counters, no fences: CTA
+// `rank` sums slice `rank` of the tile over every CTA's copy (distributed shared memory), in rank
+// = split order (deterministic), and writes y. Every thread of every CTA must call this.
+template <typename T>
+__device__ __forceinline__ void reduce_split_k_in_cluster(const KernelParams& p, const float* tile, int row0,
+                                                          int block_rows, int col0, int cols) {
+#if QUICK_CLUSTERS
+  cluster_sync();  // every split's partial tile is written (release / acquire)
+  const int rows = min(block_rows, p.m - row0);
+  const int quads = cols / 4;
+  const int items = rows * quads;
+  const int per_cta = (items + p.splits - 1) / p.splits;
+  const int rank = static_cast<int>(cluster_ctarank());
+  const int end = min(items, (rank + 1) * per_cta);
+  const uint32_t base = smem_u32(tile);
+  for (int idx = rank * per_cta + threadIdx.x; idx < end; idx += blockDim.x) {
+    const int r = idx / quads, c = (idx % quads) * 4;
+    const uint32_t addr = base + static_cast<uint32_t>(r * kPartialStride + c) * 4;
+    // All loads first, then the sums: the remote loads (a few hundred cycles each) overlap.
+    float4 v[kMaxClusterSplits];
+#pragma unroll
+    for (int sp = 0; sp < kMaxClusterSplits; ++sp)
+      if (sp < p.splits) v[sp] = ld_shared_cluster_f4(addr, sp);
+    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int sp = 0; sp < kMaxClusterSplits; ++sp) {  // fixed order: deterministic
+      if (sp < p.splits) {
+        sum.x += v[sp].x;
+        sum.y += v[sp].y;
+        sum.z += v[sp].z;
+        sum.w += v[sp].w;
+      }
+    }
+    store_pair<T>(p, row0 + r, col0 + c, sum.x, sum.y);
+    store_pair<T>(p, row0 + r, col0 + c + 2, sum.z, sum.w);
+  }
+  cluster_sync();  // no CTA exits (freeing its shared memory) while another still reads it
+#else
+  __trap();  // plan() asks for clusters on sm_90 only
+#endif
 }
 
 }  // namespace

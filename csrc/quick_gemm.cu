@@ -28,6 +28,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "quick_common.cuh"
@@ -66,6 +68,9 @@ struct SmemLayout {
   static constexpr int kAhead = kWgmma ? kStages - 2 : kStages - 1;
   static constexpr int kAlignSlack = kWgmma ? 1024 : 0;  // the dynamic window's start is aligned by hand
   static constexpr int kTotalBytes = kStages * kStageBytes + kAlignSlack;
+  // After the K loop the pipeline's slots can hold the block's fp32 partial tile for the cluster
+  // split-K reduction: true up to 64 rows (a 128-row tile needs 135 KB).
+  static constexpr bool kHoldsPartialTile = partial_tile_bytes(kBlockM) <= kStages * kStageBytes;
 };
 
 // Activation tile in shared memory: row r has 8 chunks of 16 B (8 values); chunk c is stored at
@@ -372,6 +377,42 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
     for (int r = 0; r < kAccRows; ++r) fence_registers(reinterpret_cast<float(&)[32]>(acc[r]));
   }
 
+  // Split-K in a thread-block cluster (sm_90, plan.cluster_reduce): the pipeline's shared memory
+  // is free now and takes this split's partial tile; the cluster sums the tiles.
+  if constexpr (Smem::kHoldsPartialTile) {
+    if (p.cluster_reduce) {
+      __syncthreads();  // every warp is done with the last stage
+      float* tile = reinterpret_cast<float*>(smem);
+      if (warp_active) {
+        if constexpr (kWgmma) {  // (element layout: see the wgmma epilogue below)
+          const auto& d = reinterpret_cast<const float(&)[kWW][kWgTokens / 8][4]>(acc);
+          const int c0 = my_tile * kTileN + 16 * first_word + lane / 4;
+          const int r0 = (kWW == 4 ? warp_m * 64 : 0) + 2 * (lane % 4);
+#pragma unroll
+          for (int j = 0; j < kWW; ++j)
+#pragma unroll
+            for (int i = 0; i < kWgTokens / 8; ++i)
+#pragma unroll
+              for (int e = 0; e < 4; ++e)
+                tile[(r0 + 8 * i + e % 2) * kPartialStride + c0 + 16 * j + 8 * (e / 2)] = d[j][i][e];
+        } else {
+          const int c0 = warp_n * kTileN + 2 * (lane % 4);
+          const int r0 = warp_m * kWarpTilesM * 16 + lane / 4;
+#pragma unroll
+          for (int mi = 0; mi < kWarpTilesM; ++mi)
+#pragma unroll
+            for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+              for (int h = 0; h < 2; ++h)
+                *reinterpret_cast<float2*>(tile + (r0 + mi * 16 + 8 * h) * kPartialStride + c0 + nb * 8) =
+                    make_float2(acc[mi][nb][2 * h], acc[mi][nb][2 * h + 1]);
+        }
+      }
+      reduce_split_k_in_cluster<T>(p, tile, row0, kBlockM, tile_n0 * kTileN, block_tiles * kTileN);
+      return;
+    }
+  }
+
   // ---------------------------------------------------------------------------------------
   // Epilogue. Accumulator fragment: c0, c1 at row lane / 4, columns 2 (lane % 4) + {0, 1};
   // c2, c3 eight rows below.
@@ -445,6 +486,49 @@ int blocks_per_sm() {
   return cached;
 }
 
+// A launch with the K splits of each output tile as one cluster (1 x 1 x splits), for
+// reduce_split_k_in_cluster. Clusters of more than 8 CTAs need the kernel's non-portable opt-in.
+struct ClusterLaunch {
+  cudaLaunchAttribute cluster{};
+  cudaLaunchConfig_t config{};
+
+  template <typename Kernel>
+  ClusterLaunch(Kernel kernel, dim3 grid, int threads, int smem, int splits, cudaStream_t stream) {
+    if (splits > 8) cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = 1;
+    cluster.val.clusterDim.y = 1;
+    cluster.val.clusterDim.z = static_cast<unsigned>(splits);
+    config.gridDim = grid;
+    config.blockDim = dim3(threads);
+    config.dynamicSmemBytes = static_cast<size_t>(smem);
+    config.stream = stream;
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;  // config.attrs points into this object
+  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
+};
+
+// How many clusters of `splits` CTAs of configuration Cfg the GPU holds at once (0: none fits),
+// cached per cluster size.
+template <typename Cfg>
+int max_active_clusters(int splits) {
+  static int cached[kMaxClusterSplits + 1] = {};
+  if (splits < 2 || splits > kMaxClusterSplits) return 0;
+  if (cached[splits] == 0) {
+    blocks_per_sm<Cfg>();  // (sets the shared-memory limit the query needs)
+    const ClusterLaunch launch(Cfg::kernel, dim3(1, 1, splits), Cfg::kThreads, Cfg::kSmem, splits, nullptr);
+    int n = 0;
+    if (cudaOccupancyMaxActiveClusters(&n, Cfg::kernel, &launch.config) != cudaSuccess) {
+      cudaGetLastError();  // clear the error; the plan then uses the global reduction
+      n = 0;
+    }
+    cached[splits] = n > 0 ? n : -1;
+  }
+  return std::max(cached[splits], 0);
+}
+
 template <typename T, int kWarpTilesM, int kWarpsM, bool kScaled, int kMinBlocks, bool kLean = false,
           int kWgWords = 0>
 struct Config {
@@ -452,14 +536,19 @@ struct Config {
   static constexpr int kBlockM = 16 * kWarpTilesM * kWarpsM;
   static constexpr int kTilesN = kBlockTiles;  // 64-column tiles per block
   static constexpr int kSmem = SmemLayout<kBlockM, (kWgWords > 0)>::kTotalBytes;
+  static constexpr bool kClusterReduce = SmemLayout<kBlockM, (kWgWords > 0)>::kHoldsPartialTile;
   static constexpr auto kernel =
       quick_gemm_kernel<T, kWarpTilesM, kWarpsM, kScaled, kMinBlocks, kLean, kWgWords>;
 
   static cudaError_t launch(const GemmPlan& plan, const KernelParams& params, cudaStream_t stream) {
     blocks_per_sm<Config>();  // raises the dynamic shared-memory limit once
     dim3 grid(plan.grid_n, plan.grid_m, plan.splits);
-    kernel<<<grid, kThreads, kSmem, stream>>>(params);
-    return cudaGetLastError();
+    if (!params.cluster_reduce) {
+      kernel<<<grid, kThreads, kSmem, stream>>>(params);
+      return cudaGetLastError();
+    }
+    const ClusterLaunch launch(kernel, grid, kThreads, kSmem, plan.splits, stream);
+    return cudaLaunchKernelEx(&launch.config, kernel, params);
   }
 };
 
@@ -489,6 +578,7 @@ struct WsConfig {
   static constexpr int kBlockM = kTokens;
   static constexpr int kTilesN = kWGs;
   static constexpr int kSmem = WsSmem<kWGs, kTokens, kStages>::kTotalBytes;
+  static constexpr bool kClusterReduce = false;  // (256 tokens: no room for the partial tile)
   static constexpr auto kernel = quick_gemm_ws_kernel<kWGs, kTokens, kStages, kMaxRegisters>;
 
   static cudaError_t launch(const GemmPlan& plan, const KernelParams& params, cudaStream_t stream) {
@@ -581,10 +671,9 @@ bool tile_supports(int tile, ActType act) {
   return tile <= kTileX64 || tile == kTileW64X || act == ActType::kFloat16;
 }
 
-bool tile_runs_on(int tile, int device) {
-  if (tile < kTileW64 || tile >= kTileCount) return true;  // the w tiles close the Tile enum
-  // wgmma code exists only in the sm_90a build. Cached per device like sm_count(): the binding
-  // asks on every call.
+// Whether `device` is an sm_90 GPU, where the sm_90a build's wgmma tiles and cluster reduction
+// run. Cached per device like sm_count(): the binding asks on every call.
+static bool is_sm90(int device) {
   static int cached[64] = {0};  // 0 unknown, 1 sm_90, 2 other
   if (device < 0 || device >= 64) return false;
   if (cached[device] == 0) {
@@ -594,6 +683,11 @@ bool tile_runs_on(int tile, int device) {
     cached[device] = major == 9 && minor == 0 ? 1 : 2;
   }
   return cached[device] == 1;
+}
+
+bool tile_runs_on(int tile, int device) {
+  if (tile < kTileW64 || tile >= kTileCount) return true;  // the w tiles close the Tile enum
+  return is_sm90(device);  // wgmma code exists only in the sm_90a build
 }
 
 int default_tile(int m, ActType) {
@@ -611,6 +705,13 @@ static int max_splits_setting() {
   if (v == nullptr || *v == '\0') return kDefault;
   const long n = std::strtol(v, nullptr, 10);
   return n >= 1 && n <= kLimit ? static_cast<int>(n) : kDefault;
+}
+
+// VLLM_QUICK_CLUSTER_REDUCE=0 turns the cluster split-K reduction off (the global-memory one
+// runs instead): an A/B switch for benchmarks, read on every plan like VLLM_QUICK_MAX_SPLITS.
+static bool cluster_reduce_setting() {
+  const char* v = std::getenv("VLLM_QUICK_CLUSTER_REDUCE");
+  return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
 static int resolve_tile(const GemmProblem& pr) {
@@ -635,8 +736,14 @@ GemmPlan plan(const GemmProblem& pr, int device) {
     const int splits = std::max(1, std::min(capacity / std::max(mn_blocks, 1), limit));
     pl.stages_per_split = (total_stages + splits - 1) / splits;
     pl.splits = (total_stages + pl.stages_per_split - 1) / pl.stages_per_split;
-    pl.partial_floats = pl.splits > 1 ? static_cast<size_t>(pl.splits) * pr.m * pr.n : 0;
-    pl.counters = pl.splits > 1 ? mn_blocks : 0;
+    // On sm_90 the splits of a tile reduce inside a thread-block cluster (partials in shared
+    // memory) where the tile fits there and such a cluster can be scheduled; otherwise through an
+    // fp32 workspace and a counter per tile.
+    pl.cluster_reduce = pl.splits > 1 && Cfg::kClusterReduce && is_sm90(device) && cluster_reduce_setting() &&
+                        max_active_clusters<Cfg>(pl.splits) > 0;
+    const bool global_reduce = pl.splits > 1 && !pl.cluster_reduce;
+    pl.partial_floats = global_reduce ? static_cast<size_t>(pl.splits) * pr.m * pr.n : 0;
+    pl.counters = global_reduce ? mn_blocks : 0;
     return pl;
   });
 }
@@ -658,6 +765,7 @@ cudaError_t run(const GemmProblem& pr, const GemmPlan& pl, const GemmArgs& a, cu
   kp.group_size = pr.group_size;
   kp.stages_per_split = pl.stages_per_split;
   kp.splits = pl.splits;
+  kp.cluster_reduce = pl.cluster_reduce;
   // With one row of blocks along M every weight byte is read once: stream it past L2. With
   // several, neighbouring row blocks re-read the same tiles, so let L2 keep them.
   kp.weights_evict_first = pl.grid_m == 1;

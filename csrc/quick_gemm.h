@@ -44,7 +44,8 @@ struct GemmPlan {
   int splits;          // split-K factor (1 = no reduction)
   int stages_per_split;
   int grid_n, grid_m;  // blocks along N and M
-  size_t partial_floats;  // fp32 workspace needed for split-K partial sums (0 if splits == 1)
+  bool cluster_reduce;     // sm_90: the splits of a tile form a cluster and reduce in shared memory
+  size_t partial_floats;  // fp32 workspace for split-K partial sums (0 without a global reduction)
   int counters;           // int counters needed (zeroed once, each launch leaves them zeroed)
 };
 
@@ -55,7 +56,7 @@ struct GemmArgs {
   const void* scales;    // fp16 [k/group, n] interleaved for the accumulator fragment
   const void* bias;      // [size_n] in the activation type, or nullptr
   void* y;               // [m, size_n] in the activation type
-  float* partials;       // plan.partial_floats fp32, or nullptr when plan.splits == 1
+  float* partials;       // plan.partial_floats fp32, or nullptr when that is 0
   int* counters;         // plan.counters ints, all zero on entry (and on exit)
 };
 

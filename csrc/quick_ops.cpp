@@ -3,6 +3,7 @@
 // launches on the current stream. Exposed to Python as vllm_quick._C.gemm, which
 // vllm_quick/ops.py (kernel_gemm) calls for the CUDA implementation of the quick::gemm custom op.
 #include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
@@ -166,7 +167,7 @@ std::tuple<c10::optional<torch::Tensor>, std::string> gemm(
   torch::Tensor partials;
   quick::GemmArgs args{x.data_ptr(), qweight.data_ptr(), qzeros.data_ptr(), scales.data_ptr(),
                        bias.has_value() ? bias->data_ptr() : nullptr, y.data_ptr(), nullptr, nullptr};
-  if (plan.splits > 1) {
+  if (plan.partial_floats > 0) {  // split-K through global memory (not in a cluster)
     partials = torch::empty({static_cast<int64_t>(plan.partial_floats)}, x.options().dtype(torch::kFloat32));
     args.partials = partials.data_ptr<float>();
     args.counters = split_counters(x, plan.counters);
@@ -217,6 +218,25 @@ std::tuple<c10::optional<torch::Tensor>, std::string> dequantize(
   return {out, ""};
 }
 
+// How gemm() would cut up a call of M rows on the current CUDA device (for tests and benchmark
+// notes): the plan's fields as a dict.
+pybind11::dict plan(int64_t m, int64_t k, int64_t n, int64_t group_size, bool bf16, int64_t tile) {
+  const quick::GemmProblem problem{static_cast<int>(m), static_cast<int>(k), static_cast<int>(n),
+                                   static_cast<int>(n), static_cast<int>(group_size),
+                                   bf16 ? quick::ActType::kBFloat16 : quick::ActType::kFloat16,
+                                   static_cast<int>(tile)};
+  const quick::GemmPlan pl = quick::plan(problem, c10::cuda::current_device());
+  pybind11::dict d;
+  d["block_m"] = pl.block_m;
+  d["splits"] = pl.splits;
+  d["stages_per_split"] = pl.stages_per_split;
+  d["grid_n"] = pl.grid_n;
+  d["grid_m"] = pl.grid_m;
+  d["cluster_reduce"] = pl.cluster_reduce;
+  d["partial_floats"] = pl.partial_floats;
+  return d;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "QUICK W4A16 GEMM (CUDA); use torch.ops.quick.gemm from vllm_quick.ops";
   module.def("gemm", &gemm, "(y, '') with y = x @ dequant(W) (+ bias) on the interleaved layout, or "
@@ -226,6 +246,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("dequantize", &dequantize, "(dense [K, Np] weight in the given dtype, '') or (None, error)",
              pybind11::arg("qweight"), pybind11::arg("qzeros"), pybind11::arg("scales"),
              pybind11::arg("group_size"), pybind11::arg("dtype"));
+  module.def("plan", &plan, "the kernel's plan for a call (splits, cluster_reduce, grid) as a dict; tile -1 = by M",
+             pybind11::arg("m"), pybind11::arg("k"), pybind11::arg("n"), pybind11::arg("group_size"),
+             pybind11::arg("bf16") = false, pybind11::arg("tile") = -1);
   module.attr("LAYOUT_VERSION") = quick::kLayoutVersion;
   pybind11::list tiles;
   for (int t = 0; t < quick::kTileCount; ++t) tiles.append(quick::tile_name(t));

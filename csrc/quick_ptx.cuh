@@ -74,6 +74,44 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
   return d;
 }
 
+// Thread-block clusters (sm_90 and later): the split-K reduction through distributed shared
+// memory (reduce_split_k_in_cluster). On older targets these compile to nothing; the plan never
+// asks for a cluster there (cluster_reduce_allowed in quick_gemm.cu).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define QUICK_CLUSTERS 1
+#else
+#define QUICK_CLUSTERS 0
+#endif
+
+// Barrier over every thread of every CTA of the cluster; shared-memory writes before it (release)
+// are visible to any CTA of the cluster after it (acquire).
+__device__ __forceinline__ void cluster_sync() {
+#if QUICK_CLUSTERS
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t rank = 0;
+#if QUICK_CLUSTERS
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+#endif
+  return rank;
+}
+
+// 16 bytes at shared-memory address `addr` (this CTA's window) of CTA `rank` of the cluster.
+__device__ __forceinline__ float4 ld_shared_cluster_f4(uint32_t addr, uint32_t rank) {
+  float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#if QUICK_CLUSTERS
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(addr), "r"(rank));
+  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(remote));
+#endif
+  return v;
+}
+
 // Per activation type: the mma instruction, the magic exponent and 2-wide subtraction.
 template <typename T>
 struct Act;

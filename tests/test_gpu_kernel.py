@@ -345,6 +345,47 @@ def test_max_splits_setting_keeps_results(kernel, monkeypatch, max_splits):
         check_output(y, x.float() @ w.w32, torch.float16, f"VLLM_QUICK_MAX_SPLITS={max_splits} {tile} K={k} M={m}")
 
 
+# Tiles whose split-K may reduce in a thread-block cluster (blocks of at most 64 rows), with an M
+# each at which a 4096 x 4096 layer is split.
+CLUSTER_CASES = [("s16m", 1), ("s16m", 16), ("x16", 7), ("s32m", 32), ("x32", 33), ("s64m", 64), ("x64", 64)]
+CLUSTER_CASES_SM90 = [("w64x", 33), ("w64", 64)]
+
+
+@pytest.mark.parametrize("max_splits", ["8", "16"])
+def test_cluster_split_k_equals_global_split_k(kernel, monkeypatch, max_splits):
+    """On sm_90 the K splits of a tile reduce in a thread-block cluster, through distributed shared
+    memory; elsewhere, and with VLLM_QUICK_CLUSTER_REDUCE=0, through the fp32 global workspace.
+    Both sum the splits in the same order, so they must agree bit for bit, and match the reference.
+    The plan must really take the cluster path on sm_90 (else this test would compare a path with
+    itself), with clusters of 8 and, where VLLM_QUICK_MAX_SPLITS allows, 16 CTAs."""
+    sm90 = torch.cuda.get_device_capability() == (9, 0)
+    monkeypatch.setenv("VLLM_QUICK_MAX_SPLITS", max_splits)
+    k, n = 4096, 4096
+    w = make_weight(k, n, 128)
+    cases = CLUSTER_CASES + (CLUSTER_CASES_SM90 if sm90 else [])
+    for dtype in (torch.float16, torch.bfloat16):
+        for tile, m in cases:
+            if tile in vllm_kernels.FP16_ONLY_TILES and dtype != torch.float16:
+                continue
+            index = TILES.index(tile)
+            monkeypatch.delenv("VLLM_QUICK_CLUSTER_REDUCE", raising=False)
+            plan = kernel.plan(m, k, n, 128, dtype == torch.bfloat16, index)
+            assert plan["splits"] > 1, f"{tile} M={m}: expected a split-K plan, got {plan}"
+            assert plan["cluster_reduce"] == sm90, f"{tile} M={m}: cluster_reduce should be {sm90} here: {plan}"
+            assert (plan["partial_floats"] == 0) == sm90, f"{tile} M={m}: workspace only without clusters: {plan}"
+            x = random_x((m, k), dtype, seed=zlib.crc32(f"cluster/{tile}/{m}".encode()))
+            args = (x, w.qweight, w.qzeros, w.scales, None, w.group, n, index)
+            y_cluster = ops.kernel_gemm(*args)
+            monkeypatch.setenv("VLLM_QUICK_CLUSTER_REDUCE", "0")
+            assert not kernel.plan(m, k, n, 128, dtype == torch.bfloat16, index)["cluster_reduce"]
+            y_global = ops.kernel_gemm(*args)
+            what = f"{tile} {dtype} M={m} splits={plan['splits']}"
+            check_output(y_cluster, x.float() @ w.w32, dtype, f"cluster split-K {what}")
+            assert torch.equal(y_cluster, y_global), f"cluster and global split-K differ: {what}"
+    if sm90 and max_splits == "16":
+        assert kernel.plan(1, k, n, 128, False, TILES.index("s16m"))["splits"] == 16
+
+
 def test_dispatch_plan_names_supported_tiles(kernel):
     """Every path in this GPU's plan is 'dequant' or a tile the kernel takes for that dtype."""
     from vllm_quick import dispatch
