@@ -487,46 +487,51 @@ int blocks_per_sm() {
 }
 
 // A launch with the K splits of each output tile as one cluster (1 x 1 x splits), for
-// reduce_split_k_in_cluster. Clusters of more than 8 CTAs need the kernel's non-portable opt-in.
+// reduce_split_k_in_cluster, with a cluster scheduling policy (cudaClusterSchedulingPolicy:
+// 0 default, 1 spread a cluster's CTAs over SMs, 2 load-balancing). Clusters of more than 8 CTAs
+// need the kernel's non-portable opt-in.
 struct ClusterLaunch {
-  cudaLaunchAttribute cluster{};
+  cudaLaunchAttribute attrs[2]{};
   cudaLaunchConfig_t config{};
 
   template <typename Kernel>
-  ClusterLaunch(Kernel kernel, dim3 grid, int threads, int smem, int splits, cudaStream_t stream) {
+  ClusterLaunch(Kernel kernel, dim3 grid, int threads, int smem, int splits, int policy, cudaStream_t stream) {
     if (splits > 8) cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-    cluster.id = cudaLaunchAttributeClusterDimension;
-    cluster.val.clusterDim.x = 1;
-    cluster.val.clusterDim.y = 1;
-    cluster.val.clusterDim.z = static_cast<unsigned>(splits);
+    attrs[0].id = cudaLaunchAttributeClusterDimension;
+    attrs[0].val.clusterDim.x = 1;
+    attrs[0].val.clusterDim.y = 1;
+    attrs[0].val.clusterDim.z = static_cast<unsigned>(splits);
+    attrs[1].id = cudaLaunchAttributeClusterSchedulingPolicyPreference;
+    attrs[1].val.clusterSchedulingPolicyPreference = static_cast<cudaClusterSchedulingPolicy>(policy);
     config.gridDim = grid;
     config.blockDim = dim3(threads);
     config.dynamicSmemBytes = static_cast<size_t>(smem);
     config.stream = stream;
-    config.attrs = &cluster;
-    config.numAttrs = 1;
+    config.attrs = attrs;
+    config.numAttrs = 2;
   }
   ClusterLaunch(const ClusterLaunch&) = delete;  // config.attrs points into this object
   ClusterLaunch& operator=(const ClusterLaunch&) = delete;
 };
 
-// How many clusters of `splits` CTAs of configuration Cfg the GPU holds at once (0: none fits),
-// cached per cluster size.
+// How many clusters of `splits` CTAs of configuration Cfg the GPU holds at once under `policy`
+// (0: none fits), cached.
 template <typename Cfg>
-int max_active_clusters(int splits) {
-  static int cached[kMaxClusterSplits + 1] = {};
-  if (splits < 2 || splits > kMaxClusterSplits) return 0;
-  if (cached[splits] == 0) {
+int max_active_clusters(int splits, int policy) {
+  static int cached[3][kMaxClusterSplits + 1] = {};
+  if (splits < 2 || splits > kMaxClusterSplits || policy < 0 || policy > 2) return 0;
+  int& entry = cached[policy][splits];
+  if (entry == 0) {
     blocks_per_sm<Cfg>();  // (sets the shared-memory limit the query needs)
-    const ClusterLaunch launch(Cfg::kernel, dim3(1, 1, splits), Cfg::kThreads, Cfg::kSmem, splits, nullptr);
+    const ClusterLaunch launch(Cfg::kernel, dim3(1, 1, splits), Cfg::kThreads, Cfg::kSmem, splits, policy, nullptr);
     int n = 0;
     if (cudaOccupancyMaxActiveClusters(&n, Cfg::kernel, &launch.config) != cudaSuccess) {
       cudaGetLastError();  // clear the error; the plan then uses the global reduction
       n = 0;
     }
-    cached[splits] = n > 0 ? n : -1;
+    entry = n > 0 ? n : -1;
   }
-  return std::max(cached[splits], 0);
+  return std::max(entry, 0);
 }
 
 template <typename T, int kWarpTilesM, int kWarpsM, bool kScaled, int kMinBlocks, bool kLean = false,
@@ -547,7 +552,7 @@ struct Config {
       kernel<<<grid, kThreads, kSmem, stream>>>(params);
       return cudaGetLastError();
     }
-    const ClusterLaunch launch(kernel, grid, kThreads, kSmem, plan.splits, stream);
+    const ClusterLaunch launch(kernel, grid, kThreads, kSmem, plan.splits, plan.cluster_policy, stream);
     return cudaLaunchKernelEx(&launch.config, kernel, params);
   }
 };
@@ -708,10 +713,22 @@ static int max_splits_setting() {
 }
 
 // VLLM_QUICK_CLUSTER_REDUCE=0 turns the cluster split-K reduction off (the global-memory one
-// runs instead): an A/B switch for benchmarks, read on every plan like VLLM_QUICK_MAX_SPLITS.
-static bool cluster_reduce_setting() {
+// runs instead), and VLLM_QUICK_CLUSTER_POLICY (spread, default or balance) picks the cluster
+// scheduling policy: A/B switches for benchmarks, read on every plan like VLLM_QUICK_MAX_SPLITS.
+// VLLM_QUICK_CLUSTER_REDUCE=always skips the occupancy condition of plan().
+enum class ClusterSetting { kOff, kOn, kAlways };
+static ClusterSetting cluster_reduce_setting() {
   const char* v = std::getenv("VLLM_QUICK_CLUSTER_REDUCE");
-  return v == nullptr || std::strcmp(v, "0") != 0;
+  if (v != nullptr && std::strcmp(v, "0") == 0) return ClusterSetting::kOff;
+  if (v != nullptr && std::strcmp(v, "always") == 0) return ClusterSetting::kAlways;
+  return ClusterSetting::kOn;
+}
+
+static int cluster_policy_setting() {
+  const char* v = std::getenv("VLLM_QUICK_CLUSTER_POLICY");
+  if (v != nullptr && std::strcmp(v, "default") == 0) return cudaClusterSchedulingPolicyDefault;
+  if (v != nullptr && std::strcmp(v, "balance") == 0) return cudaClusterSchedulingPolicyLoadBalancing;
+  return cudaClusterSchedulingPolicySpread;
 }
 
 static int resolve_tile(const GemmProblem& pr) {
@@ -737,10 +754,17 @@ GemmPlan plan(const GemmProblem& pr, int device) {
     pl.stages_per_split = (total_stages + splits - 1) / splits;
     pl.splits = (total_stages + pl.stages_per_split - 1) / pl.stages_per_split;
     // On sm_90 the splits of a tile reduce inside a thread-block cluster (partials in shared
-    // memory) where the tile fits there and such a cluster can be scheduled; otherwise through an
-    // fp32 workspace and a counter per tile.
-    pl.cluster_reduce = pl.splits > 1 && Cfg::kClusterReduce && is_sm90(device) && cluster_reduce_setting() &&
-                        max_active_clusters<Cfg>(pl.splits) > 0;
+    // memory) where the tile fits there and the clusters hold as many CTAs at once as a plain
+    // launch would (cluster placement must not cost a wave); otherwise through an fp32
+    // workspace and a counter per tile.
+    pl.cluster_policy = cluster_policy_setting();
+    const ClusterSetting cluster = cluster_reduce_setting();
+    if (pl.splits > 1 && Cfg::kClusterReduce && is_sm90(device) && cluster != ClusterSetting::kOff) {
+      pl.max_active_clusters = max_active_clusters<Cfg>(pl.splits, pl.cluster_policy);
+      const int ctas = mn_blocks * pl.splits;
+      pl.cluster_reduce = pl.max_active_clusters > 0 &&
+                          (cluster == ClusterSetting::kAlways || pl.max_active_clusters * pl.splits >= std::min(ctas, capacity));
+    }
     const bool global_reduce = pl.splits > 1 && !pl.cluster_reduce;
     pl.partial_floats = global_reduce ? static_cast<size_t>(pl.splits) * pr.m * pr.n : 0;
     pl.counters = global_reduce ? mn_blocks : 0;

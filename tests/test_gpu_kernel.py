@@ -351,15 +351,17 @@ CLUSTER_CASES = [("s16m", 1), ("s16m", 16), ("x16", 7), ("s32m", 32), ("x32", 33
 CLUSTER_CASES_SM90 = [("w64x", 33), ("w64", 64)]
 
 
-@pytest.mark.parametrize("max_splits", ["8", "16"])
-def test_cluster_split_k_equals_global_split_k(kernel, monkeypatch, max_splits):
-    """On sm_90 the K splits of a tile reduce in a thread-block cluster, through distributed shared
-    memory; elsewhere, and with VLLM_QUICK_CLUSTER_REDUCE=0, through the fp32 global workspace.
-    Both sum the splits in the same order, so they must agree bit for bit, and match the reference.
-    The plan must really take the cluster path on sm_90 (else this test would compare a path with
-    itself), with clusters of 8 and, where VLLM_QUICK_MAX_SPLITS allows, 16 CTAs."""
+@pytest.mark.parametrize("max_splits,policy", [("8", "spread"), ("16", "default"), ("8", "balance")])
+def test_cluster_split_k_equals_global_split_k(kernel, monkeypatch, max_splits, policy):
+    """On sm_90 the K splits of a tile may reduce in a thread-block cluster, through distributed
+    shared memory; elsewhere, and with VLLM_QUICK_CLUSTER_REDUCE=0, through the fp32 global
+    workspace. Both sum the splits in the same order, so they must agree bit for bit, and match
+    the reference. With VLLM_QUICK_CLUSTER_REDUCE=always the plan must really take the cluster
+    path on sm_90 (else this test would compare a path with itself), with clusters of 8 and,
+    where VLLM_QUICK_MAX_SPLITS allows, 16 CTAs, under each cluster scheduling policy."""
     sm90 = torch.cuda.get_device_capability() == (9, 0)
     monkeypatch.setenv("VLLM_QUICK_MAX_SPLITS", max_splits)
+    monkeypatch.setenv("VLLM_QUICK_CLUSTER_POLICY", policy)
     k, n = 4096, 4096
     w = make_weight(k, n, 128)
     cases = CLUSTER_CASES + (CLUSTER_CASES_SM90 if sm90 else [])
@@ -368,7 +370,7 @@ def test_cluster_split_k_equals_global_split_k(kernel, monkeypatch, max_splits):
             if tile in vllm_kernels.FP16_ONLY_TILES and dtype != torch.float16:
                 continue
             index = TILES.index(tile)
-            monkeypatch.delenv("VLLM_QUICK_CLUSTER_REDUCE", raising=False)
+            monkeypatch.setenv("VLLM_QUICK_CLUSTER_REDUCE", "always")
             plan = kernel.plan(m, k, n, 128, dtype == torch.bfloat16, index)
             assert plan["splits"] > 1, f"{tile} M={m}: expected a split-K plan, got {plan}"
             assert plan["cluster_reduce"] == sm90, f"{tile} M={m}: cluster_reduce should be {sm90} here: {plan}"
@@ -384,6 +386,9 @@ def test_cluster_split_k_equals_global_split_k(kernel, monkeypatch, max_splits):
             assert torch.equal(y_cluster, y_global), f"cluster and global split-K differ: {what}"
     if sm90 and max_splits == "16":
         assert kernel.plan(1, k, n, 128, False, TILES.index("s16m"))["splits"] == 16
+    monkeypatch.delenv("VLLM_QUICK_CLUSTER_REDUCE")
+    plan = kernel.plan(16, k, n, 128, False, TILES.index("s16m"))  # the default setting
+    assert plan["cluster_reduce"] == (sm90 and plan["max_active_clusters"] * plan["splits"] >= plan["blocks"]), plan
 
 
 def test_dispatch_plan_names_supported_tiles(kernel):
