@@ -285,11 +285,10 @@ class QuickKernelBackend(QuickBackend):
 # with_tile): "x" tiles keep exact integer fragments (fp16 and bf16), "s" tiles scale inside the
 # fragments (fp16 only), "w" tiles feed those fragments to Hopper's wgmma (fp16, sm_90 only), and
 # "w64x" feeds it the exact ones (fp16 and bf16, sm_90 only); "ws256" is the
-# warp-specialised wgmma tile (TMA producer warp, fp16, sm_90 only); "s16d", "s32d", "x16d" are
-# s16m, s32m, x16 with a deep (8-slot) cp.async pipeline. One backend per tile,
+# warp-specialised wgmma tile (TMA producer warp, fp16, sm_90 only). One backend per tile,
 # "quick_<tile>", to derive vllm_quick/dispatch.py.
 KERNEL_TILES = ("x16", "x32", "x64", "s16", "s32", "s64", "s128", "s16m", "s32m", "s64m", "w64", "w128", "w128n",
-                "w64x", "ws256", "s16d", "s32d", "x16d")
+                "w64x", "ws256")
 # Tiles with scaled fp16 fragments: the kernel refuses bf16 for them.
 FP16_ONLY_TILES = tuple(t for t in KERNEL_TILES if t.startswith("s") or (t.startswith("w") and not t.endswith("x")))
 for _tile in KERNEL_TILES:
@@ -308,7 +307,7 @@ TILE_VARIANTS = {
     "sp16": {"VLLM_QUICK_MAX_SPLITS": "16"},   # up to 16 K splits instead of 8
 }
 # The tiles whose split-K may run in a cluster (blocks of at most 64 rows) get the variants.
-VARIANT_TILES = ("x16", "x32", "x64", "s16m", "s32m", "s64m", "w64", "w64x", "s16d", "s32d", "x16d")
+VARIANT_TILES = ("x16", "x32", "x64", "s16m", "s32m", "s64m", "w64", "w64x")
 for _tile in VARIANT_TILES:
     for _variant, _env in TILE_VARIANTS.items():
         CALLS[f"quick_{_tile}_{_variant}"] = (f"quick_{_tile} with the environment {_env} while it is called "

@@ -43,7 +43,7 @@
 namespace quick {
 namespace {
 
-template <int kBlockM, bool kWgmma, int kDeepStages = 0>
+template <int kBlockM, bool kWgmma>
 struct SmemLayout {
   static constexpr int kBlockN = kBlockTiles * kTileN;
   // Per stage, in bytes. Weights: 4 k-tiles x 4 n-tiles x 512 B, copied verbatim (already in
@@ -64,9 +64,7 @@ struct SmemLayout {
   // cp.async pipeline: kStages slots, the copies run kAhead stages ahead of the maths (3 stages in
   // flight while one is computed for mma.sync). wgmma keeps one k-step group running past the
   // barrier, so it may still be reading the previous stage: its copies stay one more slot behind.
-  // The "d" (deep) tiles keep kDeepStages slots (kDeepStages - 1 copies in flight): at small M a
-  // block has little work, and its loads must cover the DRAM latency on their own.
-  static constexpr int kStages = kDeepStages > 0 ? kDeepStages : kWgmma ? 5 : 4;
+  static constexpr int kStages = kWgmma ? 5 : 4;
   static constexpr int kAhead = kWgmma ? kStages - 2 : kStages - 1;
   static constexpr int kAlignSlack = kWgmma ? 1024 : 0;  // the dynamic window's start is aligned by hand
   static constexpr int kTotalBytes = kStages * kStageBytes + kAlignSlack;
@@ -86,8 +84,7 @@ __device__ __forceinline__ int swizzled_chunk(int row, int chunk) { return row *
 // blocks per SM the register allocation must allow; kLean: the 16x magic for odd nibble pairs,
 // and group boundaries looked for on even k-tiles only (scaled tiles); kWgWords: 0 = mma.sync, 4 or
 // 2 = the warpgroup MMA with that many weight words per warp and k-step (sm_90a; see wgmma_step);
-template <typename T, int kWarpTilesM, int kWarpsM, bool kScaled, int kMinBlocks, bool kLean, int kWgWords,
-          int kDeepStages>
+template <typename T, int kWarpTilesM, int kWarpsM, bool kScaled, int kMinBlocks, bool kLean, int kWgWords>
 __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
     quick_gemm_kernel(const KernelParams p) {
   static_assert(!kScaled || std::is_same_v<T, __half>, "scaled fragments are fp16 only");
@@ -105,8 +102,7 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
   // Accumulator rows of 32 floats per thread: the mma.sync tiles' 16-row tiles, or the wgmma
   // D operands (kWW of them, kWgTokens / 2 floats each).
   constexpr int kAccRows = kWgmma ? kWW * kWgTokens / 64 : kWarpTilesM;
-  static_assert(kDeepStages == 0 || !kWgmma, "deep pipelines are for the mma.sync tiles");
-  using Smem = SmemLayout<kBlockM, kWgmma, kDeepStages>;
+  using Smem = SmemLayout<kBlockM, kWgmma>;
   constexpr int kStages = Smem::kStages, kAhead = Smem::kAhead;
   extern __shared__ __align__(16) unsigned char smem_window[];
   unsigned char* smem = smem_window;
@@ -539,16 +535,15 @@ int max_active_clusters(int splits, int policy) {
 }
 
 template <typename T, int kWarpTilesM, int kWarpsM, bool kScaled, int kMinBlocks, bool kLean = false,
-          int kWgWords = 0, int kDeepStages = 0>
+          int kWgWords = 0>
 struct Config {
-  using Smem = SmemLayout<16 * kWarpTilesM * kWarpsM, (kWgWords > 0), kDeepStages>;
   static constexpr int kThreads = 32 * kWarpsN * kWarpsM;
   static constexpr int kBlockM = 16 * kWarpTilesM * kWarpsM;
   static constexpr int kTilesN = kBlockTiles;  // 64-column tiles per block
-  static constexpr int kSmem = Smem::kTotalBytes;
-  static constexpr bool kClusterReduce = Smem::kHoldsPartialTile;
+  static constexpr int kSmem = SmemLayout<kBlockM, (kWgWords > 0)>::kTotalBytes;
+  static constexpr bool kClusterReduce = SmemLayout<kBlockM, (kWgWords > 0)>::kHoldsPartialTile;
   static constexpr auto kernel =
-      quick_gemm_kernel<T, kWarpTilesM, kWarpsM, kScaled, kMinBlocks, kLean, kWgWords, kDeepStages>;
+      quick_gemm_kernel<T, kWarpTilesM, kWarpsM, kScaled, kMinBlocks, kLean, kWgWords>;
 
   static cudaError_t launch(const GemmPlan& plan, const KernelParams& params, cudaStream_t stream) {
     blocks_per_sm<Config>();  // raises the dynamic shared-memory limit once
@@ -627,8 +622,6 @@ struct WsConfig {
 //     warpgroups along N sharing 64 rows, per-group fp32 scaling like the x tiles.
 //   ws256 (fp16, sm_90a only): warp-specialised (quick_gemm_ws.cuh): a TMA producer warp and two
 //     consumer warpgroups of one 64-column tile each, 256 tokens.
-//   s16d / s32d (fp16) / x16d: s16m / s32m / x16 with an 8-slot cp.async pipeline (7 stages of
-//     weights in flight per block instead of 3), for the memory-bound small-M calls.
 // A tile the activation type does not support (scaled tiles for bf16) falls back to x64.
 template <typename T, typename F>
 auto with_tile(int tile, F&& f) {
@@ -650,10 +643,6 @@ auto with_tile(int tile, F&& f) {
     // (168 registers: 9 warps put 3 on one SM sub-partition, whose 16384 registers then allow
     // 170; with more the launch fails with "too many resources requested".)
     case kTileWS256: if constexpr (kHalf) return f.template operator()<WsConfig<2, 256, 5, 168>>(); break;
-    // Deep pipelines (8 slots, 7 stages in flight; 2 blocks per SM by shared memory).
-    case kTileS16D: if constexpr (kHalf) return f.template operator()<Config<T, 1, 1, true, 4, true, 0, 8>>(); break;
-    case kTileS32D: if constexpr (kHalf) return f.template operator()<Config<T, 2, 1, true, 3, true, 0, 8>>(); break;
-    case kTileX16D: return f.template operator()<Config<T, 1, 1, false, 4, false, 0, 8>>();
     default: break;
   }
   return f.template operator()<Config<T, 2, 2, false, 1>>();  // kTileX64
@@ -677,14 +666,14 @@ int sm_count(int device) {
 const char* tile_name(int tile) {
   static const char* const kNames[kTileCount] = {"x16", "x32", "x64", "s16", "s32", "s64", "s128",
                                                  "s16m", "s32m", "s64m", "w64", "w128", "w128n", "w64x",
-                                                 "ws256", "s16d", "s32d", "x16d"};
+                                                 "ws256"};
   return tile >= 0 && tile < kTileCount ? kNames[tile] : "auto";
 }
 
 bool tile_supports(int tile, ActType act) {
   if (tile == kTileAuto) return true;
   if (tile < 0 || tile >= kTileCount) return false;
-  return tile <= kTileX64 || tile == kTileW64X || tile == kTileX16D || act == ActType::kFloat16;
+  return tile <= kTileX64 || tile == kTileW64X || act == ActType::kFloat16;
 }
 
 // Whether `device` is an sm_90 GPU, where the sm_90a build's wgmma tiles and cluster reduction
@@ -702,8 +691,8 @@ static bool is_sm90(int device) {
 }
 
 bool tile_runs_on(int tile, int device) {
-  const bool wgmma = tile >= kTileW64 && tile <= kTileWS256;  // the w tiles
-  return !wgmma || is_sm90(device);  // wgmma code exists only in the sm_90a build
+  if (tile < kTileW64 || tile >= kTileCount) return true;  // the w tiles close the Tile enum
+  return is_sm90(device);  // wgmma code exists only in the sm_90a build
 }
 
 int default_tile(int m, ActType) {

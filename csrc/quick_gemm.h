@@ -20,8 +20,6 @@ enum Tile : int {
   kTileW64, kTileW128, kTileW128N,                   // lean, Hopper wgmma (sm_90a), fp16
   kTileW64X,                                         // exact, Hopper wgmma (sm_90a), fp16 and bf16
   kTileWS256,                                        // lean, warp-specialised TMA + wgmma (sm_90a), fp16
-  kTileS16D, kTileS32D,                              // s16m / s32m with a deep (8-slot) pipeline, fp16
-  kTileX16D,                                         // x16 with a deep pipeline, fp16 and bf16
   kTileCount
 };
 const char* tile_name(int tile);                // "x16", ..., "auto" for anything else
