@@ -301,9 +301,7 @@ for _tile in KERNEL_TILES:
 # was captured with.
 TILE_VARIANTS = {
     "gk": {"VLLM_QUICK_CLUSTER_REDUCE": "0"},  # split-K through global memory, not a cluster (sm_90)
-    "ca": {"VLLM_QUICK_CLUSTER_REDUCE": "always"},  # clusters even where they hold fewer CTAs at once
-    "cdef": {"VLLM_QUICK_CLUSTER_REDUCE": "always", "VLLM_QUICK_CLUSTER_POLICY": "default"},
-    "cbal": {"VLLM_QUICK_CLUSTER_REDUCE": "always", "VLLM_QUICK_CLUSTER_POLICY": "balance"},
+    "ca": {"VLLM_QUICK_CLUSTER_REDUCE": "always"},  # clusters wherever they can run (see plan())
     "sp16": {"VLLM_QUICK_MAX_SPLITS": "16"},   # up to 16 K splits instead of 8
 }
 # The tiles whose split-K may run in a cluster (blocks of at most 64 rows) get the variants.

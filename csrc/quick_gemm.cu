@@ -487,43 +487,41 @@ int blocks_per_sm() {
 }
 
 // A launch with the K splits of each output tile as one cluster (1 x 1 x splits), for
-// reduce_split_k_in_cluster, with a cluster scheduling policy (cudaClusterSchedulingPolicy:
-// 0 default, 1 spread a cluster's CTAs over SMs, 2 load-balancing). Clusters of more than 8 CTAs
-// need the kernel's non-portable opt-in.
+// reduce_split_k_in_cluster. Clusters of more than 8 CTAs need the kernel's non-portable opt-in.
+// (The cluster scheduling policies -- default, spread, load-balancing -- timed the same on the
+// H100, session 7.)
 struct ClusterLaunch {
-  cudaLaunchAttribute attrs[2]{};
+  cudaLaunchAttribute cluster{};
   cudaLaunchConfig_t config{};
 
   template <typename Kernel>
-  ClusterLaunch(Kernel kernel, dim3 grid, int threads, int smem, int splits, int policy, cudaStream_t stream) {
+  ClusterLaunch(Kernel kernel, dim3 grid, int threads, int smem, int splits, cudaStream_t stream) {
     if (splits > 8) cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-    attrs[0].id = cudaLaunchAttributeClusterDimension;
-    attrs[0].val.clusterDim.x = 1;
-    attrs[0].val.clusterDim.y = 1;
-    attrs[0].val.clusterDim.z = static_cast<unsigned>(splits);
-    attrs[1].id = cudaLaunchAttributeClusterSchedulingPolicyPreference;
-    attrs[1].val.clusterSchedulingPolicyPreference = static_cast<cudaClusterSchedulingPolicy>(policy);
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = 1;
+    cluster.val.clusterDim.y = 1;
+    cluster.val.clusterDim.z = static_cast<unsigned>(splits);
     config.gridDim = grid;
     config.blockDim = dim3(threads);
     config.dynamicSmemBytes = static_cast<size_t>(smem);
     config.stream = stream;
-    config.attrs = attrs;
-    config.numAttrs = 2;
+    config.attrs = &cluster;
+    config.numAttrs = 1;
   }
   ClusterLaunch(const ClusterLaunch&) = delete;  // config.attrs points into this object
   ClusterLaunch& operator=(const ClusterLaunch&) = delete;
 };
 
-// How many clusters of `splits` CTAs of configuration Cfg the GPU holds at once under `policy`
-// (0: none fits), cached.
+// How many clusters of `splits` CTAs of configuration Cfg the GPU holds at once (0: none fits),
+// cached per cluster size.
 template <typename Cfg>
-int max_active_clusters(int splits, int policy) {
-  static int cached[3][kMaxClusterSplits + 1] = {};
-  if (splits < 2 || splits > kMaxClusterSplits || policy < 0 || policy > 2) return 0;
-  int& entry = cached[policy][splits];
+int max_active_clusters(int splits) {
+  static int cached[kMaxClusterSplits + 1] = {};
+  if (splits < 2 || splits > kMaxClusterSplits) return 0;
+  int& entry = cached[splits];
   if (entry == 0) {
     blocks_per_sm<Cfg>();  // (sets the shared-memory limit the query needs)
-    const ClusterLaunch launch(Cfg::kernel, dim3(1, 1, splits), Cfg::kThreads, Cfg::kSmem, splits, policy, nullptr);
+    const ClusterLaunch launch(Cfg::kernel, dim3(1, 1, splits), Cfg::kThreads, Cfg::kSmem, splits, nullptr);
     int n = 0;
     if (cudaOccupancyMaxActiveClusters(&n, Cfg::kernel, &launch.config) != cudaSuccess) {
       cudaGetLastError();  // clear the error; the plan then uses the global reduction
@@ -542,6 +540,7 @@ struct Config {
   static constexpr int kTilesN = kBlockTiles;  // 64-column tiles per block
   static constexpr int kSmem = SmemLayout<kBlockM, (kWgWords > 0)>::kTotalBytes;
   static constexpr bool kClusterReduce = SmemLayout<kBlockM, (kWgWords > 0)>::kHoldsPartialTile;
+  static constexpr bool kWgmma = kWgWords > 0;
   static constexpr auto kernel =
       quick_gemm_kernel<T, kWarpTilesM, kWarpsM, kScaled, kMinBlocks, kLean, kWgWords>;
 
@@ -552,7 +551,7 @@ struct Config {
       kernel<<<grid, kThreads, kSmem, stream>>>(params);
       return cudaGetLastError();
     }
-    const ClusterLaunch launch(kernel, grid, kThreads, kSmem, plan.splits, plan.cluster_policy, stream);
+    const ClusterLaunch launch(kernel, grid, kThreads, kSmem, plan.splits, stream);
     return cudaLaunchKernelEx(&launch.config, kernel, params);
   }
 };
@@ -584,6 +583,7 @@ struct WsConfig {
   static constexpr int kTilesN = kWGs;
   static constexpr int kSmem = WsSmem<kWGs, kTokens, kStages>::kTotalBytes;
   static constexpr bool kClusterReduce = false;  // (256 tokens: no room for the partial tile)
+  static constexpr bool kWgmma = true;
   static constexpr auto kernel = quick_gemm_ws_kernel<kWGs, kTokens, kStages, kMaxRegisters>;
 
   static cudaError_t launch(const GemmPlan& plan, const KernelParams& params, cudaStream_t stream) {
@@ -712,23 +712,15 @@ static int max_splits_setting() {
   return n >= 1 && n <= kLimit ? static_cast<int>(n) : kDefault;
 }
 
-// VLLM_QUICK_CLUSTER_REDUCE=0 turns the cluster split-K reduction off (the global-memory one
-// runs instead), and VLLM_QUICK_CLUSTER_POLICY (spread, default or balance) picks the cluster
-// scheduling policy: A/B switches for benchmarks, read on every plan like VLLM_QUICK_MAX_SPLITS.
-// VLLM_QUICK_CLUSTER_REDUCE=always skips the occupancy condition of plan().
-enum class ClusterSetting { kOff, kOn, kAlways };
+// VLLM_QUICK_CLUSTER_REDUCE: "0" turns the cluster split-K reduction off (the global-memory one
+// runs instead), "always" takes it wherever it can run; unset, plan() decides. A/B switches for
+// benchmarks and tests, read on every plan like VLLM_QUICK_MAX_SPLITS.
+enum class ClusterSetting { kOff, kAuto, kAlways };
 static ClusterSetting cluster_reduce_setting() {
   const char* v = std::getenv("VLLM_QUICK_CLUSTER_REDUCE");
   if (v != nullptr && std::strcmp(v, "0") == 0) return ClusterSetting::kOff;
   if (v != nullptr && std::strcmp(v, "always") == 0) return ClusterSetting::kAlways;
-  return ClusterSetting::kOn;
-}
-
-static int cluster_policy_setting() {
-  const char* v = std::getenv("VLLM_QUICK_CLUSTER_POLICY");
-  if (v != nullptr && std::strcmp(v, "default") == 0) return cudaClusterSchedulingPolicyDefault;
-  if (v != nullptr && std::strcmp(v, "balance") == 0) return cudaClusterSchedulingPolicyLoadBalancing;
-  return cudaClusterSchedulingPolicySpread;
+  return ClusterSetting::kAuto;
 }
 
 static int resolve_tile(const GemmProblem& pr) {
@@ -753,17 +745,22 @@ GemmPlan plan(const GemmProblem& pr, int device) {
     const int splits = std::max(1, std::min(capacity / std::max(mn_blocks, 1), limit));
     pl.stages_per_split = (total_stages + splits - 1) / splits;
     pl.splits = (total_stages + pl.stages_per_split - 1) / pl.stages_per_split;
-    // On sm_90 the splits of a tile reduce inside a thread-block cluster (partials in shared
-    // memory) where the tile fits there and the clusters hold as many CTAs at once as a plain
-    // launch would (cluster placement must not cost a wave); otherwise through an fp32
-    // workspace and a counter per tile.
-    pl.cluster_policy = cluster_policy_setting();
+    // On sm_90 the splits of a tile may reduce inside a thread-block cluster (partials in shared
+    // memory, no workspace) where the tile fits there. plan() takes it where
+    //  - the clusters hold as many CTAs at once as a plain launch (placement must not cost a wave:
+    //    w64x's 1-block-per-SM clusters of 8 ran in two waves, 2x slower), and
+    //  - for the mma.sync tiles, the fp32 partials a global reduction writes and re-reads are at
+    //    least a tenth of the int4 weight bytes (splits x M x N x 4 >= 0.1 x K x N / 2). Below
+    //    that the cluster launch lost up to 1.3x on the H100 (the long-K "down" layers at M <= 16,
+    //    session 7: CTAs of a cluster share a GPC; not profiled), above it it won up to 1.7x. The
+    //    wgmma tiles (w64x) never lost.
     const ClusterSetting cluster = cluster_reduce_setting();
     if (pl.splits > 1 && Cfg::kClusterReduce && is_sm90(device) && cluster != ClusterSetting::kOff) {
-      pl.max_active_clusters = max_active_clusters<Cfg>(pl.splits, pl.cluster_policy);
+      pl.max_active_clusters = max_active_clusters<Cfg>(pl.splits);
       const int ctas = mn_blocks * pl.splits;
-      pl.cluster_reduce = pl.max_active_clusters > 0 &&
-                          (cluster == ClusterSetting::kAlways || pl.max_active_clusters * pl.splits >= std::min(ctas, capacity));
+      const bool fits = pl.max_active_clusters * pl.splits >= std::min(ctas, capacity);
+      const bool pays = Cfg::kWgmma || 8.0 * pl.splits * pr.m >= 0.1 * pr.k;
+      pl.cluster_reduce = pl.max_active_clusters > 0 && (cluster == ClusterSetting::kAlways || (fits && pays));
     }
     const bool global_reduce = pl.splits > 1 && !pl.cluster_reduce;
     pl.partial_floats = global_reduce ? static_cast<size_t>(pl.splits) * pr.m * pr.n : 0;

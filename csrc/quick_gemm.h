@@ -45,7 +45,6 @@ struct GemmPlan {
   int stages_per_split;
   int grid_n, grid_m;  // blocks along N and M
   bool cluster_reduce;     // sm_90: the splits of a tile form a cluster and reduce in shared memory
-  int cluster_policy;      // cudaClusterSchedulingPolicy of that launch
   int max_active_clusters; // such clusters the GPU holds at once (0 where not asked)
   size_t partial_floats;  // fp32 workspace for split-K partial sums (0 without a global reduction)
   int counters;           // int counters needed (zeroed once, each launch leaves them zeroed)

@@ -233,7 +233,6 @@ pybind11::dict plan(int64_t m, int64_t k, int64_t n, int64_t group_size, bool bf
   d["grid_n"] = pl.grid_n;
   d["grid_m"] = pl.grid_m;
   d["cluster_reduce"] = pl.cluster_reduce;
-  d["cluster_policy"] = pl.cluster_policy;
   d["max_active_clusters"] = pl.max_active_clusters;
   d["blocks"] = pl.grid_n * pl.grid_m * pl.splits;
   d["partial_floats"] = pl.partial_floats;

@@ -351,17 +351,16 @@ CLUSTER_CASES = [("s16m", 1), ("s16m", 16), ("x16", 7), ("s32m", 32), ("x32", 33
 CLUSTER_CASES_SM90 = [("w64x", 33), ("w64", 64)]
 
 
-@pytest.mark.parametrize("max_splits,policy", [("8", "spread"), ("16", "default"), ("8", "balance")])
-def test_cluster_split_k_equals_global_split_k(kernel, monkeypatch, max_splits, policy):
+@pytest.mark.parametrize("max_splits", ["8", "16"])
+def test_cluster_split_k_equals_global_split_k(kernel, monkeypatch, max_splits):
     """On sm_90 the K splits of a tile may reduce in a thread-block cluster, through distributed
     shared memory; elsewhere, and with VLLM_QUICK_CLUSTER_REDUCE=0, through the fp32 global
     workspace. Both sum the splits in the same order, so they must agree bit for bit, and match
     the reference. With VLLM_QUICK_CLUSTER_REDUCE=always the plan must really take the cluster
     path on sm_90 (else this test would compare a path with itself), with clusters of 8 and,
-    where VLLM_QUICK_MAX_SPLITS allows, 16 CTAs, under each cluster scheduling policy."""
+    where VLLM_QUICK_MAX_SPLITS allows, 16 CTAs."""
     sm90 = torch.cuda.get_device_capability() == (9, 0)
     monkeypatch.setenv("VLLM_QUICK_MAX_SPLITS", max_splits)
-    monkeypatch.setenv("VLLM_QUICK_CLUSTER_POLICY", policy)
     k, n = 4096, 4096
     w = make_weight(k, n, 128)
     cases = CLUSTER_CASES + (CLUSTER_CASES_SM90 if sm90 else [])
@@ -386,9 +385,13 @@ def test_cluster_split_k_equals_global_split_k(kernel, monkeypatch, max_splits, 
             assert torch.equal(y_cluster, y_global), f"cluster and global split-K differ: {what}"
     if sm90 and max_splits == "16":
         assert kernel.plan(1, k, n, 128, False, TILES.index("s16m"))["splits"] == 16
+    # The default setting: clusters where the fp32 partials are >= 0.1 x the weight bytes (and the
+    # clusters fit): at M = 16 on 4096 x 4096, 8 splits x 16 rows x 8 >= 0.1 x 4096; not at M = 1.
     monkeypatch.delenv("VLLM_QUICK_CLUSTER_REDUCE")
-    plan = kernel.plan(16, k, n, 128, False, TILES.index("s16m"))  # the default setting
-    assert plan["cluster_reduce"] == (sm90 and plan["max_active_clusters"] * plan["splits"] >= plan["blocks"]), plan
+    monkeypatch.setenv("VLLM_QUICK_MAX_SPLITS", "8")
+    plan = kernel.plan(16, k, n, 128, False, TILES.index("s16m"))
+    assert plan["splits"] == 8 and plan["cluster_reduce"] == sm90, plan
+    assert not kernel.plan(1, k, n, 128, False, TILES.index("s16m"))["cluster_reduce"]
 
 
 def test_dispatch_plan_names_supported_tiles(kernel):
