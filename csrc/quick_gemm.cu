@@ -486,22 +486,21 @@ int blocks_per_sm() {
   return cached;
 }
 
-// A launch in thread-block clusters of `dims` CTAs: the K splits of each output tile as one
-// cluster (1 x 1 x splits) for reduce_split_k_in_cluster, or pairs of column blocks (2 x 1 x 1)
-// sharing one activation tile (the ws tiles' TMA multicast). Clusters of more than 8 CTAs need
-// the kernel's non-portable opt-in. (The cluster scheduling policies -- default, spread,
-// load-balancing -- timed the same on the H100, session 7.)
+// A launch with the K splits of each output tile as one cluster (1 x 1 x splits), for
+// reduce_split_k_in_cluster. Clusters of more than 8 CTAs need the kernel's non-portable opt-in.
+// (The cluster scheduling policies -- default, spread, load-balancing -- timed the same on the
+// H100, session 7.)
 struct ClusterLaunch {
   cudaLaunchAttribute cluster{};
   cudaLaunchConfig_t config{};
 
   template <typename Kernel>
-  ClusterLaunch(Kernel kernel, dim3 grid, int threads, int smem, dim3 dims, cudaStream_t stream) {
-    if (dims.x * dims.y * dims.z > 8) cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  ClusterLaunch(Kernel kernel, dim3 grid, int threads, int smem, int splits, cudaStream_t stream) {
+    if (splits > 8) cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
     cluster.id = cudaLaunchAttributeClusterDimension;
-    cluster.val.clusterDim.x = dims.x;
-    cluster.val.clusterDim.y = dims.y;
-    cluster.val.clusterDim.z = dims.z;
+    cluster.val.clusterDim.x = 1;
+    cluster.val.clusterDim.y = 1;
+    cluster.val.clusterDim.z = static_cast<unsigned>(splits);
     config.gridDim = grid;
     config.blockDim = dim3(threads);
     config.dynamicSmemBytes = static_cast<size_t>(smem);
@@ -522,8 +521,7 @@ int max_active_clusters(int splits) {
   int& entry = cached[splits];
   if (entry == 0) {
     blocks_per_sm<Cfg>();  // (sets the shared-memory limit the query needs)
-    const ClusterLaunch launch(Cfg::kernel, dim3(1, 1, splits), Cfg::kThreads, Cfg::kSmem, dim3(1, 1, splits),
-                               nullptr);
+    const ClusterLaunch launch(Cfg::kernel, dim3(1, 1, splits), Cfg::kThreads, Cfg::kSmem, splits, nullptr);
     int n = 0;
     if (cudaOccupancyMaxActiveClusters(&n, Cfg::kernel, &launch.config) != cudaSuccess) {
       cudaGetLastError();  // clear the error; the plan then uses the global reduction
@@ -540,7 +538,6 @@ struct Config {
   static constexpr int kThreads = 32 * kWarpsN * kWarpsM;
   static constexpr int kBlockM = 16 * kWarpTilesM * kWarpsM;
   static constexpr int kTilesN = kBlockTiles;  // 64-column tiles per block
-  static constexpr int kClusterN = 1;           // column blocks per cluster (grid_n rounds to it)
   static constexpr int kSmem = SmemLayout<kBlockM, (kWgWords > 0)>::kTotalBytes;
   static constexpr bool kClusterReduce = SmemLayout<kBlockM, (kWgWords > 0)>::kHoldsPartialTile;
   static constexpr bool kWgmma = kWgWords > 0;
@@ -554,7 +551,7 @@ struct Config {
       kernel<<<grid, kThreads, kSmem, stream>>>(params);
       return cudaGetLastError();
     }
-    const ClusterLaunch launch(kernel, grid, kThreads, kSmem, dim3(1, 1, plan.splits), stream);
+    const ClusterLaunch launch(kernel, grid, kThreads, kSmem, plan.splits, stream);
     return cudaLaunchKernelEx(&launch.config, kernel, params);
   }
 };
@@ -578,19 +575,16 @@ EncodeTiledFn tensor_map_encoder() {
 
 // The ws tiles (quick_gemm_ws.cuh): the Config interface, plus the activations' TMA map: x
 // [m, k] fp16, k fastest, read in boxes of 64 k x kTokens rows with the 128-byte swizzle that
-// the wgmma descriptor expects (sw128_kmajor_desc); rows past m read as zeros. With kMulticast
-// two neighbouring column blocks form a cluster and each loads half of the rows for both, so
-// the box is 64 k x kTokens / 2 rows.
-template <int kWGs, int kTokens, int kStages, int kMaxRegisters, bool kMulticast = false>
+// the wgmma descriptor expects (sw128_kmajor_desc); rows past m read as zeros.
+template <int kWGs, int kTokens, int kStages, int kMaxRegisters>
 struct WsConfig {
   static constexpr int kThreads = 128 * kWGs + 32;
   static constexpr int kBlockM = kTokens;
   static constexpr int kTilesN = kWGs;
-  static constexpr int kClusterN = kMulticast ? 2 : 1;
   static constexpr int kSmem = WsSmem<kWGs, kTokens, kStages>::kTotalBytes;
   static constexpr bool kClusterReduce = false;  // (256 tokens: no room for the partial tile)
   static constexpr bool kWgmma = true;
-  static constexpr auto kernel = quick_gemm_ws_kernel<kWGs, kTokens, kStages, kMaxRegisters, kMulticast>;
+  static constexpr auto kernel = quick_gemm_ws_kernel<kWGs, kTokens, kStages, kMaxRegisters>;
 
   static cudaError_t launch(const GemmPlan& plan, const KernelParams& params, cudaStream_t stream) {
     const EncodeTiledFn encode = tensor_map_encoder();
@@ -598,7 +592,7 @@ struct WsConfig {
     CUtensorMap map;
     const cuuint64_t dims[2] = {static_cast<cuuint64_t>(params.k), static_cast<cuuint64_t>(params.m)};
     const cuuint64_t row_bytes[1] = {static_cast<cuuint64_t>(params.k) * 2};
-    const cuuint32_t box[2] = {kStageK, kTokens / kClusterN};
+    const cuuint32_t box[2] = {kStageK, kTokens};
     const cuuint32_t element_strides[2] = {1, 1};
     if (encode(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, const_cast<void*>(params.x), dims, row_bytes, box,
                element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
@@ -606,13 +600,8 @@ struct WsConfig {
       return cudaErrorInvalidValue;
     blocks_per_sm<WsConfig>();
     dim3 grid(plan.grid_n, plan.grid_m, plan.splits);
-    if constexpr (!kMulticast) {
-      kernel<<<grid, kThreads, kSmem, stream>>>(map, params);
-      return cudaGetLastError();
-    } else {
-      const ClusterLaunch launch(kernel, grid, kThreads, kSmem, dim3(kClusterN, 1, 1), stream);
-      return cudaLaunchKernelEx(&launch.config, kernel, map, params);
-    }
+    kernel<<<grid, kThreads, kSmem, stream>>>(map, params);
+    return cudaGetLastError();
   }
 };
 
@@ -632,8 +621,7 @@ struct WsConfig {
 //   w64x (fp16 and bf16, sm_90a only): exact fragments q - z through wgmma, 2 words per warp, two
 //     warpgroups along N sharing 64 rows, per-group fp32 scaling like the x tiles.
 //   ws256 (fp16, sm_90a only): warp-specialised (quick_gemm_ws.cuh): a TMA producer warp and two
-//     consumer warpgroups of one 64-column tile each, 256 tokens. ws256c: the same in clusters
-//     of two column blocks that share each activation tile (TMA multicast, half the L2 reads).
+//     consumer warpgroups of one 64-column tile each, 256 tokens.
 // A tile the activation type does not support (scaled tiles for bf16) falls back to x64.
 template <typename T, typename F>
 auto with_tile(int tile, F&& f) {
@@ -655,7 +643,6 @@ auto with_tile(int tile, F&& f) {
     // (168 registers: 9 warps put 3 on one SM sub-partition, whose 16384 registers then allow
     // 170; with more the launch fails with "too many resources requested".)
     case kTileWS256: if constexpr (kHalf) return f.template operator()<WsConfig<2, 256, 5, 168>>(); break;
-    case kTileWS256C: if constexpr (kHalf) return f.template operator()<WsConfig<2, 256, 5, 168, true>>(); break;
     default: break;
   }
   return f.template operator()<Config<T, 2, 2, false, 1>>();  // kTileX64
@@ -679,7 +666,7 @@ int sm_count(int device) {
 const char* tile_name(int tile) {
   static const char* const kNames[kTileCount] = {"x16", "x32", "x64", "s16", "s32", "s64", "s128",
                                                  "s16m", "s32m", "s64m", "w64", "w128", "w128n", "w64x",
-                                                 "ws256", "ws256c"};
+                                                 "ws256"};
   return tile >= 0 && tile < kTileCount ? kNames[tile] : "auto";
 }
 
@@ -745,7 +732,6 @@ GemmPlan plan(const GemmProblem& pr, int device) {
     GemmPlan pl{};
     pl.block_m = Cfg::kBlockM;
     pl.grid_n = (pr.n / kTileN + Cfg::kTilesN - 1) / Cfg::kTilesN;
-    pl.grid_n = (pl.grid_n + Cfg::kClusterN - 1) / Cfg::kClusterN * Cfg::kClusterN;  // whole clusters
     pl.grid_m = (pr.m + Cfg::kBlockM - 1) / Cfg::kBlockM;
     const int total_stages = pr.k / kStageK;
     // Split K until the grid fills the GPU once, with at most max_splits (8) splits: every split

@@ -20,7 +20,6 @@ enum Tile : int {
   kTileW64, kTileW128, kTileW128N,                   // lean, Hopper wgmma (sm_90a), fp16
   kTileW64X,                                         // exact, Hopper wgmma (sm_90a), fp16 and bf16
   kTileWS256,                                        // lean, warp-specialised TMA + wgmma (sm_90a), fp16
-  kTileWS256C,                                       // ws256 in 2-CTA clusters, TMA multicast of x
   kTileCount
 };
 const char* tile_name(int tile);                // "x16", ..., "auto" for anything else

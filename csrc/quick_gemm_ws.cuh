@@ -88,28 +88,6 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, i
 #endif
 }
 
-// The same copy, multicast: the box lands at the same shared-memory offset in every CTA of the
-// cluster named in `cta_mask` and completes bytes on the mbarrier at the same offset in each.
-__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const CUtensorMap* map, int c0, int c1,
-                                                      uint64_t* bar, uint16_t cta_mask) {
-#if QUICK_WGMMA
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
-      " [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(smem_u32(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_u32(bar)), "h"(cta_mask)
-      : "memory");
-#endif
-}
-
-// One arrival on the mbarrier at this shared-memory offset in CTA `rank` of the cluster.
-__device__ __forceinline__ void mbarrier_arrive_cluster(uint64_t* bar, uint32_t rank) {
-#if QUICK_WGMMA
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_u32(bar)), "r"(rank));
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
-#endif
-}
-
 // 1-D bulk copy of `bytes` (a multiple of 16, both addresses 16-byte aligned), L2 policy hint.
 __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar, uint64_t policy) {
 #if QUICK_WGMMA
@@ -145,15 +123,7 @@ struct WsSmem {
 // kMaxRegisters: the register budget, given to ptxas as __maxnreg__ (with the blocks-per-SM
 // form of __launch_bounds__ ptxas serialised the wgmmas of the grouped variants, C7512, below
 // the budget it had been given).
-//
-// kMulticast (ws256c): the block is one of a cluster of two neighbouring column blocks (same
-// tokens, same K range), which need the same activation tile every stage. Each CTA's producer
-// loads half of its rows (the map's box is kTokens / 2 rows) and multicasts it into both CTAs,
-// so the activations are read from L2 once per pair instead of twice (at M = 1024 on 4096 x
-// 12288 ws256 read ~800 MB of activations from L2). Then a slot may be refilled only when the
-// consumers of *both* CTAs are done with it: each consumer warp arrives on the "empty" barrier of
-// its own CTA and of the peer, and "empty" counts the working warps of both.
-template <int kWGs, int kTokens, int kStages, int kMaxRegisters, bool kMulticast>
+template <int kWGs, int kTokens, int kStages, int kMaxRegisters>
 __global__ void __launch_bounds__(128 * kWGs + 32) __maxnreg__(kMaxRegisters)
     quick_gemm_ws_kernel(const __grid_constant__ CUtensorMap act_map, const KernelParams p) {
   using T = __half;
@@ -168,11 +138,7 @@ __global__ void __launch_bounds__(128 * kWGs + 32) __maxnreg__(kMaxRegisters)
   const int lane = threadIdx.x % 32;
   const int n_tiles = p.n / kTileN;
   const int tile_n0 = blockIdx.x * kWGs;
-  // (0 for the second block of the last cluster when the tile count is odd: it still loads its
-  // half of the activations for its peer.)
-  const int block_tiles = max(0, min(kWGs, n_tiles - tile_n0));
-  const uint32_t rank = kMulticast ? cluster_ctarank() : 0;  // == blockIdx.x % 2
-  const int peer_tiles = kMulticast ? max(0, min(kWGs, n_tiles - static_cast<int>(blockIdx.x ^ 1u) * kWGs)) : 0;
+  const int block_tiles = min(kWGs, n_tiles - tile_n0);
   const int row0 = blockIdx.y * kTokens;
   const int total_stages = p.k / kStageK;
   const int stage_begin = blockIdx.z * p.stages_per_split;
@@ -183,16 +149,11 @@ __global__ void __launch_bounds__(128 * kWGs + 32) __maxnreg__(kMaxRegisters)
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(&full[s], 1);                   // the producer's arrive.expect_tx
-      mbarrier_init(&empty[s], 4 * (block_tiles + peer_tiles));  // one arrival per working consumer warp
+      mbarrier_init(&empty[s], 4 * block_tiles);    // one arrival per working consumer warp
     }
     fence_mbarrier_init();
   }
-  // With multicast the peer's producer writes into this CTA's slots and barriers: they must be
-  // initialised before either producer starts.
-  if constexpr (kMulticast)
-    cluster_sync();
-  else
-    __syncthreads();
+  __syncthreads();
 
   if (warp == 4 * kWGs) {
     // ---- Producer: one thread issues every copy. ----
@@ -216,21 +177,13 @@ __global__ void __launch_bounds__(128 * kWGs + 32) __maxnreg__(kMaxRegisters)
         unsigned char* base = smem + slot * Smem::kStageBytes;
         mbarrier_arrive_expect_tx(&full[slot], stage_bytes);
         const int gs = stage_begin + s;
-        // Rows past M come back as zeros and still count as box bytes. (With multicast both
-        // halves land here, one from each CTA: stage_bytes counts the whole tile.)
-        if constexpr (kMulticast) {
-          constexpr int kHalfRows = kTokens / 2;
-          tma_load_2d_multicast(base + rank * kHalfRows * 128, &act_map, gs * kStageK, row0 + rank * kHalfRows,
-                                &full[slot], 0x3);
-        } else {
-          tma_load_2d(base, &act_map, gs * kStageK, row0, &full[slot]);
-        }
-        w_src += kStageKTiles * w_row;
-        if (block_tiles == 0) continue;  // (nothing of its own to load)
+        // Rows past M come back as zeros and still count as box bytes.
+        tma_load_2d(base, &act_map, gs * kStageK, row0, &full[slot]);
 #pragma unroll
         for (int kt = 0; kt < kStageKTiles; ++kt)
-          bulk_load(base + Smem::kWeightOffset + kt * Smem::kWeightRowBytes, w_src - (kStageKTiles - kt) * w_row,
-                    w_bytes, &full[slot], policy);
+          bulk_load(base + Smem::kWeightOffset + kt * Smem::kWeightRowBytes, w_src + kt * w_row, w_bytes, &full[slot],
+                    policy);
+        w_src += kStageKTiles * w_row;
         for (int r = 0; r < group_rows; ++r) {
           const size_t group_row = two_groups ? 2 * gs + r : gs * kStageK / p.group_size;
           bulk_load(base + Smem::kScaleOffset + r * Smem::kScaleRowBytes, s_src + group_row * p.n * 2, s_bytes,
@@ -287,10 +240,7 @@ __global__ void __launch_bounds__(128 * kWGs + 32) __maxnreg__(kMaxRegisters)
         // wgmma_step waited for all but this k-step's wgmma: the previous stage is read.
         if (kt == 0 && s > 0) {
           __syncwarp();
-          if (lane == 0) {
-            mbarrier_arrive(&empty[(s - 1) % kStages]);
-            if constexpr (kMulticast) mbarrier_arrive_cluster(&empty[(s - 1) % kStages], rank ^ 1u);
-          }
+          if (lane == 0) mbarrier_arrive(&empty[(s - 1) % kStages]);
         }
       }
     }
@@ -309,13 +259,7 @@ __global__ void __launch_bounds__(128 * kWGs + 32) __maxnreg__(kMaxRegisters)
 #pragma unroll
       for (int e = 0; e < 4; ++e) store_element<T>(p, part, t0 + 8 * x + e % 2, n0 + 8 * (e / 2), out[x][e]);
   }
-  // Multicast: neither CTA may exit (its shared memory and barriers gone) while the peer could
-  // still arrive on them; all of its multicast writes here were waited for by the consumers.
-  if constexpr (kMulticast) {
-    __syncwarp();  // (the producer warp's lane 0 comes from its copy loop: converge for .aligned)
-    cluster_sync();
-  }
-  if (p.splits > 1 && block_tiles > 0) reduce_split_k<T>(p, row0, kTokens, tile_n0 * kTileN, block_tiles * kTileN);
+  if (p.splits > 1) reduce_split_k<T>(p, row0, kTokens, tile_n0 * kTileN, block_tiles * kTileN);
 }
 
 }  // namespace

@@ -394,24 +394,6 @@ def test_cluster_split_k_equals_global_split_k(kernel, monkeypatch, max_splits):
     assert not kernel.plan(1, k, n, 128, False, TILES.index("s16m"))["cluster_reduce"]
 
 
-@pytest.mark.parametrize("k,n,m", [(1024, 320, 256), (2048, 4160, 300), (4096, 4096, 16), (1024, 192, 1)])
-def test_ws256c_multicast_equals_ws256(kernel, k, n, m):
-    """ws256c (clusters of two column blocks sharing each activation tile through TMA multicast)
-    computes exactly what ws256 computes, bit for bit, and matches the reference: with an odd
-    number of 128-column blocks (320 and 4160 columns: the last cluster's second block has no
-    columns of its own but must still load its half of the activations), two row blocks
-    (M = 300), split-K (M = 16 on 4096 x 4096) and a single, partial cluster."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("ws tiles need an sm_90 GPU")
-    w = make_weight(k, n, 128)
-    x = random_x((m, k), torch.float16, seed=zlib.crc32(f"ws256c/{k}/{n}/{m}".encode()))
-    args = (x, w.qweight, w.qzeros, w.scales, None, w.group, n)
-    y_multicast = ops.kernel_gemm(*args, TILES.index("ws256c"))
-    y_plain = ops.kernel_gemm(*args, TILES.index("ws256"))
-    check_output(y_multicast, x.float() @ w.w32, torch.float16, f"ws256c K={k} N={n} M={m}")
-    assert torch.equal(y_multicast, y_plain), f"ws256c differs from ws256 at K={k} N={n} M={m}"
-
-
 def test_dispatch_plan_names_supported_tiles(kernel):
     """Every path in this GPU's plan is 'dequant' or a tile the kernel takes for that dtype."""
     from vllm_quick import dispatch

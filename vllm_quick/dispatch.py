@@ -5,7 +5,7 @@ freeze it). The paths:
 
 * a **kernel tile** (``"x16"``, ``"x32"``, ``"x64"``, ``"s16"``, ``"s32"``, ``"s64"``,
   ``"s128"``, ``"s16m"``, ``"s32m"``, ``"s64m"``, ``"w64"``, ``"w128"``, ``"w128n"``, ``"w64x"``,
-  ``"ws256"``, ``"ws256c"``;
+  ``"ws256"``;
   ``vllm_quick._C.TILES``, described in csrc/quick_gemm.cu, ``with_tile``): the QUICK kernel
   streaming int4 weights, with that many rows per thread block. ``x`` tiles keep the exact
   integers ``q - z`` in the mma fragments and scale per group in fp32 (fp16 and bf16); ``s``
@@ -18,8 +18,7 @@ freeze it). The paths:
   ``w64x`` (fp16 and bf16, sm_90 only) feeds the exact fragments to wgmma with per-group fp32
   scaling (the bf16 tile beyond M = 16, and fp16's from M = 33 to 64 on large layers);
   ``ws256`` (fp16, sm_90 only) is the warp-specialised wgmma tile (a TMA producer warp; as fast
-  as ``w128n`` from M = 256 on the H100, in no plan), ``ws256c`` the same in clusters of two
-  column blocks that share each activation tile (TMA multicast);
+  as ``w128n`` from M = 256 on the H100, in no plan);
 * ``"auto"``: the kernel with its own built-in choice by M (families not measured yet);
 * ``"dequant"``: dequantise the layer once into a dense matrix (csrc/quick_dequant.cu) and call
   cuBLAS; wins once the GEMM is bound by arithmetic (large M, prefill), where cuBLAS's Hopper
