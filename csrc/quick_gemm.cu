@@ -377,6 +377,37 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
     for (int r = 0; r < kAccRows; ++r) fence_registers(reinterpret_cast<float(&)[32]>(acc[r]));
   }
 
+  // ---------------------------------------------------------------------------------------
+  // Epilogue. The accumulators by (row, column) in the block's tile:
+  //  - mma.sync fragments in pairs of adjacent columns: c0, c1 at row lane / 4, columns
+  //    2 (lane % 4) + {0, 1} of each n8 block; c2, c3 eight rows below;
+  //  - wgmma D elements one by one (the product is computed transposed): D of wgmma j
+  //    (wgmma_step), element [i][e] at column 16 j + 8 (e / 2) + lane / 4 of the warp's words,
+  //    row 8 i + e % 2 + 2 (lane % 4).
+  // ---------------------------------------------------------------------------------------
+  auto for_each_pair = [&](auto&& f) {  // f(row, col, v0, v1), mma.sync tiles
+    const int r0 = warp_m * kWarpTilesM * 16 + lane / 4;
+    const int c0 = warp_n * kTileN + 2 * (lane % 4);
+#pragma unroll
+    for (int mi = 0; mi < kWarpTilesM; ++mi)
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) f(r0 + mi * 16 + 8 * h, c0 + nb * 8, acc[mi][nb][2 * h], acc[mi][nb][2 * h + 1]);
+  };
+  auto for_each_element = [&](auto&& f) {  // f(row, col, v), wgmma tiles
+    const auto& d = reinterpret_cast<const float(&)[kWW][kWgTokens / 8][4]>(acc);
+    const int r0 = (kWW == 4 ? warp_m * 64 : 0) + 2 * (lane % 4);
+    const int c0 = my_tile * kTileN + 16 * first_word + lane / 4;
+#pragma unroll
+    for (int j = 0; j < kWW; ++j)
+#pragma unroll
+      for (int i = 0; i < kWgTokens / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) f(r0 + 8 * i + e % 2, c0 + 16 * j + 8 * (e / 2), d[j][i][e]);
+  };
+  const int col0 = tile_n0 * kTileN;
+
   // Split-K in a thread-block cluster (sm_90, plan.cluster_reduce): the pipeline's shared memory
   // is free now and takes this split's partial tile; the cluster sums the tiles.
   if constexpr (Smem::kHoldsPartialTile) {
@@ -384,89 +415,36 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
       __syncthreads();  // every warp is done with the last stage
       float* tile = reinterpret_cast<float*>(smem);
       if (warp_active) {
-        if constexpr (kWgmma) {  // (element layout: see the wgmma epilogue below)
-          const auto& d = reinterpret_cast<const float(&)[kWW][kWgTokens / 8][4]>(acc);
-          const int c0 = my_tile * kTileN + 16 * first_word + lane / 4;
-          const int r0 = (kWW == 4 ? warp_m * 64 : 0) + 2 * (lane % 4);
-#pragma unroll
-          for (int j = 0; j < kWW; ++j)
-#pragma unroll
-            for (int i = 0; i < kWgTokens / 8; ++i)
-#pragma unroll
-              for (int e = 0; e < 4; ++e)
-                tile[(r0 + 8 * i + e % 2) * kPartialStride + c0 + 16 * j + 8 * (e / 2)] = d[j][i][e];
-        } else {
-          const int c0 = warp_n * kTileN + 2 * (lane % 4);
-          const int r0 = warp_m * kWarpTilesM * 16 + lane / 4;
-#pragma unroll
-          for (int mi = 0; mi < kWarpTilesM; ++mi)
-#pragma unroll
-            for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-              for (int h = 0; h < 2; ++h)
-                *reinterpret_cast<float2*>(tile + (r0 + mi * 16 + 8 * h) * kPartialStride + c0 + nb * 8) =
-                    make_float2(acc[mi][nb][2 * h], acc[mi][nb][2 * h + 1]);
-        }
+        if constexpr (kWgmma)
+          for_each_element([&](int r, int c, float v) { tile[r * kPartialStride + c] = v; });
+        else
+          for_each_pair([&](int r, int c, float v0, float v1) {
+            *reinterpret_cast<float2*>(tile + r * kPartialStride + c) = make_float2(v0, v1);
+          });
       }
-      reduce_split_k_in_cluster<T>(p, tile, row0, kBlockM, tile_n0 * kTileN, block_tiles * kTileN);
+      reduce_split_k_in_cluster<T>(p, tile, row0, kBlockM, col0, block_tiles * kTileN);
       return;
     }
   }
 
-  // ---------------------------------------------------------------------------------------
-  // Epilogue. Accumulator fragment: c0, c1 at row lane / 4, columns 2 (lane % 4) + {0, 1};
-  // c2, c3 eight rows below.
-  // ---------------------------------------------------------------------------------------
-  const int col_base = (tile_n0 + warp_n) * kTileN + 2 * (lane % 4);
-  const int row_base = row0 + warp_m * kWarpTilesM * 16 + lane / 4;
-
-  if constexpr (kWgmma) {
-    // D of wgmma j (wgmma_step), element [i][e]: column n0 + 16 j + 8 (e / 2), row t0 + 8 i + e % 2.
-    const auto& d = reinterpret_cast<const float(&)[kWW][kWgTokens / 8][4]>(acc);
-    const int n0 = (tile_n0 + my_tile) * kTileN + 16 * first_word + lane / 4;
-    const int t0 = row0 + (kWW == 4 ? warp_m * 64 : 0) + 2 * (lane % 4);
-    float* part = p.partials + static_cast<size_t>(blockIdx.z) * p.m * p.n;
-    if (warp_active) {
-#pragma unroll
-      for (int j = 0; j < kWW; ++j)
-#pragma unroll
-        for (int i = 0; i < kWgTokens / 8; ++i)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            store_element<T>(p, part, t0 + 8 * i + e % 2, n0 + 16 * j + 8 * (e / 2), d[j][i][e]);
-    }
-    if (p.splits == 1) return;
-  } else if (p.splits == 1) {
-    if (!warp_active) return;
-#pragma unroll
-    for (int mi = 0; mi < kWarpTilesM; ++mi)
-#pragma unroll
-      for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          store_pair<T>(p, row_base + mi * 16 + 8 * h, col_base + nb * 8, acc[mi][nb][2 * h],
-                        acc[mi][nb][2 * h + 1]);
-    return;
-  }
-
-  // Split-K: publish this split's partial tile, then let the last split reduce.
+  // Otherwise y directly (one split), or this split's fp32 partial tile and the reduction by the
+  // last split to finish.
   float* part = p.partials + static_cast<size_t>(blockIdx.z) * p.m * p.n;
-  if constexpr (!kWgmma) {  // (wgmma tiles wrote theirs above)
-    if (warp_active) {
-#pragma unroll
-      for (int mi = 0; mi < kWarpTilesM; ++mi)
-#pragma unroll
-        for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int row = row_base + mi * 16 + 8 * h;
-            if (row < p.m)
-              __stcg(reinterpret_cast<float2*>(part + static_cast<size_t>(row) * p.n + col_base + nb * 8),
-                     make_float2(acc[mi][nb][2 * h], acc[mi][nb][2 * h + 1]));
-          }
+  if (warp_active) {
+    if constexpr (kWgmma) {
+      for_each_element(
+          [&](int r, int c, float v) { store_element<T>(p, part, row0 + r, col0 + c, v); });
+    } else if (p.splits == 1) {
+      for_each_pair([&](int r, int c, float v0, float v1) { store_pair<T>(p, row0 + r, col0 + c, v0, v1); });
+    } else {
+      for_each_pair([&](int r, int c, float v0, float v1) {
+        if (row0 + r < p.m)
+          __stcg(reinterpret_cast<float2*>(part + static_cast<size_t>(row0 + r) * p.n + col0 + c), make_float2(v0, v1));
+      });
     }
   }
-  reduce_split_k<T>(p, row0, kBlockM, tile_n0 * kTileN, block_tiles * kTileN);
+  if (p.splits == 1) return;
+  reduce_split_k<T>(p, row0, kBlockM, col0, block_tiles * kTileN);
 }
 
 // ------------------------------------------------------------------------------------------
