@@ -121,6 +121,14 @@ def test_dispatch_table_ignores_inaccurate_paths():
     assert dispatch_table.suggest([fast_but_wrong]) == {"float16": ((None, "x64"),)}
 
 
+def test_dispatch_table_ignores_plan_setting_variants():
+    """quick_<tile>_<variant> rows (a tile timed under another plan setting, e.g. _gk with the
+    global split-K reduction) are A/B measurements, not paths a plan can name."""
+    row = _row("float16", 16, "a", s16m=20, s16m_gk=10, s32m_sp16=5, dequant=50)
+    assert dispatch_table.candidates(row) == {"s16m": 20, "dequant": 50}
+    assert dispatch_table.suggest([row]) == {"float16": ((None, "s16m"),)}
+
+
 def test_dispatch_table_needs_candidate_timings(tmp_path, capsys):
     result = tmp_path / "r.json"
     result.write_text('[{"dtype": "float16", "M": 1, "us": {"quick": 1.0}}]')
