@@ -490,24 +490,26 @@ struct ClusterLaunch {
   ClusterLaunch& operator=(const ClusterLaunch&) = delete;
 };
 
-// How many clusters of `splits` CTAs of configuration Cfg the GPU holds at once (0: none fits),
-// cached per cluster size.
+// How many clusters of `splits` CTAs of configuration Cfg the GPU holds at once (0: none fits).
+// Every cluster size is queried on the first call, so that a later plan (a new M, perhaps while
+// a CUDA graph is being captured) only reads the cache.
 template <typename Cfg>
 int max_active_clusters(int splits) {
-  static int cached[kMaxClusterSplits + 1] = {};
+  static int cached[kMaxClusterSplits + 1] = {};  // -1: no such cluster fits
   if (splits < 2 || splits > kMaxClusterSplits) return 0;
-  int& entry = cached[splits];
-  if (entry == 0) {
+  if (cached[splits] == 0) {
     blocks_per_sm<Cfg>();  // (sets the shared-memory limit the query needs)
-    const ClusterLaunch launch(Cfg::kernel, dim3(1, 1, splits), Cfg::kThreads, Cfg::kSmem, splits, nullptr);
-    int n = 0;
-    if (cudaOccupancyMaxActiveClusters(&n, Cfg::kernel, &launch.config) != cudaSuccess) {
-      cudaGetLastError();  // clear the error; the plan then uses the global reduction
-      n = 0;
+    for (int size = 2; size <= kMaxClusterSplits; ++size) {
+      const ClusterLaunch launch(Cfg::kernel, dim3(1, 1, size), Cfg::kThreads, Cfg::kSmem, size, nullptr);
+      int n = 0;
+      if (cudaOccupancyMaxActiveClusters(&n, Cfg::kernel, &launch.config) != cudaSuccess) {
+        cudaGetLastError();  // clear the error; plans of this size use the global reduction
+        n = 0;
+      }
+      cached[size] = n > 0 ? n : -1;
     }
-    entry = n > 0 ? n : -1;
   }
-  return std::max(entry, 0);
+  return std::max(cached[splits], 0);
 }
 
 template <typename T, int kWarpTilesM, int kWarpsM, bool kScaled, int kMinBlocks, bool kLean = false,
