@@ -246,8 +246,8 @@ step_ncustall() {
     "$PY" benchmarks/memcheck_cases.py --profile --backends "${NCU_STALL_BACKENDS:-quick_x16,quick_s64,quick_s128}" \
     "${cases[@]}" || return 1
   "$ncu" --import "$rep.ncu-rep" --page details --print-units base >"$OUT/ncu_stall.txt" 2>&1
-  grep -E "quick_gemm_kernel|quick_gemm_ws_kernel|NVTX|Duration|Pipe|Shared|Memory Throughput|Issued Ipc|No Eligible|Active Warps Per|Eligible Warps|Warp Cycles Per Issued|Registers Per|Achieved Occupancy|Stall|stall" \
-    "$OUT/ncu_stall.txt" | head -n 150
+  grep -E "quick_gemm_kernel|quick_gemm_ws_kernel|nvjet|xmma|sm90_|Marlin|marlin|machete|NVTX|Duration|Pipe|Shared|Memory Throughput|Issued Ipc|No Eligible|Active Warps Per|Eligible Warps|Warp Cycles Per Issued|Registers Per|Achieved Occupancy|Stall|stall" \
+    "$OUT/ncu_stall.txt" | head -n 250
 }
 
 TILE_BACKENDS="${TILE_BACKENDS:-quick_x16,quick_x32,quick_x64,quick_s16,quick_s32,quick_s64,quick_s128,quick_s16m,quick_s32m,quick_s64m,quick_w64,quick_w128,quick_w128n,quick_w64x,quick_dequant,quick_dequant_fp16,quick,cublas,awq_gemm,marlin,machete}"
