@@ -465,16 +465,15 @@ int blocks_per_sm() {
 }
 
 // A launch with the K splits of each output tile as one cluster (1 x 1 x splits), for
-// reduce_split_k_in_cluster. Clusters of more than 8 CTAs need the kernel's non-portable opt-in.
+// reduce_split_k_in_cluster. (Clusters of more than 8 CTAs need the kernel's non-portable opt-in:
+// max_active_clusters gives it once, before any plan can ask for such a cluster.)
 // (The cluster scheduling policies -- default, spread, load-balancing -- timed the same on the
 // H100, session 7.)
 struct ClusterLaunch {
   cudaLaunchAttribute cluster{};
   cudaLaunchConfig_t config{};
 
-  template <typename Kernel>
-  ClusterLaunch(Kernel kernel, dim3 grid, int threads, int smem, int splits, cudaStream_t stream) {
-    if (splits > 8) cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  ClusterLaunch(dim3 grid, int threads, int smem, int splits, cudaStream_t stream) {
     cluster.id = cudaLaunchAttributeClusterDimension;
     cluster.val.clusterDim.x = 1;
     cluster.val.clusterDim.y = 1;
@@ -499,8 +498,9 @@ int max_active_clusters(int splits) {
   if (splits < 2 || splits > kMaxClusterSplits) return 0;
   if (cached[splits] == 0) {
     blocks_per_sm<Cfg>();  // (sets the shared-memory limit the query needs)
+    cudaFuncSetAttribute(Cfg::kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);  // sizes 9-16
     for (int size = 2; size <= kMaxClusterSplits; ++size) {
-      const ClusterLaunch launch(Cfg::kernel, dim3(1, 1, size), Cfg::kThreads, Cfg::kSmem, size, nullptr);
+      const ClusterLaunch launch(dim3(1, 1, size), Cfg::kThreads, Cfg::kSmem, size, nullptr);
       int n = 0;
       if (cudaOccupancyMaxActiveClusters(&n, Cfg::kernel, &launch.config) != cudaSuccess) {
         cudaGetLastError();  // clear the error; plans of this size use the global reduction
@@ -518,9 +518,9 @@ struct Config {
   static constexpr int kThreads = 32 * kWarpsN * kWarpsM;
   static constexpr int kBlockM = 16 * kWarpTilesM * kWarpsM;
   static constexpr int kTilesN = kBlockTiles;  // 64-column tiles per block
-  static constexpr int kSmem = SmemLayout<kBlockM, (kWgWords > 0)>::kTotalBytes;
-  static constexpr bool kClusterReduce = SmemLayout<kBlockM, (kWgWords > 0)>::kHoldsPartialTile;
   static constexpr bool kWgmma = kWgWords > 0;
+  static constexpr int kSmem = SmemLayout<kBlockM, kWgmma>::kTotalBytes;
+  static constexpr bool kClusterReduce = SmemLayout<kBlockM, kWgmma>::kHoldsPartialTile;
   static constexpr auto kernel =
       quick_gemm_kernel<T, kWarpTilesM, kWarpsM, kScaled, kMinBlocks, kLean, kWgWords>;
 
@@ -531,7 +531,7 @@ struct Config {
       kernel<<<grid, kThreads, kSmem, stream>>>(params);
       return cudaGetLastError();
     }
-    const ClusterLaunch launch(kernel, grid, kThreads, kSmem, plan.splits, stream);
+    const ClusterLaunch launch(grid, kThreads, kSmem, plan.splits, stream);
     return cudaLaunchKernelEx(&launch.config, kernel, params);
   }
 };
