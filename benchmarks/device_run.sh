@@ -14,6 +14,8 @@
 #   ncustall  Nsight Compute stall reasons (WarpStateStats, SchedulerStats) of tiles x16 / s64 / s128
 #             at 4096x12288 fp16, M = 1, 16, 64, 256 (ncu_stall.ncu-rep, ncu_stall.txt; NCU_STALL_BACKENDS,
 #             NCU_STALL_M and NCU_STALL_SECTIONS (extra --section arguments) override)
+#   ncusource per-SASS-instruction stall samples (SourceCounters) of NCU_SOURCE_RUNS (backend@M, 4096x12288
+#             fp16: quick_ws256@1024 quick_s16m@1 quick_s16m@16): ncu_source.txt + gzipped source-page CSVs
 #   tiles     sweep of every kernel tile, dequant, the op, cuBLAS, awq_gemm, Marlin, Machete on the 12
 #             shapes, M = 1..512 (kernel_<gpu>_tiles.json/.md; TILE_BACKENDS, TILE_M, TILE_DTYPES
 #             (float16) and TILE_TARGET_MS override), then benchmarks/dispatch_table.py:
@@ -250,6 +252,25 @@ step_ncustall() {
     "$OUT/ncu_stall.txt" | head -n 250
 }
 
+# Per-instruction stall sampling (SourceCounters): one ncu report per "backend@M" in
+# NCU_SOURCE_RUNS (4096x12288 fp16 g128), its SASS source page as CSV (gzipped) and the
+# summary of benchmarks/ncu_source_summary.py.
+step_ncusource() {
+  local ncu run be m rep
+  ncu=$(find_tool ncu) || { echo "ncu: not found"; return 1; }
+  for run in ${NCU_SOURCE_RUNS:-quick_ws256@1024 quick_s16m@1 quick_s16m@16}; do
+    be=${run%@*}; m=${run#*@}; rep="/tmp/ncusrc_${be}_M$m"
+    "$ncu" --profile-from-start off --clock-control none --launch-count 1 --section SourceCounters \
+      --section WarpStateStats --import-source no -f -o "$rep" \
+      "$PY" benchmarks/memcheck_cases.py --profile --iters 1 --backends "$be" \
+      --case "4096x12288:g128:M$m:float16" >/dev/null 2>&1 || { echo "ncu failed for $run"; continue; }
+    "$ncu" --import "$rep.ncu-rep" --page source --csv --print-source sass >"$rep.csv" 2>&1
+    echo "### $run"
+    "$PY" benchmarks/ncu_source_summary.py "$rep.csv" --top "${NCU_SOURCE_TOP:-30}" | tee -a "$OUT/ncu_source.txt"
+    gzip -c "$rep.csv" >"$OUT/ncusrc_${be}_M$m.csv.gz"
+  done
+}
+
 TILE_BACKENDS="${TILE_BACKENDS:-quick_x16,quick_x32,quick_x64,quick_s16,quick_s32,quick_s64,quick_s128,quick_s16m,quick_s32m,quick_s64m,quick_w64,quick_w128,quick_w128n,quick_w64x,quick_dequant,quick_dequant_fp16,quick,cublas,awq_gemm,marlin,machete}"
 export TILE_BACKENDS
 
@@ -314,6 +335,7 @@ for step in "${STEPS[@]}"; do
     ncu) run_step ncu 200 ;;
     bench) run_step bench 100000 ;;
     ncustall) run_step ncustall 100 ;;
+    ncusource) run_step ncusource 300 ;;
     tiles) run_step tiles 100000 ;;
     smoke) run_step smoke 180 ;;
     gpuserve) run_step gpuserve 420 ;;
