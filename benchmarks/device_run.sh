@@ -300,7 +300,7 @@ step_gputp() {
   set -o pipefail
   "$PY" -m pytest -q -s -p no:cacheprovider tests/test_gpu_tensor_parallel.py 2>&1 | tail -n 30
 }
-export -f step_env step_build step_tests step_memcheck step_ncu step_ncustall step_bench step_tiles step_smoke step_gpuserve step_gputp
+export -f step_env step_build step_tests step_memcheck step_ncu step_ncustall step_ncusource step_bench step_tiles step_smoke step_gpuserve step_gputp
 
 # run_step NAME CAP_SECONDS: runs step_NAME under a timeout of min(CAP, time left - 10 s)
 run_step() {
