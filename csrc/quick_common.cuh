@@ -86,16 +86,26 @@ __device__ __forceinline__ void zero_accumulators(float (&acc)[kRows][8][4]) {
 // partial tile (rows [row0, row0 + block_rows), columns [col0, col0 + cols)): the last split to
 // finish (an atomic counter per output tile) sums the partials in split order (deterministic)
 // and writes y, then resets the counter, so the counters stay zero between launches and
-// CUDA-graph replays.
-template <typename T>
+// CUDA-graph replays. kThreads > 0: only threads 0..kThreads-1 take part (the ws tiles, whose
+// producer warpgroup has left), synchronised by named barrier 1 instead of __syncthreads.
+template <int kThreads>
+__device__ __forceinline__ void split_k_barrier() {
+  if constexpr (kThreads == 0) {
+    __syncthreads();
+  } else {
+    asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
+  }
+}
+
+template <typename T, int kThreads = 0>
 __device__ __forceinline__ void reduce_split_k(const KernelParams& p, int row0, int block_rows, int col0, int cols) {
   __threadfence();  // partials visible device-wide before the counter says so
-  __syncthreads();
+  split_k_barrier<kThreads>();
   __shared__ int is_last;
   const int tid = threadIdx.x;
   int* counter = p.counters + blockIdx.y * gridDim.x + blockIdx.x;
   if (tid == 0) is_last = atomicAdd(counter, 1) == p.splits - 1;
-  __syncthreads();
+  split_k_barrier<kThreads>();
   if (!is_last) return;
   __threadfence();  // acquire side: see the other splits' partials
   // The whole block reduces the tile, four columns per thread and several splits' loads in
@@ -103,7 +113,7 @@ __device__ __forceinline__ void reduce_split_k(const KernelParams& p, int row0, 
   // M = 1 only 4 lanes had rows, and their ~180 dependent L2 loads took ~25 us.)
   const int rows = min(block_rows, p.m - row0);
   const size_t split_stride = static_cast<size_t>(p.m) * p.n;
-  for (int idx = tid; idx < rows * (cols / 4); idx += blockDim.x) {
+  for (int idx = tid; idx < rows * (cols / 4); idx += (kThreads > 0 ? kThreads : blockDim.x)) {
     const int row = row0 + idx / (cols / 4);
     const int col = col0 + (idx % (cols / 4)) * 4;
     const float* src = p.partials + static_cast<size_t>(row) * p.n + col;

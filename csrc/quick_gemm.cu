@@ -556,15 +556,17 @@ EncodeTiledFn tensor_map_encoder() {
 // The ws tiles (quick_gemm_ws.cuh): the Config interface, plus the activations' TMA map: x
 // [m, k] fp16, k fastest, read in boxes of 64 k x kTokens rows with the 128-byte swizzle that
 // the wgmma descriptor expects (sw128_kmajor_desc); rows past m read as zeros.
-template <int kWGs, int kTokens, int kStages, int kMaxRegisters>
+template <int kWGs, int kTokens, int kStages>
 struct WsConfig {
-  static constexpr int kThreads = 128 * kWGs + 32;
+  static constexpr int kThreads = 128 * (kWGs + 1);  // consumer warpgroups + the producer warpgroup
   static constexpr int kBlockM = kTokens;
   static constexpr int kTilesN = kWGs;
   static constexpr int kSmem = WsSmem<kWGs, kTokens, kStages>::kTotalBytes;
   static constexpr bool kClusterReduce = false;  // (256 tokens: no room for the partial tile)
   static constexpr bool kWgmma = true;
-  static constexpr auto kernel = quick_gemm_ws_kernel<kWGs, kTokens, kStages, kMaxRegisters>;
+  // Group size 32 (two group rows per stage) and every other group size: two kernels.
+  static constexpr auto kernel = quick_gemm_ws_kernel<kWGs, kTokens, kStages, false>;
+  static constexpr auto kernel_two_groups = quick_gemm_ws_kernel<kWGs, kTokens, kStages, true>;
 
   static cudaError_t launch(const GemmPlan& plan, const KernelParams& params, cudaStream_t stream) {
     const EncodeTiledFn encode = tensor_map_encoder();
@@ -579,8 +581,14 @@ struct WsConfig {
                CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
       return cudaErrorInvalidValue;
     blocks_per_sm<WsConfig>();
+    static const bool two_groups_ready =
+        cudaFuncSetAttribute(kernel_two_groups, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) == cudaSuccess;
+    (void)two_groups_ready;
     dim3 grid(plan.grid_n, plan.grid_m, plan.splits);
-    kernel<<<grid, kThreads, kSmem, stream>>>(map, params);
+    if (params.group_size == 32)
+      kernel_two_groups<<<grid, kThreads, kSmem, stream>>>(map, params);
+    else
+      kernel<<<grid, kThreads, kSmem, stream>>>(map, params);
     return cudaGetLastError();
   }
 };
@@ -600,8 +608,8 @@ struct WsConfig {
 //     (128 rows, 1 block per SM); w128n: 2 words per warp, two warpgroups along N sharing 128 rows.
 //   w64x (fp16 and bf16, sm_90a only): exact fragments q - z through wgmma, 2 words per warp, two
 //     warpgroups along N sharing 64 rows, per-group fp32 scaling like the x tiles.
-//   ws256 (fp16, sm_90a only): warp-specialised (quick_gemm_ws.cuh): a TMA producer warp and two
-//     consumer warpgroups of one 64-column tile each, 256 tokens.
+//   ws256 (fp16, sm_90a only): warp-specialised (quick_gemm_ws.cuh): a TMA producer warpgroup and
+//     two consumer warpgroups of one 64-column tile each, 256 tokens.
 // A tile the activation type does not support (scaled tiles for bf16) falls back to x64.
 template <typename T, typename F>
 auto with_tile(int tile, F&& f) {
@@ -620,9 +628,7 @@ auto with_tile(int tile, F&& f) {
     case kTileW128: if constexpr (kHalf) return f.template operator()<Config<T, 4, 2, true, 1, true, 4>>(); break;
     case kTileW128N: if constexpr (kHalf) return f.template operator()<Config<T, 4, 2, true, 1, true, 2>>(); break;
     case kTileW64X: return f.template operator()<Config<T, 2, 2, false, 1, false, 2>>();
-    // (168 registers: 9 warps put 3 on one SM sub-partition, whose 16384 registers then allow
-    // 170; with more the launch fails with "too many resources requested".)
-    case kTileWS256: if constexpr (kHalf) return f.template operator()<WsConfig<2, 256, 5, 168>>(); break;
+    case kTileWS256: if constexpr (kHalf) return f.template operator()<WsConfig<2, 256, 5>>(); break;
     default: break;
   }
   return f.template operator()<Config<T, 2, 2, false, 1>>();  // kTileX64

@@ -120,15 +120,49 @@ struct WsSmem {
   static constexpr int kTotalBytes = kBarrierOffset + 2 * kStages * 8 + 1024;  // + alignment slack
 };
 
-// kMaxRegisters: the register budget, given to ptxas as __maxnreg__ (with the blocks-per-SM
-// form of __launch_bounds__ ptxas serialised the wgmmas of the grouped variants, C7512, below
-// the budget it had been given).
-template <int kWGs, int kTokens, int kStages, int kMaxRegisters>
-__global__ void __launch_bounds__(128 * kWGs + 32) __maxnreg__(kMaxRegisters)
+// Register budgets of the two roles (setmaxnreg, sm_90a). A block of 128 (kWGs + 1) threads
+// starts with 168 registers per thread (65536 / 384, rounded down to 8: __launch_bounds__);
+// the producer warpgroup, which needs few, gives registers back and the consumers take them, so
+// that 2 x 128 x 232 + 128 x 40 <= 65536. With 168 each (session 6's one producer warp) the
+// consumers kept their 128 accumulators and little else: ptxas recomputed shared-memory
+// addresses, slots and group tests every stage (ncu: ~60 instructions per wgmma).
+constexpr int kWsProducerRegisters = 40;
+constexpr int kWsConsumerRegisters = 232;
+
+template <int kRegisters>
+__device__ __forceinline__ void setmaxnreg_inc() {
+#if QUICK_WGMMA
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+#endif
+}
+
+template <int kRegisters>
+__device__ __forceinline__ void setmaxnreg_dec() {
+#if QUICK_WGMMA
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+#endif
+}
+
+// What a consumer warp reads of one stage before its first wgmma: its four weight words (word r
+// of its lane's 16 bytes in each k-tile of its warpgroup's tile) and, per group row of the
+// stage, its zero word and its two scale words. Loaded one stage ahead, so the shared-memory
+// latency never sits between two wgmmas.
+struct WsStageWords {
+  uint32_t w[kStageKTiles];
+  uint32_t zero[kMaxGroupRowsPerStage];
+  uint2 scale[kMaxGroupRowsPerStage];
+};
+
+// kTwoGroups: group size 32, i.e. two group rows per 64-row stage (k-tiles 0-1 and 2-3); else
+// the whole stage lies in one group and its row is unpacked once per stage (no group tracking:
+// the producer copies the stage's row into every stage, so nothing is carried across stages).
+template <int kWGs, int kTokens, int kStages, bool kTwoGroups>
+__global__ void __launch_bounds__(128 * (kWGs + 1), 1)
     quick_gemm_ws_kernel(const __grid_constant__ CUtensorMap act_map, const KernelParams p) {
   using T = __half;
   using Smem = WsSmem<kWGs, kTokens, kStages>;
   constexpr int kRows = kTokens / 64;  // accumulator as [kRows][8][4] floats (wgmma_step)
+  constexpr int kGroupRows = kTwoGroups ? 2 : 1;
   extern __shared__ __align__(16) unsigned char smem_window[];
   unsigned char* smem = smem_window + ((1024 - (smem_u32(smem_window) & 1023)) & 1023);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + Smem::kBarrierOffset);
@@ -143,21 +177,21 @@ __global__ void __launch_bounds__(128 * kWGs + 32) __maxnreg__(kMaxRegisters)
   const int total_stages = p.k / kStageK;
   const int stage_begin = blockIdx.z * p.stages_per_split;
   const int stage_count = min(total_stages - stage_begin, p.stages_per_split);
-  const bool two_groups = p.group_size == 32;  // (else a stage lies inside one group)
 
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(&full[s], 1);                   // the producer's arrive.expect_tx
-      mbarrier_init(&empty[s], 4 * block_tiles);    // one arrival per working consumer warp
+      mbarrier_init(&empty[s], 128 * block_tiles);  // every thread of every working consumer warpgroup
     }
     fence_mbarrier_init();
   }
   __syncthreads();
 
-  if (warp == 4 * kWGs) {
-    // ---- Producer: one thread issues every copy. ----
-    if (lane == 0) {
+  if (warp / 4 == kWGs) {
+    // ---- Producer warpgroup: one thread issues every copy, then the group leaves. ----
+    setmaxnreg_dec<kWsProducerRegisters>();
+    if (warp % 4 == 0 && lane == 0) {
       const uint64_t policy = p.weights_evict_first ? evict_first_policy() : evict_normal_policy();
       const uint64_t keep = evict_normal_policy();
       const size_t w_row = static_cast<size_t>(n_tiles) * Smem::kTileBytes;  // bytes per k-tile row
@@ -168,12 +202,12 @@ __global__ void __launch_bounds__(128 * kWGs + 32) __maxnreg__(kMaxRegisters)
       const unsigned char* z_src = reinterpret_cast<const unsigned char*>(p.qzeros) + tile_n0 * kTileN / 2;
       const uint32_t w_bytes = block_tiles * Smem::kTileBytes;
       const uint32_t s_bytes = block_tiles * kTileN * 2, z_bytes = block_tiles * kTileN / 2;
-      const int group_rows = two_groups ? 2 : 1;
-      const uint32_t stage_bytes = Smem::kActBytes + kStageKTiles * w_bytes + group_rows * (s_bytes + z_bytes);
+      const uint32_t stage_bytes = Smem::kActBytes + kStageKTiles * w_bytes + kGroupRows * (s_bytes + z_bytes);
+      int slot = 0;
+      uint32_t phase = 0;
       for (int s = 0; s < stage_count; ++s) {
-        const int slot = s % kStages;
         // Slot reuse: wait for the consumers' release of the stage kStages earlier.
-        if (s >= kStages) mbarrier_wait(&empty[slot], (s / kStages - 1) & 1);
+        if (s >= kStages) mbarrier_wait(&empty[slot], phase ^ 1);
         unsigned char* base = smem + slot * Smem::kStageBytes;
         mbarrier_arrive_expect_tx(&full[slot], stage_bytes);
         const int gs = stage_begin + s;
@@ -184,65 +218,89 @@ __global__ void __launch_bounds__(128 * kWGs + 32) __maxnreg__(kMaxRegisters)
           bulk_load(base + Smem::kWeightOffset + kt * Smem::kWeightRowBytes, w_src + kt * w_row, w_bytes, &full[slot],
                     policy);
         w_src += kStageKTiles * w_row;
-        for (int r = 0; r < group_rows; ++r) {
-          const size_t group_row = two_groups ? 2 * gs + r : gs * kStageK / p.group_size;
+#pragma unroll
+        for (int r = 0; r < kGroupRows; ++r) {
+          const size_t group_row = kTwoGroups ? 2 * gs + r : gs * kStageK / p.group_size;
           bulk_load(base + Smem::kScaleOffset + r * Smem::kScaleRowBytes, s_src + group_row * p.n * 2, s_bytes,
                     &full[slot], keep);
           bulk_load(base + Smem::kZeroOffset + r * Smem::kZeroRowBytes, z_src + group_row * p.n / 2, z_bytes,
                     &full[slot], keep);
         }
+        if (++slot == kStages) slot = 0, phase ^= 1;
       }
     }
-  } else if (warp / 4 < block_tiles) {
-    // ---- Consumers: warpgroup wg, warp r of it (word r of each lane's 16 bytes). ----
-    const int wg = warp / 4, r = warp % 4;
+    return;  // (the consumers' split-K reduction synchronises them alone: a named barrier)
+  }
+
+  // ---- Consumers: warpgroup wg, warp r of it (word r of each lane's 16 bytes). ----
+  setmaxnreg_inc<kWsConsumerRegisters>();
+  const int wg = warp / 4, r = warp % 4;
+  if (wg < block_tiles) {
     float acc[kRows][8][4];
     zero_accumulators(acc);
 #pragma unroll
     for (int i = 0; i < kRows; ++i) fence_registers(reinterpret_cast<float(&)[32]>(acc[i]));
 
-    uint32_t zero[2], neg_zero16[2], scale[2];
-    int next_group_row = stage_begin * kStageK;
-    const int first_boundary = (stage_begin * kStageK / p.group_size + 1) * p.group_size;
-    for (int s = 0; s < stage_count; ++s) {
-      const int slot = s % kStages;
-      mbarrier_wait(&full[slot], (s / kStages) & 1);
-      const unsigned char* base = smem + slot * Smem::kStageBytes;
-      const uint32_t* words = reinterpret_cast<const uint32_t*>(base + Smem::kWeightOffset);
-      const uint32_t act_addr = smem_u32(base);
-      // The stage's four weight words up front: the shared-memory latency then sits off the
-      // chain between one wgmma's wait and the next one's issue (ncu: that chain holds the
-      // tensor pipe at 56%). Word r of this lane's 16 bytes of tile wg, k-tile kt: a 4-way bank
-      // conflict (lanes 8 apart hit the same bank), 4 wavefronts per warp and k-step.
-      uint32_t stage_words[kStageKTiles];
+    // This lane's word offsets inside a stage (bytes): weight word r of lane `lane` of tile wg in
+    // k-tile kt at kWeightOffset + (kt kWGs + wg) 512 + 16 lane + 4 r -- a 4-way bank conflict
+    // (lanes 8 apart share a bank), once per stage; the zero word of the lane's 8 columns; the
+    // 8 bytes of scale words 2 r, 2 r + 1 of its 32-byte scale row (unpack_word_params).
+    const unsigned char* my_words = smem + Smem::kWeightOffset + wg * Smem::kTileBytes + lane * 16 + r * 4;
+    const unsigned char* my_zero = smem + Smem::kZeroOffset + (wg * 8 + lane / 4) * 4;
+    const unsigned char* my_scales = smem + Smem::kScaleOffset + wg * kTileN * 2 + 32 * (lane / 8) + 8 * r;
+    auto load_stage = [&](int slot, WsStageWords& st) {
+      const int at = slot * Smem::kStageBytes;
 #pragma unroll
-      for (int kt = 0; kt < kStageKTiles; ++kt) stage_words[kt] = words[(kt * kWGs + wg) * 128 + lane * 4 + r];
+      for (int kt = 0; kt < kStageKTiles; ++kt)
+        st.w[kt] = *reinterpret_cast<const uint32_t*>(my_words + at + kt * Smem::kWeightRowBytes);
+#pragma unroll
+      for (int gr = 0; gr < kGroupRows; ++gr) {
+        st.zero[gr] = *reinterpret_cast<const uint32_t*>(my_zero + at + gr * Smem::kZeroRowBytes);
+        st.scale[gr] = *reinterpret_cast<const uint2*>(my_scales + at + gr * Smem::kScaleRowBytes);
+      }
+    };
+    // The activation tile of slot 0 as a wgmma descriptor; a slot and a k-step only move its
+    // start address (bits 0-13, in 16-byte units: no carry out of them inside shared memory).
+    const uint64_t desc0 = sw128_kmajor_desc(smem_u32(smem));
+
+    WsStageWords cur, next;
+    int slot = 0, prev_slot = 0;
+    uint32_t phase = 0;
+    mbarrier_wait(&full[0], 0);
+    load_stage(0, cur);
+    uint32_t zero[2], neg_zero16[2], scale[2];
+    for (int s = 0; s < stage_count; ++s) {
+      const int next_slot = slot + 1 == kStages ? 0 : slot + 1;
+      const uint32_t next_phase = next_slot == 0 ? phase ^ 1 : phase;
+      const uint64_t desc = desc0 + static_cast<uint32_t>(slot * (Smem::kStageBytes >> 4));
 #pragma unroll
       for (int kt = 0; kt < kStageKTiles; ++kt) {
-        const int k_row = (stage_begin + s) * kStageK + kt * kTileK;
-        // A group starts on an even k-tile (group 32 or a multiple of 64; stages start on 64).
-        if (kt % 2 == 0 && k_row == next_group_row) {
-          next_group_row = s == 0 && kt == 0 ? first_boundary : k_row + p.group_size;
-          const int gr = two_groups ? kt / 2 : 0;
-          const uint32_t zero_word =
-              reinterpret_cast<const uint32_t*>(base + Smem::kZeroOffset + gr * Smem::kZeroRowBytes)[wg * 8 + lane / 4];
-          const __half* tile_scales =
-              reinterpret_cast<const __half*>(base + Smem::kScaleOffset + gr * Smem::kScaleRowBytes) + wg * kTileN;
-          unpack_word_params<T, 1, true>(zero_word, tile_scales, lane, r, zero, neg_zero16, scale);
+        if (kt == 0 || (kTwoGroups && kt == 2)) {
+          const int gr = kt / 2 * (kTwoGroups ? 1 : 0);
+          unpack_word_zeros<T, 1, true>(cur.zero[gr], r, zero, neg_zero16);
+          scale[0] = lane_scale_pair(cur.scale[gr].x, lane);
+          scale[1] = lane_scale_pair(cur.scale[gr].y, lane);
         }
-        const uint32_t w[1] = {stage_words[kt]};
+        const uint32_t w[1] = {cur.w[kt]};
         uint32_t a[1][4];
         dequant_a_fragments<T, 1, true, true>(w, zero, neg_zero16, scale, a);
         // One wgmma per k-step, then wait for the previous one. (Session 6 also tried a stage's
         // four wgmmas as one commit group: 1.4-1.5x slower at 128 and 192 tokens, and wrong at
         // both -- see KERNEL_NOTES.md.)
-        wgmma_step<T, 1, kTokens>(acc, a, sw128_kmajor_desc(act_addr + kt * 32));
+        wgmma_step<T, 1, kTokens>(acc, a, desc + kt * (32 >> 4));
         // wgmma_step waited for all but this k-step's wgmma: the previous stage is read.
-        if (kt == 0 && s > 0) {
-          __syncwarp();
-          if (lane == 0) mbarrier_arrive(&empty[(s - 1) % kStages]);
+        if (kt == 0 && s > 0) mbarrier_arrive(&empty[prev_slot]);
+        // The next stage's words, while this stage's wgmmas run (the producer is kStages - 1
+        // stages ahead, so the wait rarely waits).
+        if (kt == 1 && s + 1 < stage_count) {
+          mbarrier_wait(&full[next_slot], next_phase);
+          load_stage(next_slot, next);
         }
       }
+      cur = next;
+      prev_slot = slot;
+      slot = next_slot;
+      phase = next_phase;
     }
     wgmma_wait<0>();
 #pragma unroll
@@ -259,7 +317,7 @@ __global__ void __launch_bounds__(128 * kWGs + 32) __maxnreg__(kMaxRegisters)
 #pragma unroll
       for (int e = 0; e < 4; ++e) store_element<T>(p, part, t0 + 8 * x + e % 2, n0 + 8 * (e / 2), out[x][e]);
   }
-  if (p.splits > 1) reduce_split_k<T>(p, row0, kTokens, tile_n0 * kTileN, block_tiles * kTileN);
+  if (p.splits > 1) reduce_split_k<T, 128 * kWGs>(p, row0, kTokens, tile_n0 * kTileN, block_tiles * kTileN);
 }
 
 }  // namespace

@@ -201,15 +201,11 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[kN / 2], const uint32_t (&a)
 // there, sums each group in a second accumulator set and adds group sum x scale in fp32, like the
 // x tiles of mma.sync (two sets of 2 x 32 floats: why it has 64 tokens, not 128).
 
-// Zeros and scales of the warp's kWords words (first_word on), for dequant_a_fragments: the
-// zero word pre-shifted by 4 first_word has the warp's blocks in its pairs 0..kWords-1
-// (layout.py, ZERO_NIBBLE_BLOCK: pair m = nibbles m, m + 4 = blocks 2m, 2m + 1); the scales of
-// block b sit in word b of the 32 B at 16 (g / 2) (load_fragment_scales), and that scale is
-// the one of this lane's A rows (n = 16 j + g and + 8) of the blocks 2 j and 2 j + 1.
+// The zero half of unpack_word_params: biased zeros (and, kLean, the 16x-magic negated zeros)
+// of the warp's kWords words from its zero word.
 template <typename T, int kWords, bool kLean>
-__device__ __forceinline__ void unpack_word_params(uint32_t zero_word, const __half* tile_scales, int lane,
-                                                   int first_word, uint32_t (&biased_zero)[2 * kWords],
-                                                   uint32_t (&neg_zero16)[2 * kWords], uint32_t (&scale)[2 * kWords]) {
+__device__ __forceinline__ void unpack_word_zeros(uint32_t zero_word, int first_word, uint32_t (&biased_zero)[2 * kWords],
+                                                  uint32_t (&neg_zero16)[2 * kWords]) {
   const uint32_t zw = zero_word >> (4 * first_word);
 #pragma unroll
   for (int m = 0; m < kWords; ++m) {
@@ -223,21 +219,38 @@ __device__ __forceinline__ void unpack_word_params(uint32_t zero_word, const __h
       neg_zero16[2 * m + 1] = __byte_perm(neg, 0, 0x3232);
     }
   }
+}
+
+// The scale of a lane's A rows sits in the low (even g = lane / 4) or high (odd g) half of its
+// scale word: both halves of the returned pair hold it.
+__device__ __forceinline__ uint32_t lane_scale_pair(uint32_t scale_word, int lane) {
+  return __byte_perm(scale_word, 0, ((lane / 4) & 1) ? 0x3232u : 0x1010u);
+}
+
+// Zeros and scales of the warp's kWords words (first_word on), for dequant_a_fragments: the
+// zero word pre-shifted by 4 first_word has the warp's blocks in its pairs 0..kWords-1
+// (layout.py, ZERO_NIBBLE_BLOCK: pair m = nibbles m, m + 4 = blocks 2m, 2m + 1); the scales of
+// block b sit in word b of the 32 B at 16 (g / 2) (load_fragment_scales), and that scale is
+// the one of this lane's A rows (n = 16 j + g and + 8) of the blocks 2 j and 2 j + 1.
+template <typename T, int kWords, bool kLean>
+__device__ __forceinline__ void unpack_word_params(uint32_t zero_word, const __half* tile_scales, int lane,
+                                                   int first_word, uint32_t (&biased_zero)[2 * kWords],
+                                                   uint32_t (&neg_zero16)[2 * kWords], uint32_t (&scale)[2 * kWords]) {
+  unpack_word_zeros<T, kWords, kLean>(zero_word, first_word, biased_zero, neg_zero16);
   const int g = lane / 4;
-  const uint32_t select = (g & 1) ? 0x3232u : 0x1010u;
   if constexpr (kWords == 1) {  // words 2 first_word, +1 of the 32 B: one 8-byte load
     const uint2 v = reinterpret_cast<const uint2*>(tile_scales + 16 * (g / 2))[first_word];
-    scale[0] = __byte_perm(v.x, 0, select);
-    scale[1] = __byte_perm(v.y, 0, select);
+    scale[0] = lane_scale_pair(v.x, lane);
+    scale[1] = lane_scale_pair(v.y, lane);
   } else {
     const uint4* src = reinterpret_cast<const uint4*>(tile_scales + 16 * (g / 2)) + first_word / 2;
 #pragma unroll
     for (int q = 0; q < kWords / 2; ++q) {
       const uint4 v = src[q];
-      scale[4 * q] = __byte_perm(v.x, 0, select);
-      scale[4 * q + 1] = __byte_perm(v.y, 0, select);
-      scale[4 * q + 2] = __byte_perm(v.z, 0, select);
-      scale[4 * q + 3] = __byte_perm(v.w, 0, select);
+      scale[4 * q] = lane_scale_pair(v.x, lane);
+      scale[4 * q + 1] = lane_scale_pair(v.y, lane);
+      scale[4 * q + 2] = lane_scale_pair(v.z, lane);
+      scale[4 * q + 3] = lane_scale_pair(v.w, lane);
     }
   }
 }
