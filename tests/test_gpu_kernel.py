@@ -329,6 +329,24 @@ def test_every_tile(kernel, tile, dtype_name, group_size):
             assert torch.equal(y, ops.kernel_gemm(*args)), f"tile {tile} M={m}: two calls differ"
 
 
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+def test_ws_tile_partial_blocks_and_split_k(kernel, monkeypatch, group_size):
+    """The warp-specialised tile ws256 with an odd number of 64-column tiles (the last block's
+    second consumer warpgroup idles but still joins the split-K barrier), more than one block of
+    256 tokens, and split-K forced on and off: every group layout (one kernel for group size 32,
+    another for the rest) matches the reference."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("ws256 runs on sm_90 only")
+    index = TILES.index("ws256")
+    for (k, n), m in (((1024, 192), 300), ((2048, 320), 40), ((4096, 64), 513)):
+        w = make_weight(k, n, group_size)
+        x = random_x((m, k), torch.float16, seed=zlib.crc32(f"ws/{k}/{n}/{m}".encode()))
+        for splits in ("1", "8"):
+            monkeypatch.setenv("VLLM_QUICK_MAX_SPLITS", splits)
+            y = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, n, index)
+            check_output(y, x.float() @ w.w32, torch.float16, f"ws256 K={k} N={n} M={m} g={group_size} splits<={splits}")
+
+
 @pytest.mark.parametrize("max_splits", ["1", "16", "32", "junk"])
 def test_max_splits_setting_keeps_results(kernel, monkeypatch, max_splits):
     """VLLM_QUICK_MAX_SPLITS (a tuning knob of the split-K plan, read on every call) changes how K
