@@ -143,6 +143,67 @@ __device__ __forceinline__ void setmaxnreg_dec() {
 #endif
 }
 
+// stmatrix (sm_90): four 8x8 fp16 matrices from mma-fragment registers (lane l holds row l / 4,
+// columns 2 (l % 4) and + 1 of matrix i in register i), stored transposed: row j of matrix i
+// (= its column j, 8 consecutive elements, 16 bytes) goes to the address lane 8 i + j gives.
+__device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+#if QUICK_WGMMA
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r0), "r"(r1),
+               "r"(r2), "r"(r3)
+               : "memory");
+#endif
+}
+
+// The consumers' named barrier (id 1; 0 is __syncthreads), for the 128 kWGs consumer threads.
+template <int kThreads>
+__device__ __forceinline__ void consumer_barrier() {
+  asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
+}
+
+// Epilogue of the ws tiles without split-K or bias (the common case), in two steps with a
+// consumer barrier between them: the block's fp16 output tile y[kTokens][kWGs * 64] is assembled in the (by then idle) pipeline shared memory and
+// written with 16-byte, row-contiguous stores. Storing the wgmma D fragments directly costs one
+// 2-byte store per element (128 per thread, ~10% of a 4096-deep K loop's instructions), 8-byte
+// pieces of 32-byte sectors. Here: 16 stmatrix per thread (the D fragment of a k-step is, per
+// 8 tokens, two 8x8 [feature][token] matrices; .trans stores them as [token][8 features]) and
+// 16 coalesced 16-byte copies per thread. Rows of the smem tile are kWGs * 128 bytes; 16-byte
+// chunk c of row t sits at chunk c ^ (t % 8), so the 8 rows of one stmatrix matrix hit 8
+// different bank groups (no conflict) and a row is still read as one contiguous line.
+template <int kWGs, int kTokens>
+__device__ __forceinline__ void stage_output_fragments(unsigned char* smem, const float (&out)[kTokens / 8][4], int wg,
+                                                       int r, int lane) {
+  constexpr int kRowBytes = kWGs * kTileN * 2;
+  const uint32_t tile = smem_u32(smem);
+  // Lane L addresses row j = L % 8 of matrix i = L / 8: token 8 (x + i / 2) + j, features
+  // 16 r + 8 (i % 2) of warpgroup wg's 64, i.e. 16-byte chunk 8 wg + 2 r + i % 2.
+  const int i = lane / 8, j = lane % 8;
+  const int chunk = (wg * 8 + 2 * r + (i & 1)) ^ j;  // token % 8 == j
+#pragma unroll
+  for (int x = 0; x < kTokens / 8; x += 2) {
+    const int token = 8 * (x + i / 2) + j;
+    stmatrix_x4_trans(tile + token * kRowBytes + chunk * 16, Act<__half>::pack(out[x][0], out[x][1]),
+                      Act<__half>::pack(out[x][2], out[x][3]), Act<__half>::pack(out[x + 1][0], out[x + 1][1]),
+                      Act<__half>::pack(out[x + 1][2], out[x + 1][3]));
+  }
+}
+
+// Every consumer thread, once the fragments are staged: rows (tokens) below M, chunks of the
+// block's working tiles, one 16-byte load and store each, consecutive threads along a row.
+template <int kWGs, int kTokens>
+__device__ __forceinline__ void copy_output_tile(const KernelParams& p, const unsigned char* smem, int row0, int col0,
+                                                 int block_tiles) {
+  constexpr int kRowBytes = kWGs * kTileN * 2;
+  constexpr int kChunks = kRowBytes / 16;
+  const int rows = min(kTokens, p.m - row0);
+  const int chunks = block_tiles * kTileN / 8;
+  for (int idx = threadIdx.x; idx < rows * kChunks; idx += 128 * kWGs) {
+    const int t = idx / kChunks, c = idx % kChunks;
+    if (c >= chunks || col0 + 8 * c >= p.size_n) continue;
+    const uint4 v = *reinterpret_cast<const uint4*>(smem + t * kRowBytes + ((c ^ (t & 7)) * 16));
+    *reinterpret_cast<uint4*>(static_cast<__half*>(p.y) + static_cast<size_t>(row0 + t) * p.size_n + col0 + 8 * c) = v;
+  }
+}
+
 // What a consumer warp reads of one stage before its first wgmma: its four weight words (word r
 // of its lane's 16 bytes in each k-tile of its warpgroup's tile) and, per group row of the
 // stage, its zero word and its two scale words. Loaded one stage ahead, so the shared-memory
@@ -163,6 +224,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
   using Smem = WsSmem<kWGs, kTokens, kStages>;
   constexpr int kRows = kTokens / 64;  // accumulator as [kRows][8][4] floats (wgmma_step)
   constexpr int kGroupRows = kTwoGroups ? 2 : 1;
+  static_assert(kTokens * kWGs * kTileN * 2 <= Smem::kBarrierOffset, "the output tile must fit in the pipeline");
   extern __shared__ __align__(16) unsigned char smem_window[];
   unsigned char* smem = smem_window + ((1024 - (smem_u32(smem_window) & 1023)) & 1023);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + Smem::kBarrierOffset);
@@ -235,6 +297,10 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
   // ---- Consumers: warpgroup wg, warp r of it (word r of each lane's 16 bytes). ----
   setmaxnreg_inc<kWsConsumerRegisters>();
   const int wg = warp / 4, r = warp % 4;
+  // The output goes through shared memory with 16-byte stores (store_tile_via_smem) unless K is
+  // split (fp32 partials), there is a bias, or y's rows are not 16-byte aligned.
+  const bool fast_store = p.splits == 1 && p.bias == nullptr && p.size_n % 8 == 0 &&
+                          (reinterpret_cast<uintptr_t>(p.y) & 15) == 0;
   if (wg < block_tiles) {
     float acc[kRows][8][4];
     zero_accumulators(acc);
@@ -309,13 +375,26 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
     // D element [i][nb][e] (as kTokens / 2 floats out[x][e], x = 8 i + nb): output feature
     // n0 + 8 (e / 2), token t0 + 8 x + e % 2.
     const auto& out = reinterpret_cast<const float(&)[kTokens / 8][4]>(acc);
-    const int n0 = (tile_n0 + wg) * kTileN + 16 * r + lane / 4;
-    const int t0 = row0 + 2 * (lane % 4);
-    float* part = p.partials + static_cast<size_t>(blockIdx.z) * p.m * p.n;
+    if (fast_store) {
+      // Both warpgroups' wgmmas must be done with the pipeline's shared memory before the output
+      // tile goes there.
+      consumer_barrier<128 * kWGs>();
+      stage_output_fragments<kWGs, kTokens>(smem, out, wg, r, lane);
+    } else {
+      const int n0 = (tile_n0 + wg) * kTileN + 16 * r + lane / 4;
+      const int t0 = row0 + 2 * (lane % 4);
+      float* part = p.partials + static_cast<size_t>(blockIdx.z) * p.m * p.n;
 #pragma unroll
-    for (int x = 0; x < kTokens / 8; ++x)
+      for (int x = 0; x < kTokens / 8; ++x)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) store_element<T>(p, part, t0 + 8 * x + e % 2, n0 + 8 * (e / 2), out[x][e]);
+        for (int e = 0; e < 4; ++e) store_element<T>(p, part, t0 + 8 * x + e % 2, n0 + 8 * (e / 2), out[x][e]);
+    }
+  } else if (fast_store) {
+    consumer_barrier<128 * kWGs>();  // (an idle warpgroup: odd number of 64-column tiles)
+  }
+  if (fast_store) {
+    consumer_barrier<128 * kWGs>();
+    copy_output_tile<kWGs, kTokens>(p, smem, row0, tile_n0 * kTileN, block_tiles);
   }
   if (p.splits > 1) reduce_split_k<T, 128 * kWGs>(p, row0, kTokens, tile_n0 * kTileN, block_tiles * kTileN);
 }
