@@ -18,12 +18,12 @@ freeze it). The paths:
   ``w64x`` (fp16 and bf16, sm_90 only) feeds the exact fragments to wgmma with per-group fp32
   scaling (the bf16 tile beyond M = 16, and fp16's from M = 33 to 64 on large layers);
   ``ws256`` (fp16, sm_90 only) is the warp-specialised wgmma tile (a TMA producer warpgroup
-  feeding two consumer warpgroups, 256 tokens per block): fp16's tile from M = 129 to 1024 on
-  the large layers;
+  feeding two consumer warpgroups, 256 tokens per block): fp16's tile from M = 129 to 4096 on
+  the large layers (257 to 4096 on the small ones);
 * ``"auto"``: the kernel with its own built-in choice by M (families not measured yet);
 * ``"dequant"``: dequantise the layer once into a dense matrix (csrc/quick_dequant.cu) and call
   cuBLAS; wins once the GEMM is bound by arithmetic (large M, prefill), where cuBLAS's Hopper
-  (wgmma) kernels beat ours (0.92x cuBLAS at M = 4096 against ws256's 0.85 on the H100);
+  (wgmma) kernels beat ours: fp16 beyond M = 4096, and M = 65-256 on the small layers;
 * ``"dequant_fp16"`` (bf16 activations): the same with an fp16 dense weight, the activations and
   the product scaled by a power of two into fp16's range and back exactly
   (``ops.fp16_matmul_for_bf16``): bf16's path beyond M = 1024 on the large layers (the dense fp16
@@ -59,7 +59,11 @@ Plan = tuple[tuple[int | None, str], ...]
 #   Session 8 (ws256 with a producer warpgroup, benchmarks/results/kernel_h100_s8_ws_tiles.json,
 #   fp16, M = 128-4096, the 10 large layers): ws256 / w128n / dequant 0.71 / 0.88 / 0.46 at
 #   M = 128, 0.79 / 0.69 / 0.49 at 256, 0.81 / 0.72 / 0.67 at 512, 0.88 / 0.79 / 0.82 at 1024,
-#   0.85 / 0.79 / 0.92 at 4096 -> ws256 from M = 129 to 1024.
+#   0.85 / 0.79 / 0.92 at 4096 -> ws256 from M = 129 to 1024. With its output staged through
+#   shared memory (stmatrix, 16-byte stores; kernel_h100_s8_ws_epilogue_tiles.json): 0.87 / 0.83
+#   / 0.97 / 0.92 at M = 256 / 512 / 1024 / 4096 (dequant 0.92 at 4096) -> ws256 to M = 4096, and
+#   on the small layers from M = 257 to 4096 (0.66 / 0.97 / 0.99 at 512 / 1024 / 4096 against
+#   dequant's 0.65 / 0.85 / 0.94; dequant keeps M = 65-256 there, 0.49 against 0.39).
 #   bf16 M <= 16: x16 1.88-2.09; beyond: w64x (1.54 at M = 32, 1.36 at 64, 0.87 at 128, 0.50 at
 #   1024; the x tiles 0.33 there). bf16 never takes "dequant" (see above). "dequant_fp16"
 #   (session 6, benchmarks/results/kernel_h100_s6_dequant_fp16_v2.json, bf16, M = 128-4096):
@@ -68,7 +72,7 @@ Plan = tuple[tuple[int | None, str], ...]
 #   on the small ones the two tie at 4096: 0.53x cuBLAS each).
 PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
-        torch.float16: ((16, "s16m"), (32, "s32m"), (64, "w64x"), (128, "w128n"), (1024, "ws256"), (None, "dequant")),
+        torch.float16: ((16, "s16m"), (32, "s32m"), (64, "w64x"), (128, "w128n"), (4096, "ws256"), (None, "dequant")),
         torch.bfloat16: ((16, "x16"), (1024, "w64x"), (None, "dequant_fp16")),
     },
 }
@@ -80,7 +84,7 @@ PLANS: dict[int, dict[torch.dtype, Plan]] = {
 SMALL_LAYER_ELEMENTS = 4096 * 6144
 SMALL_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
-        torch.float16: ((16, "s16m"), (64, "s32m"), (None, "dequant")),
+        torch.float16: ((16, "s16m"), (64, "s32m"), (256, "dequant"), (4096, "ws256"), (None, "dequant")),
         torch.bfloat16: ((32, "x16"), (None, "w64x")),
     },
 }
