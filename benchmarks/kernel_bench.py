@@ -342,7 +342,7 @@ def new_row(name, k, n, m, g, dtype_name, backends) -> dict:
     }
     if "quick" in backends:
         try:  # which path the op takes at this M: its "quick" time is that path's
-            row["quick_path"] = vk.quick_op_path(m, DTYPES[dtype_name])
+            row["quick_path"] = vk.quick_op_path(m, DTYPES[dtype_name], weight_elements=k * n)
         except Exception as e:
             row["quick_path"] = f"unknown ({short(e)})"
     return row

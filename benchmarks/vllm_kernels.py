@@ -259,14 +259,16 @@ class QuickBackend(Backend):
         )
 
 
-def quick_op_path(m: int, act_dtype: torch.dtype) -> str:
-    """Which path torch.ops.quick.gemm takes for M rows on this GPU: a kernel tile name
-    ("x16", ...), "auto" or "dequant" (vllm_quick/dispatch.py)."""
+def quick_op_path(m: int, act_dtype: torch.dtype, weight_elements: int | None = None) -> str:
+    """Which path torch.ops.quick.gemm takes for M rows of a K x N = weight_elements layer on this
+    GPU: a kernel tile name ("x16", ...), "auto" or "dequant" (vllm_quick/dispatch.py; small
+    layers have their own plan)."""
     try:
         from vllm_quick import dispatch
     except ImportError:
         return "kernel"
-    return dispatch.choose(m, act_dtype, torch.device("cuda", torch.cuda.current_device()))
+    return dispatch.choose(m, act_dtype, torch.device("cuda", torch.cuda.current_device()),
+                           weight_elements=weight_elements)
 
 
 class QuickKernelBackend(QuickBackend):
