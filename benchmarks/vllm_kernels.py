@@ -51,6 +51,9 @@ CALLS = {
     "quick_dequant_fp16": "vllm_quick.ops.dequant_fp16_matmul(x, ...): the "
     "dequant_fp16 path for bf16 activations (x and the product scaled by a power of two into fp16's range, "
     "fp16 cuBLAS, exact unscaling in bf16) at every M",
+    "quick_fp16_ws256": "vllm_quick.ops.kernel_fp16_for_bf16(x, ..., tile=ws256): bf16 activations "
+    "scaled by a power of two into fp16 and through the fp16 tile ws256, exact unscaling in bf16 (the "
+    "op's 'fp16:ws256' path) at every M",
     "cublas": "torch.nn.functional.linear(x, W) with W = dequant(codes, zeros, scales) as [N, K] "
     "in the activation dtype (what an unquantised vLLM layer runs)",
     "awq_gemm": "torch.ops._C.awq_gemm(x, qweight_awq, scales_fp16, qzeros_awq, split_k_iters=8) "
@@ -392,6 +395,27 @@ class QuickDequantFp16Backend(QuickBackend):
         )
 
 
+class QuickFp16TileBackend(QuickTileBackend):
+    """bf16 activations through an fp16-only tile (the op's "fp16:<tile>" paths,
+    ops.kernel_fp16_for_bf16) called directly, whatever M; bf16 only."""
+
+    def __init__(self, tile: str):
+        super().__init__(tile)
+        self.name = f"quick_fp16_{tile}"
+
+    def unsupported(self, k, n, group_size, act_dtype):
+        if act_dtype != torch.bfloat16:
+            return f"{self.name} is a bf16 path (for fp16 it is quick_{self.tile})"
+        return super().unsupported(k, n, group_size, torch.float16)
+
+    def run(self, state, x):
+        from vllm_quick import ops
+
+        w = state.weights
+        return ops.kernel_fp16_for_bf16(x, w["qweight"], w["qzeros"], w["scales"], None, state.meta["group"],
+                                        state.meta["n"], KERNEL_TILES.index(self.tile))
+
+
 class CublasBackend(Backend):
     """The unquantised baseline: F.linear on the dequantised weight (cuBLAS)."""
 
@@ -651,6 +675,7 @@ BACKENDS: dict[str, Backend] = {
         QuickDequantFp16Backend(),
         *(QuickTileBackend(t) for t in KERNEL_TILES),
         *(QuickTileBackend(t, v) for t in VARIANT_TILES for v in TILE_VARIANTS),
+        QuickFp16TileBackend("ws256"),
         CublasBackend(),
         AwqGemmBackend(),
         MarlinBackend(),

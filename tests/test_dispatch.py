@@ -183,12 +183,26 @@ def test_describe_says_what_runs(monkeypatch):
 def test_shipped_plans_are_well_formed(table):
     """Each shipped plan round-trips through the env spec parser (which checks increasing M and a
     final '*'), and bf16 plans name only paths within the 2e-3 budget: the exact tiles (x, w64x)
-    and dequant_fp16 (one fp16 rounding of (q - z) * s, 1.7e-3 measured); an s tile or a dense
-    bf16 weight rounds (q - z) * s to bf16, ~2.3e-3 of error."""
+    and dequant_fp16 / "fp16:<tile>" (one fp16 rounding of (q - z) * s, 1.7e-3 measured); an s
+    tile or a dense bf16 weight rounds (q - z) * s to bf16, ~2.3e-3 of error. "fp16:" paths name a
+    tile and appear in bf16 plans only."""
     exact_bf16 = {"x16", "x32", "x64", "w64x", "dequant_fp16", "auto"}
     for family, plans in getattr(dispatch, table).items():
         assert dispatch.parse_plan_spec(dispatch.format_plan_spec(plans)) == plans, family
         for dtype, plan in plans.items():
             assert plan[-1][0] is None, (family, dtype)
+            fp16_tiles = {dispatch.fp16_tile_of(path) for _, path in plan} - {None}
+            assert fp16_tiles <= {"ws256", "w128n", "s16m", "s32m", "s64m"}, (family, plan)
+            assert not fp16_tiles or dtype == torch.bfloat16, (family, dtype, plan)
             if dtype == torch.bfloat16:
-                assert {path for _, path in plan} <= exact_bf16, (family, plan)
+                plain = {path for _, path in plan if dispatch.fp16_tile_of(path) is None}
+                assert plain <= exact_bf16, (family, plan)
+
+
+def test_fp16_paths_parse_and_describe(monkeypatch):
+    """'fp16:<tile>' (bf16 through an fp16 tile) survives the env spec and names its tile."""
+    plans = dispatch.parse_plan_spec("bfloat16=16:x16,*:fp16:ws256")
+    assert plans == {torch.bfloat16: ((16, "x16"), (None, "fp16:ws256"))}
+    assert dispatch.format_plan_spec(plans) == "bfloat16=16:x16,*:fp16:ws256"
+    assert dispatch.fp16_tile_of("fp16:ws256") == "ws256" and dispatch.fp16_tile_of("ws256") is None
+    assert dispatch._describe_plan(plans[torch.bfloat16]) == "M 1-16: tile x16; M >= 17: scaled into fp16, tile ws256"

@@ -423,10 +423,16 @@ def test_dispatch_plan_names_supported_tiles(kernel):
                 # (a bf16 dense weight is over the error budget; dequant_fp16 keeps an fp16 one)
                 assert dtype == torch.float16 or path == "dequant_fp16", "bf16 must not take 'dequant'"
                 continue
-            index = dispatch.tile_index(path, kernel.TILES)
             w = make_weight(512, 256, 128)
             x = random_x((3, 512), dtype, seed=5)
-            y = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, 256, index)
+            fp16_tile = dispatch.fp16_tile_of(path)
+            if fp16_tile is not None:
+                assert dtype == torch.bfloat16, f"{path}: 'fp16:' paths are for bf16 activations"
+                index = dispatch.tile_index(fp16_tile, kernel.TILES)
+                y = ops.kernel_fp16_for_bf16(x, w.qweight, w.qzeros, w.scales, None, w.group, 256, index)
+            else:
+                index = dispatch.tile_index(path, kernel.TILES)
+                y = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, 256, index)
             check_output(y, x.float() @ w.w32, dtype, f"plan path {path} {dtype}")
 
 
@@ -598,25 +604,29 @@ def test_extension_raises_value_errors(kernel):
 
 
 @pytest.mark.parametrize("x_scale", [1.0, 1e4])
-def test_dequant_fp16_path_for_bf16(kernel, monkeypatch, x_scale):
-    """The dequant_fp16 path (bf16 activations, an fp16 dense weight, fp16 cuBLAS, ops.
-    fp16_matmul_for_bf16), forced through the op by the plan: within the budget against the fp32 reference on
-    a padded and an unpadded layer, with and without bias, for activations whose products leave
-    fp16's range (x_scale 1e4), and the same under a CUDA graph."""
+@pytest.mark.parametrize("path", ["dequant_fp16", "fp16:ws256"])
+def test_fp16_paths_for_bf16(kernel, monkeypatch, x_scale, path):
+    """bf16 activations moved exactly into fp16 by a power of two: the dequant_fp16 path (an fp16
+    dense weight, fp16 cuBLAS, ops.fp16_matmul_for_bf16) and the "fp16:ws256" path (the fp16 tile
+    ws256, ops.kernel_fp16_for_bf16), forced through the op by the plan: within the budget
+    against the fp32 reference on a padded and an unpadded layer, with and without bias, for
+    activations whose products leave fp16's range (x_scale 1e4), and the same under a CUDA graph."""
     from vllm_quick import dispatch
 
-    monkeypatch.setenv(dispatch.PLAN_ENV, "bfloat16=*:dequant_fp16")
+    if path.startswith("fp16:") and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip(f"{path}: the tile runs on sm_90 only")
+    monkeypatch.setenv(dispatch.PLAN_ENV, f"bfloat16=*:{path}")
     monkeypatch.setattr(dispatch, "_env_plans", None)  # re-read the plan from the environment
     dtype = torch.bfloat16
     for (k, n), m in [((4096, 12288), 1), ((4096, 12288), 300), ((11008, 4096), 1024), ((4096, 200), 33)]:
         w = make_weight(k, n, 128)
         x = (random_x((m, k), torch.float32, seed=zlib.crc32(f"fp16/{k}/{n}/{m}".encode())) * x_scale).to(dtype)
         bias = random_x((n,), dtype, seed=3)
-        assert dispatch.choose(m, dtype, x.device, weight_elements=k * n) == "dequant_fp16"
+        assert dispatch.choose(m, dtype, x.device, weight_elements=k * n) == path
         for b in (None, bias):
             y = quick_gemm(x, w, b)
             ref = x.float() @ w.w32 + (0 if b is None else b.float())
-            check_output(y, ref, dtype, f"dequant_fp16 K={k} N={n} M={m} x*{x_scale} bias={b is not None}")
+            check_output(y, ref, dtype, f"{path} K={k} N={n} M={m} x*{x_scale} bias={b is not None}")
     static_x = x.clone()
     quick_gemm(static_x, w, bias)  # warm-up outside the capture
     graph = torch.cuda.CUDAGraph()
@@ -625,7 +635,7 @@ def test_dequant_fp16_path_for_bf16(kernel, monkeypatch, x_scale):
     static_x.copy_(x * 0.5)
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(static_y, quick_gemm(x * 0.5, w, bias)), "dequant_fp16: graph replay differs from eager"
+    assert torch.equal(static_y, quick_gemm(x * 0.5, w, bias)), f"{path}: graph replay differs from eager"
 
 
 def test_group_the_kernel_does_not_take_falls_back_to_the_reference(kernel):

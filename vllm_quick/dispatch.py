@@ -188,6 +188,8 @@ def _describe_plan(plan: Plan) -> str:
     for max_m, path in plan:
         what = {"dequant": "dequantise + cuBLAS", "dequant_fp16": "dequantise to fp16 + fp16 cuBLAS",
                 "auto": "the kernel's own tile choice"}.get(path, f"tile {path}")
+        if fp16_tile_of(path) is not None:
+            what = f"scaled into fp16, tile {fp16_tile_of(path)}"
         span = f"M >= {low}" if max_m is None else f"M {low}-{max_m}"
         ranges.append(f"{span}: {what}")
         low = (max_m or 0) + 1
@@ -206,6 +208,16 @@ def choose(m: int, dtype: torch.dtype, device: torch.device, weight_elements: in
 def choose_path(m: int, dtype: torch.dtype, device: torch.device, weight_elements: int | None = None) -> str:
     """``"kernel"`` or ``"dequant"`` (either dequantise + cuBLAS path) for a call with M rows."""
     return "dequant" if choose(m, dtype, device, weight_elements) in DEQUANT_PATHS else "kernel"
+
+
+# "fp16:<tile>": bf16 activations moved exactly into fp16 (a power-of-two scale, as for
+# dequant_fp16) and through an fp16-only tile (ops.kernel_fp16_for_bf16): bf16's way into ws256.
+FP16_VIA = "fp16:"
+
+
+def fp16_tile_of(path: str) -> str | None:
+    """The fp16 tile of an ``"fp16:<tile>"`` path, else None."""
+    return path[len(FP16_VIA):] if path.startswith(FP16_VIA) else None
 
 
 _tile_index: dict[str, int] = {}

@@ -26,6 +26,8 @@ Schema (a contract with csrc/quick_ops.cpp)::
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import logging
 import os
 
@@ -136,12 +138,16 @@ def _cuda_gemm(x, qweight, qzeros, scales, bias, group_size: int, size_n: int):
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     path = dispatch.choose(x2.shape[0], x.dtype, x.device, weight_elements=x2.shape[1] * size_n)
+    fp16_tile = dispatch.fp16_tile_of(path)  # "fp16:<tile>": bf16 through an fp16 tile
     if path == "dequant_fp16" and x2.dtype == torch.bfloat16:
         y = dequant_fp16_matmul(x2, qweight, qzeros, scales, bias, group_size, size_n)
     elif path in dispatch.DEQUANT_PATHS:  # (for fp16 activations dequant_fp16 is plain dequant)
         y = dequant_matmul(x2, qweight, qzeros, scales, bias, group_size, size_n)
+    elif fp16_tile is not None and x2.dtype == torch.bfloat16:
+        tile = dispatch.tile_index(fp16_tile, kernel_extension().TILES)
+        y = kernel_fp16_for_bf16(x2, qweight, qzeros, scales, bias, group_size, size_n, tile)
     else:
-        tile = dispatch.tile_index(path, kernel_extension().TILES)
+        tile = dispatch.tile_index(fp16_tile or path, kernel_extension().TILES)
         y = kernel_gemm(x2, qweight, qzeros, scales, bias, group_size, size_n, tile)
     return y.reshape(*x.shape[:-1], size_n)
 
@@ -181,6 +187,16 @@ def dequant_fp16_matmul(x2, qweight, qzeros, scales, bias, group_size: int, size
     return fp16_matmul_for_bf16(x2, w16, bias, column_abs_sum_bound(scales, x2.shape[1], group_size))
 
 
+def kernel_fp16_for_bf16(x2, qweight, qzeros, scales, bias, group_size: int, size_n: int, tile: int) -> torch.Tensor:
+    """bf16 activations through an fp16 kernel tile (the ``"fp16:<tile>"`` paths, e.g. the
+    warp-specialised ws256, which has no bf16 form): the scaling of fp16_matmul_for_bf16, with the
+    QUICK kernel as the fp16 GEMM. The tile rounds each (q - z) * s once to fp16, like the dense
+    fp16 weight of dequant_fp16, and accumulates in fp32 (``bias`` already in x's dtype)."""
+    bound = column_abs_sum_bound(scales, x2.shape[1], group_size)
+    return fp16_product_for_bf16(
+        x2, bias, bound, lambda x16, bias16: kernel_gemm(x16, qweight, qzeros, scales, bias16, group_size, size_n, tile))
+
+
 # fp16_matmul_for_bf16 scales the product so that its bound lands in [2^14, 2^15): below fp16's
 # largest finite value (65504, just under 2^16) with a factor 2 to spare.
 FP16_TOP_EXPONENT = 15
@@ -211,6 +227,13 @@ def fp16_matmul_for_bf16(x2: torch.Tensor, w16: torch.Tensor, bias: torch.Tensor
     conservative bound that is ~2^-28 of max |x| or less for Llama-sized K, far below what moves
     an output. (A first version with an fp32 cuBLAS output, no bound needed, ran 0.32-0.54x
     cuBLAS on the H100: the fp32 output's traffic and kernels cost more than they saved.)"""
+    return fp16_product_for_bf16(x2, bias, col_bound, lambda x16, bias16: _fp16_gemm(x16, w16, bias16))
+
+
+def fp16_product_for_bf16(x2: torch.Tensor, bias: torch.Tensor | None, col_bound: torch.Tensor,
+                          gemm16: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
+    """The scaling of fp16_matmul_for_bf16 around any fp16 GEMM ``gemm16(x16, bias16) -> y16`` of
+    one fixed weight whose column sums of |W| are bounded by ``col_bound``."""
     bound = torch.linalg.vector_norm(x2, ord=float("inf"), dtype=torch.float32) * col_bound.clamp(min=1.0)
     if bias is not None:  # (clamp: |x| <= bound too, so x * 2^e stays finite)
         bound = bound + torch.linalg.vector_norm(bias, ord=float("inf"), dtype=torch.float32)
@@ -218,7 +241,7 @@ def fp16_matmul_for_bf16(x2: torch.Tensor, w16: torch.Tensor, bias: torch.Tensor
     scale = torch.exp2(shift)
     x16 = (x2 * scale.to(x2.dtype)).to(torch.float16)  # exact: a power of two, in range
     bias16 = None if bias is None else (bias.float() * scale).to(torch.float16)
-    y16 = _fp16_gemm(x16, w16, bias16)
+    y16 = gemm16(x16, bias16)
     return y16.to(torch.bfloat16).mul_(scale.reciprocal().to(torch.bfloat16))  # exact unscaling
 
 
