@@ -26,8 +26,12 @@ freeze it). The paths:
   (wgmma) kernels beat ours: fp16 beyond M = 4096, and M = 65-256 on the small layers;
 * ``"dequant_fp16"`` (bf16 activations): the same with an fp16 dense weight, the activations and
   the product scaled by a power of two into fp16's range and back exactly
-  (``ops.fp16_matmul_for_bf16``): bf16's path beyond M = 1024 on the large layers (the dense fp16
-  weight rounds (q - z) * s once to fp16, 1.7e-3 of relative error measured; bf16 would be 2.3e-3).
+  (``ops.fp16_matmul_for_bf16``): bf16's path beyond M = 4096 on the large layers (the dense fp16
+  weight rounds (q - z) * s once to fp16, 1.7e-3 of relative error measured; bf16 would be 2.3e-3);
+* ``"fp16:<tile>"`` (bf16 activations): the activations moved into fp16 by the same power-of-two
+  scaling, then an fp16-only tile (``ops.kernel_fp16_for_bf16``), which rounds (q - z) * s once
+  to fp16 like dequant_fp16's dense weight: bf16's way into ``ws256``, from M = 257 to 4096 on
+  the large layers.
 
 ``PLANS`` is the measured choice per GPU family and activation dtype: ``(largest M, path)`` pairs
 in increasing M, the last one with ``None`` (any larger M). ``benchmarks/dispatch_table.py``
@@ -64,6 +68,11 @@ Plan = tuple[tuple[int | None, str], ...]
 #   / 0.97 / 0.92 at M = 256 / 512 / 1024 / 4096 (dequant 0.92 at 4096) -> ws256 to M = 4096, and
 #   on the small layers from M = 257 to 4096 (0.66 / 0.97 / 0.99 at 512 / 1024 / 4096 against
 #   dequant's 0.65 / 0.85 / 0.94; dequant keeps M = 65-256 there, 0.49 against 0.39).
+#   bf16 through the fp16 tile ws256 ("fp16:ws256", session 8, kernel_h100_s8_bf16_tiles.json,
+#   large layers): fp16:ws256 / w64x / dequant_fp16 0.50 / 0.53 / 0.34 at M = 256, 0.52 / 0.49 /
+#   0.43 at 512, 0.60 / 0.51 / 0.54 at 1024, 0.64 / 0.51 / 0.63 at 4096 -> fp16:ws256 from M =
+#   257 to 4096 (the scaling's extra passes over x and y cost ~1/3 of its time); on the small
+#   layers w64x stays (0.43-0.52 against 0.20-0.48).
 #   bf16 M <= 16: x16 1.88-2.09; beyond: w64x (1.54 at M = 32, 1.36 at 64, 0.87 at 128, 0.50 at
 #   1024; the x tiles 0.33 there). bf16 never takes "dequant" (see above). "dequant_fp16"
 #   (session 6, benchmarks/results/kernel_h100_s6_dequant_fp16_v2.json, bf16, M = 128-4096):
@@ -73,7 +82,7 @@ Plan = tuple[tuple[int | None, str], ...]
 PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
         torch.float16: ((16, "s16m"), (32, "s32m"), (64, "w64x"), (128, "w128n"), (4096, "ws256"), (None, "dequant")),
-        torch.bfloat16: ((16, "x16"), (1024, "w64x"), (None, "dequant_fp16")),
+        torch.bfloat16: ((16, "x16"), (256, "w64x"), (4096, "fp16:ws256"), (None, "dequant_fp16")),
     },
 }
 # Small layers (K x N <= SMALL_LAYER_ELEMENTS, e.g. Llama-3-8B's o 4096x4096 and qkv 4096x6144)
