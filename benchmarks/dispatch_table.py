@@ -40,8 +40,8 @@ MAX_REL_ERR = {"float16": 2e-3, "bfloat16": 2.5e-3}
 
 def candidates(row: dict) -> dict[str, float]:
     """path -> µs for one result row: tiles from quick_<tile>, 'dequant' from quick_dequant (fp16),
-    'dequant_fp16' from quick_dequant_fp16 (bf16); only paths that were timed and, where the row
-    records it, within MAX_REL_ERR."""
+    'dequant_fp16' from quick_dequant_fp16 and 'fp16:<tile>' from quick_fp16_<tile> (bf16); only
+    paths that were timed and, where the row records it, within MAX_REL_ERR."""
     dtype, us, errs = row["dtype"], row.get("us", {}), row.get("rel_err_backends", {})
     limit = MAX_REL_ERR.get(dtype, 2e-3)
 
@@ -56,6 +56,10 @@ def candidates(row: dict) -> dict[str, float]:
         out["dequant"] = us["quick_dequant"]
     if ok("quick_dequant_fp16") and dtype == "bfloat16":
         out["dequant_fp16"] = us["quick_dequant_fp16"]
+    if dtype == "bfloat16":  # bf16 through an fp16 tile: quick_fp16_<tile> -> "fp16:<tile>"
+        via = TILE_PREFIX + dispatch.FP16_VIA.rstrip(":") + "_"
+        out.update({dispatch.FP16_VIA + b[len(via):]: us[b] for b in us
+                    if b.startswith(via) and b[len(via):] in KERNEL_TILES and ok(b)})
     return out
 
 

@@ -109,6 +109,14 @@ def test_dispatch_table_picks_the_geometric_mean_winner_per_m():
     }
 
 
+def test_dispatch_table_offers_fp16_tiles_to_bf16():
+    """quick_fp16_<tile> rows (bf16 through an fp16 tile) become 'fp16:<tile>' candidates for bf16,
+    never for fp16 (there the tile itself is the candidate)."""
+    rows = [_row("bfloat16", 1024, "a", w64x=100, fp16_ws256=60), _row("bfloat16", 16, "a", x16=10, fp16_ws256=60),
+            _row("float16", 1024, "a", ws256=50, fp16_ws256=40)]
+    assert dispatch_table.suggest(rows) == {"bfloat16": ((16, "x16"), (None, "fp16:ws256")), "float16": ((None, "ws256"),)}
+
+
 def test_dispatch_table_offers_dequant_fp16_to_bf16_only():
     rows = [_row("bfloat16", 1024, "a", w64x=100, dequant=50, dequant_fp16=60),
             _row("float16", 1024, "a", w64x=100, dequant=50, dequant_fp16=40)]
