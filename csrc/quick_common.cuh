@@ -87,9 +87,12 @@ __device__ __forceinline__ void zero_accumulators(float (&acc)[kRows][8][4]) {
 // finish (an atomic counter per output tile) sums the partials in split order (deterministic)
 // and writes y, then resets the counter, so the counters stay zero between launches and
 // CUDA-graph replays. kThreads > 0: only threads 0..kThreads-1 take part (the ws tiles, whose
-// producer warpgroup has left), synchronised by named barrier 1 instead of __syncthreads.
+// producer warpgroup has left), synchronised by part_barrier instead of __syncthreads.
+//
+// part_barrier<kThreads>: __syncthreads() for kThreads == 0, else named barrier 1 over the block's
+// first kThreads threads (a multiple of 32), for code the rest of the block does not reach.
 template <int kThreads>
-__device__ __forceinline__ void split_k_barrier() {
+__device__ __forceinline__ void part_barrier() {
   if constexpr (kThreads == 0) {
     __syncthreads();
   } else {
@@ -100,12 +103,12 @@ __device__ __forceinline__ void split_k_barrier() {
 template <typename T, int kThreads = 0>
 __device__ __forceinline__ void reduce_split_k(const KernelParams& p, int row0, int block_rows, int col0, int cols) {
   __threadfence();  // partials visible device-wide before the counter says so
-  split_k_barrier<kThreads>();
+  part_barrier<kThreads>();
   __shared__ int is_last;
   const int tid = threadIdx.x;
   int* counter = p.counters + blockIdx.y * gridDim.x + blockIdx.x;
   if (tid == 0) is_last = atomicAdd(counter, 1) == p.splits - 1;
-  split_k_barrier<kThreads>();
+  part_barrier<kThreads>();
   if (!is_last) return;
   __threadfence();  // acquire side: see the other splits' partials
   // The whole block reduces the tile, four columns per thread and several splits' loads in

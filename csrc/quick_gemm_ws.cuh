@@ -158,17 +158,12 @@ __device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, uint32_t r0, ui
 #endif
 }
 
-// The consumers' named barrier (id 1; 0 is __syncthreads), for the 128 kWGs consumer threads.
-template <int kThreads>
-__device__ __forceinline__ void consumer_barrier() {
-  asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
-}
-
 // Epilogue of the ws tiles without split-K or bias (the common case), in two steps with a
-// consumer barrier between them: the block's fp16 output tile y[kTokens][kWGs * 64] is assembled in the (by then idle) pipeline shared memory and
-// written with 16-byte, row-contiguous stores. Storing the wgmma D fragments directly costs one
-// 2-byte store per element (128 per thread, ~10% of a 4096-deep K loop's instructions), 8-byte
-// pieces of 32-byte sectors. Here: 16 stmatrix per thread (the D fragment of a k-step is, per
+// consumer barrier (part_barrier) between them: the block's fp16 output tile y[kTokens][kWGs *
+// 64] is assembled in the (by then idle) pipeline shared memory and written with 16-byte,
+// row-contiguous stores. Storing the wgmma D fragments directly costs one 2-byte store per
+// element (128 per thread, ~10% of a 4096-deep K loop's instructions), 8-byte pieces of 32-byte
+// sectors. Here: 16 stmatrix per thread (the D fragment of a k-step is, per
 // 8 tokens, two 8x8 [feature][token] matrices; .trans stores them as [token][8 features]) and
 // 16 coalesced 16-byte copies per thread. Rows of the smem tile are kWGs * 128 bytes; 16-byte
 // chunk c of row t sits at chunk c ^ (t % 8), so the 8 rows of one stmatrix matrix hit 8
@@ -301,8 +296,9 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
   // ---- Consumers: warpgroup wg, warp r of it (word r of each lane's 16 bytes). ----
   setmaxnreg_inc<kWsConsumerRegisters>();
   const int wg = warp / 4, r = warp % 4;
-  // The output goes through shared memory with 16-byte stores (store_tile_via_smem) unless K is
-  // split (fp32 partials), there is a bias, or y's rows are not 16-byte aligned.
+  // The output goes through shared memory with 16-byte stores (stage_output_fragments, then
+  // copy_output_tile) unless K is split (fp32 partials), there is a bias, or y's rows are not
+  // 16-byte aligned.
   const bool fast_store = p.splits == 1 && p.bias == nullptr && p.size_n % 8 == 0 &&
                           (reinterpret_cast<uintptr_t>(p.y) & 15) == 0;
   if (wg < block_tiles) {
@@ -382,7 +378,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
     if (fast_store) {
       // Both warpgroups' wgmmas must be done with the pipeline's shared memory before the output
       // tile goes there.
-      consumer_barrier<128 * kWGs>();
+      part_barrier<128 * kWGs>();
       stage_output_fragments<kWGs, kTokens>(smem, out, wg, r, lane);
     } else {
       const int n0 = (tile_n0 + wg) * kTileN + 16 * r + lane / 4;
@@ -394,10 +390,10 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
         for (int e = 0; e < 4; ++e) store_element<T>(p, part, t0 + 8 * x + e % 2, n0 + 8 * (e / 2), out[x][e]);
     }
   } else if (fast_store) {
-    consumer_barrier<128 * kWGs>();  // (an idle warpgroup: odd number of 64-column tiles)
+    part_barrier<128 * kWGs>();  // (an idle warpgroup: odd number of 64-column tiles)
   }
   if (fast_store) {
-    consumer_barrier<128 * kWGs>();
+    part_barrier<128 * kWGs>();
     copy_output_tile<kWGs, kTokens>(p, smem, row0, tile_n0 * kTileN, block_tiles);
   }
   if (p.splits > 1) reduce_split_k<T, 128 * kWGs>(p, row0, kTokens, tile_n0 * kTileN, block_tiles * kTileN);

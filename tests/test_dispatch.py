@@ -207,7 +207,7 @@ def test_shipped_plans_are_well_formed(table):
                 assert plain <= exact_bf16, (family, plan)
 
 
-def test_fp16_paths_parse_and_describe(monkeypatch):
+def test_fp16_paths_parse_and_describe():
     """'fp16:<tile>' (bf16 through an fp16 tile) survives the env spec and names its tile."""
     plans = dispatch.parse_plan_spec("bfloat16=16:x16,*:fp16:ws256")
     assert plans == {torch.bfloat16: ((16, "x16"), (None, "fp16:ws256"))}
