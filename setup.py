@@ -26,7 +26,7 @@ def cuda_extension():
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     ext = CUDAExtension(
         name="vllm_quick._C",
-        sources=["csrc/quick_ops.cpp", "csrc/quick_gemm.cu", "csrc/quick_dequant.cu"],
+        sources=["csrc/quick_ops.cpp", "csrc/quick_gemm.cu", "csrc/quick_dequant.cu", "csrc/quick_act_scale.cu"],
         extra_compile_args={
             # C++20 like torch's own headers (>= 2.10): a C++17 binding crashed when it threw.
             "cxx": ["-O3", "-std=c++20"],

@@ -31,6 +31,8 @@ struct KernelParams {
   int stages_per_split, splits;
   bool weights_evict_first;
   bool cluster_reduce;  // the splits of a tile form one cluster and reduce in shared memory
+  // bf16 through an fp16 tile (GemmArgs::act_abs_max): x holds x * 2^e, y gets acc * 2^-e.
+  const unsigned* act_abs_max;
 };
 
 // A split's fp32 partial tile in shared memory for the cluster reduction: rows of the block's 256

@@ -555,8 +555,9 @@ EncodeTiledFn tensor_map_encoder() {
 
 // The ws tiles (quick_gemm_ws.cuh): the Config interface, plus the activations' TMA map: x
 // [m, k] fp16, k fastest, read in boxes of 64 k x kTokens rows with the 128-byte swizzle that
-// the wgmma descriptor expects (sw128_kmajor_desc); rows past m read as zeros.
-template <int kWGs, int kTokens, int kStages>
+// the wgmma descriptor expects (sw128_kmajor_desc); rows past m read as zeros. Out: y's type
+// (bf16 calls give the fp16 copy of x and its scale, GemmArgs::act_abs_max).
+template <int kWGs, int kTokens, int kStages, typename Out>
 struct WsConfig {
   static constexpr int kThreads = 128 * (kWGs + 1);  // consumer warpgroups + the producer warpgroup
   static constexpr int kBlockM = kTokens;
@@ -565,12 +566,13 @@ struct WsConfig {
   static constexpr bool kClusterReduce = false;  // (256 tokens: no room for the partial tile)
   static constexpr bool kWgmma = true;
   // Group size 32 (two group rows per stage) and every other group size: two kernels.
-  static constexpr auto kernel = quick_gemm_ws_kernel<kWGs, kTokens, kStages, false>;
-  static constexpr auto kernel_two_groups = quick_gemm_ws_kernel<kWGs, kTokens, kStages, true>;
+  static constexpr auto kernel = quick_gemm_ws_kernel<kWGs, kTokens, kStages, false, Out>;
+  static constexpr auto kernel_two_groups = quick_gemm_ws_kernel<kWGs, kTokens, kStages, true, Out>;
 
   static cudaError_t launch(const GemmPlan& plan, const KernelParams& params, cudaStream_t stream) {
     const EncodeTiledFn encode = tensor_map_encoder();
     if (encode == nullptr) return cudaErrorNotSupported;
+    if (!std::is_same_v<Out, __half> && params.act_abs_max == nullptr) return cudaErrorInvalidValue;
     CUtensorMap map;
     const cuuint64_t dims[2] = {static_cast<cuuint64_t>(params.k), static_cast<cuuint64_t>(params.m)};
     const cuuint64_t row_bytes[1] = {static_cast<cuuint64_t>(params.k) * 2};
@@ -608,8 +610,9 @@ struct WsConfig {
 //     (128 rows, 1 block per SM); w128n: 2 words per warp, two warpgroups along N sharing 128 rows.
 //   w64x (fp16 and bf16, sm_90a only): exact fragments q - z through wgmma, 2 words per warp, two
 //     warpgroups along N sharing 64 rows, per-group fp32 scaling like the x tiles.
-//   ws256 (fp16, sm_90a only): warp-specialised (quick_gemm_ws.cuh): a TMA producer warpgroup and
-//     two consumer warpgroups of one 64-column tile each, 256 tokens.
+//   ws256 (sm_90a only): warp-specialised (quick_gemm_ws.cuh): a TMA producer warpgroup and
+//     two consumer warpgroups of one 64-column tile each, 256 tokens; fp16 fragments, so bf16
+//     calls hand it x scaled exactly into fp16 (tile_takes_fp16_activations) and get bf16 y.
 // A tile the activation type does not support (scaled tiles for bf16) falls back to x64.
 template <typename T, typename F>
 auto with_tile(int tile, F&& f) {
@@ -628,7 +631,7 @@ auto with_tile(int tile, F&& f) {
     case kTileW128: if constexpr (kHalf) return f.template operator()<Config<T, 4, 2, true, 1, true, 4>>(); break;
     case kTileW128N: if constexpr (kHalf) return f.template operator()<Config<T, 4, 2, true, 1, true, 2>>(); break;
     case kTileW64X: return f.template operator()<Config<T, 2, 2, false, 1, false, 2>>();
-    case kTileWS256: if constexpr (kHalf) return f.template operator()<WsConfig<2, 256, 5>>(); break;
+    case kTileWS256: return f.template operator()<WsConfig<2, 256, 5, T>>();
     default: break;
   }
   return f.template operator()<Config<T, 2, 2, false, 1>>();  // kTileX64
@@ -659,7 +662,11 @@ const char* tile_name(int tile) {
 bool tile_supports(int tile, ActType act) {
   if (tile == kTileAuto) return true;
   if (tile < 0 || tile >= kTileCount) return false;
-  return tile <= kTileX64 || tile == kTileW64X || act == ActType::kFloat16;
+  return tile <= kTileX64 || tile == kTileW64X || tile == kTileWS256 || act == ActType::kFloat16;
+}
+
+bool tile_takes_fp16_activations(int tile, ActType act) {
+  return tile == kTileWS256 && act == ActType::kBFloat16;
 }
 
 // Whether `device` is an sm_90 GPU, where the sm_90a build's wgmma tiles and cluster reduction
@@ -773,6 +780,7 @@ cudaError_t run(const GemmProblem& pr, const GemmPlan& pl, const GemmArgs& a, cu
   kp.stages_per_split = pl.stages_per_split;
   kp.splits = pl.splits;
   kp.cluster_reduce = pl.cluster_reduce;
+  kp.act_abs_max = a.act_abs_max;
   // With one row of blocks along M every weight byte is read once: stream it past L2. With
   // several, neighbouring row blocks re-read the same tiles, so let L2 keep them.
   kp.weights_evict_first = pl.grid_m == 1;

@@ -26,6 +26,7 @@
 
 #include <cuda.h>  // CUtensorMap (the map is built on the host, quick_gemm.cu)
 
+#include "quick_act_scale.cuh"
 #include "quick_common.cuh"
 #include "quick_fragments.cuh"
 #include "quick_ptx.cuh"
@@ -159,16 +160,16 @@ __device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, uint32_t r0, ui
 }
 
 // Epilogue of the ws tiles without split-K or bias (the common case), in two steps with a
-// consumer barrier (part_barrier) between them: the block's fp16 output tile y[kTokens][kWGs *
-// 64] is assembled in the (by then idle) pipeline shared memory and written with 16-byte,
-// row-contiguous stores. Storing the wgmma D fragments directly costs one 2-byte store per
+// consumer barrier (part_barrier) between them: the block's output tile y[kTokens][kWGs * 64]
+// (Out: fp16, or bf16 for bf16 calls; 2 bytes either way) is assembled in the (by then idle)
+// pipeline shared memory and written with 16-byte, row-contiguous stores. Storing the wgmma D fragments directly costs one 2-byte store per
 // element (128 per thread, ~10% of a 4096-deep K loop's instructions), 8-byte pieces of 32-byte
 // sectors. Here: 16 stmatrix per thread (the D fragment of a k-step is, per
 // 8 tokens, two 8x8 [feature][token] matrices; .trans stores them as [token][8 features]) and
 // 16 coalesced 16-byte copies per thread. Rows of the smem tile are kWGs * 128 bytes; 16-byte
 // chunk c of row t sits at chunk c ^ (t % 8), so the 8 rows of one stmatrix matrix hit 8
 // different bank groups (no conflict) and a row is still read as one contiguous line.
-template <int kWGs, int kTokens>
+template <int kWGs, int kTokens, typename Out>
 __device__ __forceinline__ void stage_output_fragments(unsigned char* smem, const float (&out)[kTokens / 8][4], int wg,
                                                        int r, int lane) {
   constexpr int kRowBytes = kWGs * kTileN * 2;
@@ -180,15 +181,15 @@ __device__ __forceinline__ void stage_output_fragments(unsigned char* smem, cons
 #pragma unroll
   for (int x = 0; x < kTokens / 8; x += 2) {
     const int token = 8 * (x + i / 2) + j;
-    stmatrix_x4_trans(tile + token * kRowBytes + chunk * 16, Act<__half>::pack(out[x][0], out[x][1]),
-                      Act<__half>::pack(out[x][2], out[x][3]), Act<__half>::pack(out[x + 1][0], out[x + 1][1]),
-                      Act<__half>::pack(out[x + 1][2], out[x + 1][3]));
+    stmatrix_x4_trans(tile + token * kRowBytes + chunk * 16, Act<Out>::pack(out[x][0], out[x][1]),
+                      Act<Out>::pack(out[x][2], out[x][3]), Act<Out>::pack(out[x + 1][0], out[x + 1][1]),
+                      Act<Out>::pack(out[x + 1][2], out[x + 1][3]));
   }
 }
 
 // Every consumer thread, once the fragments are staged: rows (tokens) below M, chunks of the
 // block's working tiles, one 16-byte load and store each, consecutive threads along a row.
-template <int kWGs, int kTokens>
+template <int kWGs, int kTokens, typename Out>
 __device__ __forceinline__ void copy_output_tile(const KernelParams& p, const unsigned char* smem, int row0, int col0,
                                                  int block_tiles) {
   constexpr int kRowBytes = kWGs * kTileN * 2;
@@ -199,7 +200,7 @@ __device__ __forceinline__ void copy_output_tile(const KernelParams& p, const un
     const int t = idx / kChunks, c = idx % kChunks;
     if (c >= chunks || col0 + 8 * c >= p.size_n) continue;
     const uint4 v = *reinterpret_cast<const uint4*>(smem + t * kRowBytes + ((c ^ (t & 7)) * 16));
-    *reinterpret_cast<uint4*>(static_cast<__half*>(p.y) + static_cast<size_t>(row0 + t) * p.size_n + col0 + 8 * c) = v;
+    *reinterpret_cast<uint4*>(static_cast<Out*>(p.y) + static_cast<size_t>(row0 + t) * p.size_n + col0 + 8 * c) = v;
   }
 }
 
@@ -216,10 +217,14 @@ struct WsStageWords {
 // kTwoGroups: group size 32, i.e. two group rows per 64-row stage (k-tiles 0-1 and 2-3); else
 // the whole stage lies in one group and its row is unpacked once per stage (no group tracking:
 // the producer copies the stage's row into every stage, so nothing is carried across stages).
-template <int kWGs, int kTokens, int kStages, bool kTwoGroups>
+// Out: y's type. The tile always multiplies fp16 (its lean fragments are fp16 tricks); for bf16
+// calls (Out = bf16) x is the exact fp16 copy x * 2^e (quick_act_scale.cu) and the accumulators
+// are multiplied by 2^-e, exactly, before the bf16 output -- one rounding of (q - z) * s to fp16
+// and one of y to bf16, as in ops.fp16_product_for_bf16 but without its passes over y.
+template <int kWGs, int kTokens, int kStages, bool kTwoGroups, typename Out>
 __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
     quick_gemm_ws_kernel(const __grid_constant__ CUtensorMap act_map, const KernelParams p) {
-  using T = __half;
+  using T = __half;  // what the fragments and wgmmas hold
   using Smem = WsSmem<kWGs, kTokens, kStages>;
   constexpr int kRows = kTokens / 64;  // accumulator as [kRows][8][4] floats (wgmma_step)
   constexpr int kGroupRows = kTwoGroups ? 2 : 1;
@@ -302,6 +307,8 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
   const bool fast_store = p.splits == 1 && p.bias == nullptr && p.size_n % 8 == 0 &&
                           (reinterpret_cast<uintptr_t>(p.y) & 15) == 0;
   if (wg < block_tiles) {
+    // bf16 calls: the bits of max|x| that set x's fp16 scale (read now, used after the K loop).
+    const uint32_t abs_max_bits = std::is_same_v<Out, __half> ? 0u : __ldg(p.act_abs_max);
     float acc[kRows][8][4];
     zero_accumulators(acc);
 #pragma unroll
@@ -371,6 +378,15 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
     wgmma_wait<0>();
 #pragma unroll
     for (int i = 0; i < kRows; ++i) fence_registers(reinterpret_cast<float(&)[32]>(acc[i]));
+    if constexpr (!std::is_same_v<Out, __half>) {
+      const float unscale = __uint_as_float(pow2_bits(-fp16_shift_of_bf16(abs_max_bits)));
+#pragma unroll
+      for (int i = 0; i < kRows; ++i)
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[i][nb][e] *= unscale;
+    }
 
     // D element [i][nb][e] (as kTokens / 2 floats out[x][e], x = 8 i + nb): output feature
     // n0 + 8 (e / 2), token t0 + 8 x + e % 2.
@@ -379,7 +395,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
       // Both warpgroups' wgmmas must be done with the pipeline's shared memory before the output
       // tile goes there.
       part_barrier<128 * kWGs>();
-      stage_output_fragments<kWGs, kTokens>(smem, out, wg, r, lane);
+      stage_output_fragments<kWGs, kTokens, Out>(smem, out, wg, r, lane);
     } else {
       const int n0 = (tile_n0 + wg) * kTileN + 16 * r + lane / 4;
       const int t0 = row0 + 2 * (lane % 4);
@@ -387,16 +403,16 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
 #pragma unroll
       for (int x = 0; x < kTokens / 8; ++x)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) store_element<T>(p, part, t0 + 8 * x + e % 2, n0 + 8 * (e / 2), out[x][e]);
+        for (int e = 0; e < 4; ++e) store_element<Out>(p, part, t0 + 8 * x + e % 2, n0 + 8 * (e / 2), out[x][e]);
     }
   } else if (fast_store) {
     part_barrier<128 * kWGs>();  // (an idle warpgroup: odd number of 64-column tiles)
   }
   if (fast_store) {
     part_barrier<128 * kWGs>();
-    copy_output_tile<kWGs, kTokens>(p, smem, row0, tile_n0 * kTileN, block_tiles);
+    copy_output_tile<kWGs, kTokens, Out>(p, smem, row0, tile_n0 * kTileN, block_tiles);
   }
-  if (p.splits > 1) reduce_split_k<T, 128 * kWGs>(p, row0, kTokens, tile_n0 * kTileN, block_tiles * kTileN);
+  if (p.splits > 1) reduce_split_k<Out, 128 * kWGs>(p, row0, kTokens, tile_n0 * kTileN, block_tiles * kTileN);
 }
 
 }  // namespace

@@ -304,8 +304,8 @@ def test_tile_names_match_the_extension(kernel):
 @pytest.mark.parametrize("tile", TILES)
 def test_every_tile(kernel, tile, dtype_name, group_size):
     """Each tile on every M (one block row or several, split-K or not), padded N included; two
-    calls equal bit for bit. Scaled tiles ("s", and the wgmma tiles but w64x) are fp16 only and
-    refuse bf16 with a ValueError; "w" tiles run on sm_90 only and say so elsewhere."""
+    calls equal bit for bit. Scaled tiles ("s", and the wgmma tiles but w64x and ws256) are fp16
+    only and refuse bf16 with a ValueError; "w" tiles run on sm_90 only and say so elsewhere."""
     dtype = DTYPES[dtype_name]
     index = TILES.index(tile)
     if tile.startswith("w") and torch.cuda.get_device_capability() != (9, 0):
@@ -329,22 +329,51 @@ def test_every_tile(kernel, tile, dtype_name, group_size):
             assert torch.equal(y, ops.kernel_gemm(*args)), f"tile {tile} M={m}: two calls differ"
 
 
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("group_size", [32, 64, 128, -1])
-def test_ws_tile_partial_blocks_and_split_k(kernel, monkeypatch, group_size):
+def test_ws_tile_partial_blocks_and_split_k(kernel, monkeypatch, group_size, dtype_name):
     """The warp-specialised tile ws256 with an odd number of 64-column tiles (the last block's
     second consumer warpgroup idles but still joins the split-K barrier), more than one block of
-    256 tokens, and split-K forced on and off: every group layout (one kernel for group size 32,
-    another for the rest) matches the reference."""
+    256 tokens, split-K forced on and off, with and without bias (the staged epilogue and the
+    element stores): every group layout (one kernel for group size 32, another for the rest)
+    matches the reference, for fp16 and for bf16 (through the fp16 copy of x, unscaled in the
+    epilogue or in the split-K reduction)."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("ws256 runs on sm_90 only")
+    dtype = DTYPES[dtype_name]
     index = TILES.index("ws256")
     for (k, n), m in (((1024, 192), 300), ((2048, 320), 40), ((4096, 64), 513)):
         w = make_weight(k, n, group_size)
-        x = random_x((m, k), torch.float16, seed=zlib.crc32(f"ws/{k}/{n}/{m}".encode()))
+        x = random_x((m, k), dtype, seed=zlib.crc32(f"ws/{k}/{n}/{m}".encode()))
+        bias = random_x((n,), dtype, seed=5)
         for splits in ("1", "8"):
             monkeypatch.setenv("VLLM_QUICK_MAX_SPLITS", splits)
-            y = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, n, index)
-            check_output(y, x.float() @ w.w32, torch.float16, f"ws256 K={k} N={n} M={m} g={group_size} splits<={splits}")
+            for b in (None, bias):
+                y = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, b, w.group, n, index)
+                ref = x.float() @ w.w32 + (0 if b is None else b.float())
+                check_output(y, ref, dtype, f"ws256 {dtype_name} K={k} N={n} M={m} g={group_size} "
+                             f"splits<={splits} bias={b is not None}")
+
+
+@pytest.mark.parametrize("x_scale", [1.0, 1e6, 1e-30, 1e30])
+def test_ws_tile_bf16_activation_range(kernel, x_scale):
+    """bf16 through ws256 moves x into fp16 by a power of two found on the GPU (max |x|): bf16's
+    whole exponent range must come back right -- activations beyond fp16's 65504 (1e6, 1e30) and
+    below its normal range (1e-30) -- and an inf in one row must not change the other rows."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("ws256 runs on sm_90 only")
+    index = TILES.index("ws256")
+    k, n, m = 2048, 448, 70
+    w = make_weight(k, n, 128)
+    x = (random_x((m, k), torch.float32, seed=zlib.crc32(f"range/{x_scale}".encode())) * x_scale).to(torch.bfloat16)
+    y = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, n, index)
+    check_output(y, x.float() @ w.w32, torch.bfloat16, f"ws256 bf16 x*{x_scale}")
+    x_inf = x.clone()
+    x_inf[3, 7] = float("inf")
+    y_inf = ops.kernel_gemm(x_inf, w.qweight, w.qzeros, w.scales, None, w.group, n, index)
+    others = torch.arange(m, device=x.device) != 3
+    assert torch.equal(y_inf[others], y[others]), f"x*{x_scale}: an inf in row 3 changed other rows"
+    assert not bool(torch.isfinite(y_inf[3]).all()), f"x*{x_scale}: the inf of row 3 vanished"
 
 
 @pytest.mark.parametrize("max_splits", ["1", "16", "32", "junk"])
@@ -604,16 +633,17 @@ def test_extension_raises_value_errors(kernel):
 
 
 @pytest.mark.parametrize("x_scale", [1.0, 1e4])
-@pytest.mark.parametrize("path", ["dequant_fp16", "fp16:ws256"])
+@pytest.mark.parametrize("path", ["dequant_fp16", "fp16:ws256", "ws256"])
 def test_fp16_paths_for_bf16(kernel, monkeypatch, x_scale, path):
     """bf16 activations moved exactly into fp16 by a power of two: the dequant_fp16 path (an fp16
-    dense weight, fp16 cuBLAS, ops.fp16_matmul_for_bf16) and the "fp16:ws256" path (the fp16 tile
-    ws256, ops.kernel_fp16_for_bf16), forced through the op by the plan: within the budget
+    dense weight, fp16 cuBLAS, ops.fp16_matmul_for_bf16), the "fp16:ws256" path (the fp16 tile
+    ws256, ops.kernel_fp16_for_bf16) and ws256 itself (the scaling inside the extension, bf16
+    written by the tile), forced through the op by the plan: within the budget
     against the fp32 reference on a padded and an unpadded layer, with and without bias, for
     activations whose products leave fp16's range (x_scale 1e4), and the same under a CUDA graph."""
     from vllm_quick import dispatch
 
-    if path.startswith("fp16:") and torch.cuda.get_device_capability() != (9, 0):
+    if path.endswith("ws256") and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip(f"{path}: the tile runs on sm_90 only")
     monkeypatch.setenv(dispatch.PLAN_ENV, f"bfloat16=*:{path}")
     monkeypatch.setattr(dispatch, "_env_plans", None)  # re-read the plan from the environment

@@ -152,7 +152,7 @@ def _find_nvcc() -> str | None:
     return shutil.which("nvcc") or (str(default) if default.exists() else None)
 
 
-@pytest.mark.parametrize("source", ["quick_gemm.cu", "quick_dequant.cu"])
+@pytest.mark.parametrize("source", ["quick_gemm.cu", "quick_dequant.cu", "quick_act_scale.cu"])
 def test_kernel_compiles_with_nvcc(source, tmp_path):
     """Compile the kernel translation units (no torch headers) for sm_80 and sm_90a (as setup.py
     does: the wgmma tiles need sm_90a); fail on a compile error, on register spills in the GEMM

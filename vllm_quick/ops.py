@@ -188,9 +188,9 @@ def dequant_fp16_matmul(x2, qweight, qzeros, scales, bias, group_size: int, size
 
 
 def kernel_fp16_for_bf16(x2, qweight, qzeros, scales, bias, group_size: int, size_n: int, tile: int) -> torch.Tensor:
-    """bf16 activations through an fp16 kernel tile (the ``"fp16:<tile>"`` paths, e.g. the
-    warp-specialised ws256, which has no bf16 form): the scaling of fp16_matmul_for_bf16, with the
-    QUICK kernel as the fp16 GEMM. The tile rounds each (q - z) * s once to fp16, like the dense
+    """bf16 activations through an fp16 kernel tile (the ``"fp16:<tile>"`` paths): the scaling of
+    fp16_matmul_for_bf16, with the QUICK kernel as the fp16 GEMM. (The tile ws256 does the same
+    inside the extension for a bf16 x, without the passes over y: csrc/quick_act_scale.cu.) The tile rounds each (q - z) * s once to fp16, like the dense
     fp16 weight of dequant_fp16, and accumulates in fp32 (``bias`` already in x's dtype)."""
     bound = column_abs_sum_bound(scales, x2.shape[1], group_size)
     return fp16_product_for_bf16(
