@@ -17,21 +17,24 @@ freeze it). The paths:
   warp and 128 tokens per wgmma (the one plans use);
   ``w64x`` (fp16 and bf16, sm_90 only) feeds the exact fragments to wgmma with per-group fp32
   scaling (the bf16 tile beyond M = 16, and fp16's from M = 33 to 64 on large layers);
-  ``ws256`` (fp16, sm_90 only) is the warp-specialised wgmma tile (a TMA producer warpgroup
+  ``ws256`` (sm_90 only) is the warp-specialised wgmma tile (a TMA producer warpgroup
   feeding two consumer warpgroups, 256 tokens per block): fp16's tile from M = 129 to 4096 on
-  the large layers (257 to 4096 on the small ones);
+  the large layers (257 to 4096 on the small ones), and bf16's from M = 129 (257) on: its
+  fragments are fp16, so a bf16 x goes in as an exact fp16 copy x * 2^e (csrc/quick_act_scale.cu)
+  and the tile writes bf16 y * 2^-e from its fp32 accumulators (one fp16 rounding of (q - z) * s,
+  like dequant_fp16's dense weight);
 * ``"auto"``: the kernel with its own built-in choice by M (families not measured yet);
 * ``"dequant"``: dequantise the layer once into a dense matrix (csrc/quick_dequant.cu) and call
   cuBLAS; wins once the GEMM is bound by arithmetic (large M, prefill), where cuBLAS's Hopper
   (wgmma) kernels beat ours: fp16 beyond M = 4096, and M = 65-256 on the small layers;
 * ``"dequant_fp16"`` (bf16 activations): the same with an fp16 dense weight, the activations and
   the product scaled by a power of two into fp16's range and back exactly
-  (``ops.fp16_matmul_for_bf16``): bf16's path beyond M = 4096 on the large layers (the dense fp16
-  weight rounds (q - z) * s once to fp16, 1.7e-3 of relative error measured; bf16 would be 2.3e-3);
+  (``ops.fp16_matmul_for_bf16``; the dense fp16 weight rounds (q - z) * s once to fp16, 1.7e-3 of
+  relative error measured; bf16 would be 2.3e-3): in no plan since ws256 takes bf16 (session 9);
 * ``"fp16:<tile>"`` (bf16 activations): the activations moved into fp16 by the same power-of-two
   scaling, then an fp16-only tile (``ops.kernel_fp16_for_bf16``), which rounds (q - z) * s once
-  to fp16 like dequant_fp16's dense weight: bf16's way into ``ws256``, from M = 257 to 4096 on
-  the large layers.
+  to fp16 like dequant_fp16's dense weight: bf16's way into fp16-only tiles (session 8's way into
+  ws256; in no plan since ws256 does the scaling itself, without the passes over y).
 
 ``PLANS`` is the measured choice per GPU family and activation dtype: ``(largest M, path)`` pairs
 in increasing M, the last one with ``None`` (any larger M). ``benchmarks/dispatch_table.py``
@@ -73,6 +76,13 @@ Plan = tuple[tuple[int | None, str], ...]
 #   0.43 at 512, 0.60 / 0.51 / 0.54 at 1024, 0.64 / 0.51 / 0.63 at 4096 -> fp16:ws256 from M =
 #   257 to 4096 (the scaling's extra passes over x and y cost ~1/3 of its time); on the small
 #   layers w64x stays (0.43-0.52 against 0.20-0.48).
+#   Session 9: ws256 takes bf16 itself (an exact fp16 copy of x, bf16 y written by the tile:
+#   csrc/quick_act_scale.cu; benchmarks/results/kernel_h100_s9_bf16_ws256.json, 12 shapes, M =
+#   128-4096): bf16 ws256 / w64x / fp16:ws256 0.67 / 0.70 / 0.42x cuBLAS at M = 128, 0.68 / 0.53 /
+#   0.42 at 256, 0.74 / 0.49 / 0.49 at 512, 0.85 / 0.51 / 0.57 at 1024, 0.86 / 0.51 / 0.61 at 4096
+#   (bf16 ws256 time / fp16 ws256 time 1.08 / 1.13 / 1.10 / 1.07 / 1.05) -> ws256 from M = 129 on
+#   the large layers (beyond 4096 too: dequant_fp16 was 0.63 at 4096) and from M = 257 on the
+#   small ones (w64x 0.65 / 0.47 against 0.30 / 0.40 at M = 256 there).
 #   bf16 M <= 16: x16 1.88-2.09; beyond: w64x (1.54 at M = 32, 1.36 at 64, 0.87 at 128, 0.50 at
 #   1024; the x tiles 0.33 there). bf16 never takes "dequant" (see above). "dequant_fp16"
 #   (session 6, benchmarks/results/kernel_h100_s6_dequant_fp16_v2.json, bf16, M = 128-4096):
@@ -82,7 +92,7 @@ Plan = tuple[tuple[int | None, str], ...]
 PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
         torch.float16: ((16, "s16m"), (32, "s32m"), (64, "w64x"), (128, "w128n"), (4096, "ws256"), (None, "dequant")),
-        torch.bfloat16: ((16, "x16"), (256, "w64x"), (4096, "fp16:ws256"), (None, "dequant_fp16")),
+        torch.bfloat16: ((16, "x16"), (128, "w64x"), (None, "ws256")),
     },
 }
 # Small layers (K x N <= SMALL_LAYER_ELEMENTS, e.g. Llama-3-8B's o 4096x4096 and qkv 4096x6144)
@@ -94,7 +104,7 @@ SMALL_LAYER_ELEMENTS = 4096 * 6144
 SMALL_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
         torch.float16: ((16, "s16m"), (64, "s32m"), (256, "dequant"), (4096, "ws256"), (None, "dequant")),
-        torch.bfloat16: ((32, "x16"), (None, "w64x")),
+        torch.bfloat16: ((32, "x16"), (256, "w64x"), (None, "ws256")),
     },
 }
 # Families not measured yet: the kernel's own choice everywhere (always correct, maybe not fastest).
