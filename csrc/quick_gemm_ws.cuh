@@ -126,17 +126,24 @@ struct WsSmem {
 };
 
 // Register budgets of the two roles (setmaxnreg, sm_90a). A block of 128 (kWGs + 1) threads
-// starts with 168 registers per thread (65536 / 384, rounded down to 8: __launch_bounds__);
-// the producer warpgroup, which needs few, gives registers back and the consumers take them, so
-// that 2 x 128 x 232 + 128 x 40 <= 65536. With 168 each (session 6's one producer warp) the
-// consumers kept their 128 accumulators and little else: ptxas recomputed shared-memory
+// starts with 168 registers per thread (65536 / 384, rounded down to 8: __launch_bounds__); the
+// producer warpgroup, which needs few, gives registers back and the consumers take them from
+// that pool of 384 x 168, so 2 x 128 x 232 + 128 x 40 <= 384 x 168 (a larger ask makes
+// setmaxnreg.inc wait forever: the kernel hangs). With 168 each (session 6's one producer warp)
+// the consumers kept their 128 accumulators and little else: ptxas recomputed shared-memory
 // addresses, slots and group tests every stage (ncu: ~60 instructions per wgmma).
-// bf16 calls (the producer also converts the activations, convert_stages_to_fp16): 64 / 224
-// (2 x 128 x 224 + 128 x 64 = 65536 exactly); at 40 and 56 the producer's copy loop spilled.
+// bf16 calls (the producer also converts the activations, convert_stages_to_fp16): 64 / 216; at
+// 40 and 56 the producer's copy loop spilled.
 constexpr int kWsProducerRegisters = 40;
 constexpr int kWsConsumerRegisters = 232;
 constexpr int kWsConvertingProducerRegisters = 64;
-constexpr int kWsConvertingConsumerRegisters = 224;
+constexpr int kWsConvertingConsumerRegisters = 216;
+
+template <int kWGs, int kProducer, int kConsumer>
+constexpr bool register_split_fits() {
+  constexpr int start = 65536 / (128 * (kWGs + 1)) / 8 * 8;
+  return kWGs * kConsumer + kProducer <= (kWGs + 1) * start;
+}
 
 template <int kRegisters>
 __device__ __forceinline__ void setmaxnreg_inc() {
@@ -259,6 +266,9 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
   using T = __half;  // what the fragments and wgmmas hold
   constexpr bool kConvert = !std::is_same_v<Out, __half>;  // bf16 x, converted in shared memory
   using Smem = WsSmem<kWGs, kTokens, kStages>;
+  constexpr int kProducerRegisters = kConvert ? kWsConvertingProducerRegisters : kWsProducerRegisters;
+  constexpr int kConsumerRegisters = kConvert ? kWsConvertingConsumerRegisters : kWsConsumerRegisters;
+  static_assert(register_split_fits<kWGs, kProducerRegisters, kConsumerRegisters>(), "setmaxnreg would wait forever");
   constexpr int kRows = kTokens / 64;  // accumulator as [kRows][8][4] floats (wgmma_step)
   constexpr int kGroupRows = kTwoGroups ? 2 : 1;
   static_assert(kTokens * kWGs * kTileN * 2 <= Smem::kBarrierOffset, "the output tile must fit in the pipeline");
@@ -293,7 +303,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
   if (warp / 4 == kWGs) {
     // ---- Producer warpgroup: one thread issues every copy (bf16: warps 1-3 convert the
     // activations), then the group leaves. ----
-    setmaxnreg_dec<kConvert ? kWsConvertingProducerRegisters : kWsProducerRegisters>();
+    setmaxnreg_dec<kProducerRegisters>();
     if constexpr (kConvert) {
       if (warp % 4 != 0) {
         convert_stages_to_fp16<kTokens, kStages, Smem::kStageBytes>(p, smem, act_full, full, row0, stage_count);
@@ -349,7 +359,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
   }
 
   // ---- Consumers: warpgroup wg, warp r of it (word r of each lane's 16 bytes). ----
-  setmaxnreg_inc<kConvert ? kWsConvertingConsumerRegisters : kWsConsumerRegisters>();
+  setmaxnreg_inc<kConsumerRegisters>();
   const int wg = warp / 4, r = warp % 4;
   // The output goes through shared memory with 16-byte stores (stage_output_fragments, then
   // copy_output_tile) unless K is split (fp32 partials), there is a bias, or y's rows are not
