@@ -1,9 +1,6 @@
-// bf16 activations into fp16 without rounding, for the ws tiles (whose fragments are fp16): a
-// bf16 significand (8 bits) fits fp16's 11, only the exponent range differs, so x is multiplied
-// by the power of two 2^e that puts max|x| in [2^14, 2^15). max|x| comes from a kernel before the
-// GEMM (quick_act_scale.cu); the ws producer converts each activation stage in shared memory
-// (scale_bf16_chunk) and the consumers multiply the fp32 accumulators by 2^-e before the bf16
-// output. Python's counterpart for the cuBLAS paths is ops.fp16_product_for_bf16.
+// The power of two that moves bf16 activations into fp16 exactly, shared by the scaling kernels
+// (quick_act_scale.cu) and the tiles that undo it in their epilogue (quick_gemm_ws.cuh). Python's
+// counterpart for the cuBLAS paths is ops.fp16_product_for_bf16 (FP16_TOP_EXPONENT there).
 #pragma once
 
 #include <cstdint>
@@ -32,23 +29,5 @@ QUICK_SHIFT_HD int fp16_shift_of_bf16(uint32_t abs_max_bits) {
 
 // 2^e as an fp32 bit pattern, for |e| <= kMaxFp16Shift (exact: no exp2f rounding).
 QUICK_SHIFT_HD uint32_t pow2_bits(int e) { return static_cast<uint32_t>(127 + e) << 23; }
-
-#ifdef __CUDACC__
-// Two bf16 (one word) times 2^e into two fp16: each bf16 is the top half of an fp32, the product
-// is exact in fp32 and, in range by the choice of e, exact in fp16 (values below 2^-14 become fp16
-// subnormals: ~2^-28 of max|x| and less). inf and NaN stay inf and NaN.
-__device__ __forceinline__ uint32_t scale_bf16_pair(uint32_t w, float scale) {
-  const float lo = __uint_as_float(w << 16) * scale, hi = __uint_as_float(w & 0xffff0000u) * scale;
-  uint32_t h;
-  asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(h) : "f"(hi), "f"(lo));
-  return h;
-}
-
-// Eight bf16 (16 bytes) into eight fp16, in place of each other.
-__device__ __forceinline__ uint4 scale_bf16_chunk(uint4 v, float scale) {
-  return make_uint4(scale_bf16_pair(v.x, scale), scale_bf16_pair(v.y, scale), scale_bf16_pair(v.z, scale),
-                    scale_bf16_pair(v.w, scale));
-}
-#endif
 
 }  // namespace quick

@@ -555,8 +555,8 @@ EncodeTiledFn tensor_map_encoder() {
 
 // The ws tiles (quick_gemm_ws.cuh): the Config interface, plus the activations' TMA map: x
 // [m, k] fp16, k fastest, read in boxes of 64 k x kTokens rows with the 128-byte swizzle that
-// the wgmma descriptor expects (sw128_kmajor_desc); rows past m read as zeros. Out: x's and y's
-// type (bf16 x is moved into fp16 in shared memory with GemmArgs::act_abs_max's scale).
+// the wgmma descriptor expects (sw128_kmajor_desc); rows past m read as zeros. Out: y's type
+// (bf16 calls give the fp16 copy of x and its scale, GemmArgs::act_abs_max).
 template <int kWGs, int kTokens, int kStages, typename Out>
 struct WsConfig {
   static constexpr int kThreads = 128 * (kWGs + 1);  // consumer warpgroups + the producer warpgroup
@@ -578,8 +578,7 @@ struct WsConfig {
     const cuuint64_t row_bytes[1] = {static_cast<cuuint64_t>(params.k) * 2};
     const cuuint32_t box[2] = {kStageK, kTokens};
     const cuuint32_t element_strides[2] = {1, 1};
-    const auto type = std::is_same_v<Out, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-    if (encode(&map, type, 2, const_cast<void*>(params.x), dims, row_bytes, box,
+    if (encode(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, const_cast<void*>(params.x), dims, row_bytes, box,
                element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
       return cudaErrorInvalidValue;
@@ -613,7 +612,7 @@ struct WsConfig {
 //     warpgroups along N sharing 64 rows, per-group fp32 scaling like the x tiles.
 //   ws256 (sm_90a only): warp-specialised (quick_gemm_ws.cuh): a TMA producer warpgroup and
 //     two consumer warpgroups of one 64-column tile each, 256 tokens; fp16 fragments, so bf16
-//     activations are moved exactly into fp16 in shared memory (tile_scales_bf16_activations).
+//     calls hand it x scaled exactly into fp16 (tile_takes_fp16_activations) and get bf16 y.
 // A tile the activation type does not support (scaled tiles for bf16) falls back to x64.
 template <typename T, typename F>
 auto with_tile(int tile, F&& f) {
@@ -666,7 +665,7 @@ bool tile_supports(int tile, ActType act) {
   return tile <= kTileX64 || tile == kTileW64X || tile == kTileWS256 || act == ActType::kFloat16;
 }
 
-bool tile_scales_bf16_activations(int tile, ActType act) {
+bool tile_takes_fp16_activations(int tile, ActType act) {
   return tile == kTileWS256 && act == ActType::kBFloat16;
 }
 

@@ -20,16 +20,16 @@ enum Tile : int {
   kTileW64, kTileW128, kTileW128N,                   // lean, Hopper wgmma (sm_90a), fp16
   kTileW64X,                                         // exact, Hopper wgmma (sm_90a), fp16 and bf16
   kTileWS256,                                        // lean, warp-specialised TMA + wgmma (sm_90a), fp16
-                                                     // fragments; bf16 x moved into fp16 in shared memory
+                                                     // fragments; bf16 calls through fp16 activations
   kTileCount
 };
 const char* tile_name(int tile);                // "x16", ..., "auto" for anything else
 bool tile_supports(int tile, ActType act);      // scaled ("s") and scaled wgmma tiles are fp16 only
 bool tile_runs_on(int tile, int device);        // wgmma ("w") tiles need an sm_90 GPU
 int default_tile(int m, ActType act);           // the choice for kTileAuto
-// Whether the tile moves bf16 activations into fp16 itself (ws256, whose fragments are fp16):
-// the caller then passes max|x| (bf16_abs_max, GemmArgs::act_abs_max); the tile writes bf16 y.
-bool tile_scales_bf16_activations(int tile, ActType act);
+// Whether the tile reads fp16 activations even for bf16 calls (ws256): the caller then moves x
+// into fp16 with scale_bf16_to_fp16 and passes GemmArgs::act_abs_max; the tile writes bf16 y.
+bool tile_takes_fp16_activations(int tile, ActType act);
 
 struct GemmProblem {
   int m;           // rows of x / y
@@ -63,16 +63,24 @@ struct GemmArgs {
   void* y;               // [m, size_n] in the activation type
   float* partials;       // plan.partial_floats fp32, or nullptr when that is 0
   int* counters;         // plan.counters ints, all zero on entry (and on exit)
-  // bf16 calls of a tile_scales_bf16_activations() tile: the word bf16_abs_max wrote, from which
-  // the tile finds the power of two 2^e that moves x exactly into fp16 (quick_act_scale.cuh)
-  // and multiplies its fp32 accumulators by 2^-e. nullptr otherwise.
+  // bf16 calls of a tile_takes_fp16_activations() tile: x is the fp16 copy x * 2^e written by
+  // scale_bf16_to_fp16 and this is its max|x| word, from which the tile finds e and writes
+  // y = acc * 2^-e in bf16. nullptr otherwise.
   const unsigned* act_abs_max = nullptr;
 };
 
-// *abs_max = the bf16 bits of max|x| over `count` bf16 values at x (16-byte aligned, count % 8
-// == 0; inf and NaN left out): a 4-byte memset and one kernel on `stream`, no host sync (CUDA
-// graphs capture it). quick_act_scale.cu.
-cudaError_t bf16_abs_max(const void* x, size_t count, unsigned* abs_max, cudaStream_t stream);
+// bf16 activations into fp16 without rounding (quick_act_scale.cu): a bf16 significand (8 bits)
+// fits fp16's 11, only the exponent range differs, so x is multiplied by the power of two 2^e that
+// puts max|x| in [2^14, 2^15) (fp16_shift_of_bf16 in quick_act_scale.cuh). Two kernels on
+// `stream` (and a 4-byte memset): max|x| into *abs_max, then x16 = x * 2^e. No host sync: CUDA
+// graphs capture it.
+struct Fp16ActArgs {
+  const void* x;       // bf16, `count` elements, 16-byte aligned, count % 8 == 0
+  void* x16;           // fp16, same size and alignment
+  unsigned* abs_max;   // one word of device memory (the bf16 bits of max|x|)
+  size_t count;
+};
+cudaError_t scale_bf16_to_fp16(const Fp16ActArgs& args, cudaStream_t stream);
 
 // Dense dequantisation of the interleaved layout: out[k, n] = (q - z) * s in the activation type.
 struct DequantArgs {

@@ -108,7 +108,7 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
 // Shared memory of the ws tiles, per stage (a 64-row K slice): the activation tile first (the
 // 128-byte swizzle needs a 1024-byte boundary), then the weight rows of the block's tiles as
 // stored (k-tile kt, tile c at (kt kWGs + c) 512 B), scales and zeros of up to two group rows.
-// The mbarriers follow the last stage: full, empty and (bf16 calls) act_full, kStages each.
+// The mbarriers follow the last stage.
 // ------------------------------------------------------------------------------------------
 template <int kWGs, int kTokens, int kStages>
 struct WsSmem {
@@ -122,22 +122,18 @@ struct WsSmem {
   static constexpr int kZeroOffset = kScaleOffset + kMaxGroupRowsPerStage * kScaleRowBytes;
   static constexpr int kStageBytes = (kZeroOffset + kMaxGroupRowsPerStage * kZeroRowBytes + 1023) / 1024 * 1024;
   static constexpr int kBarrierOffset = kStages * kStageBytes;
-  static constexpr int kTotalBytes = kBarrierOffset + 3 * kStages * 8 + 1024;  // + alignment slack
+  static constexpr int kTotalBytes = kBarrierOffset + 2 * kStages * 8 + 1024;  // + alignment slack
 };
 
 // Register budgets of the two roles (setmaxnreg, sm_90a). A block of 128 (kWGs + 1) threads
 // starts with 168 registers per thread (65536 / 384, rounded down to 8: __launch_bounds__); the
 // producer warpgroup, which needs few, gives registers back and the consumers take them from
-// that pool of 384 x 168, so 2 x 128 x 232 + 128 x 40 <= 384 x 168 (a larger ask makes
-// setmaxnreg.inc wait forever: the kernel hangs). With 168 each (session 6's one producer warp)
-// the consumers kept their 128 accumulators and little else: ptxas recomputed shared-memory
-// addresses, slots and group tests every stage (ncu: ~60 instructions per wgmma).
-// bf16 calls (the producer also converts the activations, convert_stages_to_fp16): 64 / 216; at
-// 40 and 56 the producer's copy loop spilled.
+// that pool of 384 x 168, so 2 x 128 x 232 + 128 x 40 <= 384 x 168. A larger ask makes
+// setmaxnreg.inc wait forever (session 9: 64 / 224 hung the kernel). With 168 each (session 6's
+// one producer warp) the consumers kept their 128 accumulators and little else: ptxas recomputed
+// shared-memory addresses, slots and group tests every stage (ncu: ~60 instructions per wgmma).
 constexpr int kWsProducerRegisters = 40;
 constexpr int kWsConsumerRegisters = 232;
-constexpr int kWsConvertingProducerRegisters = 64;
-constexpr int kWsConvertingConsumerRegisters = 216;
 
 template <int kWGs, int kProducer, int kConsumer>
 constexpr bool register_split_fits() {
@@ -215,33 +211,6 @@ __device__ __forceinline__ void copy_output_tile(const KernelParams& p, const un
   }
 }
 
-// bf16 calls: producer warps 1-3 (96 threads) move each stage's bf16 activation tile into fp16 in
-// place, x * 2^e (quick_act_scale.cuh), once the TMA has landed it (act_full), and then arrive on
-// the stage's full barrier, one arrival per warp. Only rows below M: the TMA zero-fills the rest,
-// and a zero bf16 is a zero fp16. The swizzle only permutes 16-byte chunks inside a row, so the
-// chunks convert where they lie. The writes go through the generic proxy and the wgmmas read
-// through the async proxy: each thread fences between the two (fence.proxy.async).
-constexpr int kWsConverterWarps = 3;
-
-template <int kTokens, int kStages, int kStageBytes>
-__device__ __forceinline__ void convert_stages_to_fp16(const KernelParams& p, unsigned char* smem, uint64_t* act_full,
-                                                       uint64_t* full, int row0, int stage_count) {
-  const int tid = threadIdx.x % 128 - 32;  // 0 .. 95: warps 1-3 of the producer warpgroup
-  const float scale = __uint_as_float(pow2_bits(fp16_shift_of_bf16(__ldg(p.act_abs_max))));
-  const int chunks = min(kTokens, p.m - row0) * (kStageK * 2 / 16);  // 8 chunks of 16 B per row
-  int slot = 0;
-  uint32_t phase = 0;
-  for (int s = 0; s < stage_count; ++s) {
-    mbarrier_wait(&act_full[slot], phase);
-    uint4* tile = reinterpret_cast<uint4*>(smem + slot * kStageBytes);
-    for (int c = tid; c < chunks; c += 32 * kWsConverterWarps) tile[c] = scale_bf16_chunk(tile[c], scale);
-    fence_async_proxy_smem();
-    __syncwarp();
-    if (threadIdx.x % 32 == 0) mbarrier_arrive(&full[slot]);
-    if (++slot == kStages) slot = 0, phase ^= 1;
-  }
-}
-
 // What a consumer warp reads of one stage before its first wgmma: its four weight words (word r
 // of its lane's 16 bytes in each k-tile of its warpgroup's tile) and, per group row of the
 // stage, its zero word and its two scale words. Loaded one stage ahead, so the shared-memory
@@ -255,20 +224,16 @@ struct WsStageWords {
 // kTwoGroups: group size 32, i.e. two group rows per 64-row stage (k-tiles 0-1 and 2-3); else
 // the whole stage lies in one group and its row is unpacked once per stage (no group tracking:
 // the producer copies the stage's row into every stage, so nothing is carried across stages).
-// Out: x's and y's type. The tile always multiplies fp16 (its lean fragments are fp16 tricks);
-// for bf16 (Out = bf16) the producer moves each activation stage exactly into fp16, x * 2^e
-// (convert_stages_to_fp16), and the accumulators are multiplied by 2^-e, exactly, before the
-// bf16 output -- one rounding of (q - z) * s to fp16 and one of y to bf16, as in
-// ops.fp16_product_for_bf16 but without its passes over x and y.
+// Out: y's type. The tile always multiplies fp16 (its lean fragments are fp16 tricks); for bf16
+// calls (Out = bf16) x is the exact fp16 copy x * 2^e (quick_act_scale.cu) and the accumulators
+// are multiplied by 2^-e, exactly, before the bf16 output -- one rounding of (q - z) * s to fp16
+// and one of y to bf16, as in ops.fp16_product_for_bf16 but without its passes over y.
 template <int kWGs, int kTokens, int kStages, bool kTwoGroups, typename Out>
 __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
     quick_gemm_ws_kernel(const __grid_constant__ CUtensorMap act_map, const KernelParams p) {
   using T = __half;  // what the fragments and wgmmas hold
-  constexpr bool kConvert = !std::is_same_v<Out, __half>;  // bf16 x, converted in shared memory
   using Smem = WsSmem<kWGs, kTokens, kStages>;
-  constexpr int kProducerRegisters = kConvert ? kWsConvertingProducerRegisters : kWsProducerRegisters;
-  constexpr int kConsumerRegisters = kConvert ? kWsConvertingConsumerRegisters : kWsConsumerRegisters;
-  static_assert(register_split_fits<kWGs, kProducerRegisters, kConsumerRegisters>(), "setmaxnreg would wait forever");
+  static_assert(register_split_fits<kWGs, kWsProducerRegisters, kWsConsumerRegisters>(), "setmaxnreg would wait forever");
   constexpr int kRows = kTokens / 64;  // accumulator as [kRows][8][4] floats (wgmma_step)
   constexpr int kGroupRows = kTwoGroups ? 2 : 1;
   static_assert(kTokens * kWGs * kTileN * 2 <= Smem::kBarrierOffset, "the output tile must fit in the pipeline");
@@ -276,7 +241,6 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
   unsigned char* smem = smem_window + ((1024 - (smem_u32(smem_window) & 1023)) & 1023);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + Smem::kBarrierOffset);
   uint64_t* empty = full + kStages;
-  uint64_t* act_full = empty + kStages;  // bf16: the TMA's activation bytes, before conversion
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -291,25 +255,16 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
-      // the producer's arrive.expect_tx (+ one arrival per converting warp for bf16)
-      mbarrier_init(&full[s], kConvert ? 1 + kWsConverterWarps : 1);
+      mbarrier_init(&full[s], 1);                   // the producer's arrive.expect_tx
       mbarrier_init(&empty[s], 128 * block_tiles);  // every thread of every working consumer warpgroup
-      if (kConvert) mbarrier_init(&act_full[s], 1);
     }
     fence_mbarrier_init();
   }
   __syncthreads();
 
   if (warp / 4 == kWGs) {
-    // ---- Producer warpgroup: one thread issues every copy (bf16: warps 1-3 convert the
-    // activations), then the group leaves. ----
-    setmaxnreg_dec<kProducerRegisters>();
-    if constexpr (kConvert) {
-      if (warp % 4 != 0) {
-        convert_stages_to_fp16<kTokens, kStages, Smem::kStageBytes>(p, smem, act_full, full, row0, stage_count);
-        return;
-      }
-    }
+    // ---- Producer warpgroup: one thread issues every copy, then the group leaves. ----
+    setmaxnreg_dec<kWsProducerRegisters>();
     if (warp % 4 == 0 && lane == 0) {
       const uint64_t policy = p.weights_evict_first ? evict_first_policy() : evict_normal_policy();
       const uint64_t keep = evict_normal_policy();
@@ -328,17 +283,10 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
         // Slot reuse: wait for the consumers' release of the stage kStages earlier.
         if (s >= kStages) mbarrier_wait(&empty[slot], phase ^ 1);
         unsigned char* base = smem + slot * Smem::kStageBytes;
+        mbarrier_arrive_expect_tx(&full[slot], stage_bytes);
         const int gs = stage_begin + s;
-        // Rows past M come back as zeros and still count as box bytes. bf16: the activations
-        // complete on act_full for the converting warps, who then arrive on full themselves.
-        if constexpr (kConvert) {
-          mbarrier_arrive_expect_tx(&act_full[slot], Smem::kActBytes);
-          tma_load_2d(base, &act_map, gs * kStageK, row0, &act_full[slot]);
-          mbarrier_arrive_expect_tx(&full[slot], stage_bytes - Smem::kActBytes);
-        } else {
-          mbarrier_arrive_expect_tx(&full[slot], stage_bytes);
-          tma_load_2d(base, &act_map, gs * kStageK, row0, &full[slot]);
-        }
+        // Rows past M come back as zeros and still count as box bytes.
+        tma_load_2d(base, &act_map, gs * kStageK, row0, &full[slot]);
 #pragma unroll
         for (int kt = 0; kt < kStageKTiles; ++kt)
           bulk_load(base + Smem::kWeightOffset + kt * Smem::kWeightRowBytes, w_src + kt * w_row, w_bytes, &full[slot],
@@ -359,7 +307,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
   }
 
   // ---- Consumers: warpgroup wg, warp r of it (word r of each lane's 16 bytes). ----
-  setmaxnreg_inc<kConsumerRegisters>();
+  setmaxnreg_inc<kWsConsumerRegisters>();
   const int wg = warp / 4, r = warp % 4;
   // The output goes through shared memory with 16-byte stores (stage_output_fragments, then
   // copy_output_tile) unless K is split (fp32 partials), there is a bias, or y's rows are not
