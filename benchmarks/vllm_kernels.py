@@ -289,16 +289,16 @@ class QuickKernelBackend(QuickBackend):
 # The kernel's tile configurations, in the order of vllm_quick._C.TILES (csrc/quick_gemm.cu,
 # with_tile): "x" tiles keep exact integer fragments (fp16 and bf16), "s" tiles scale inside the
 # fragments (fp16 only), "w" tiles feed those fragments to Hopper's wgmma (fp16, sm_90 only), and
-# "w64x" feeds it the exact ones (fp16 and bf16, sm_90 only); "ws256" is the
-# warp-specialised wgmma tile (TMA producer warpgroup, sm_90 only; fp16 fragments, bf16 calls
-# through an exact fp16 copy of x and a bf16 output). One backend per tile, "quick_<tile>", to
+# "w64x" feeds it the exact ones (fp16 and bf16, sm_90 only); "ws256" / "ws128" are the
+# warp-specialised wgmma tiles (TMA producer warpgroup, 256 / 128 tokens, sm_90 only; fp16
+# fragments, bf16 calls through an exact fp16 copy of x and a bf16 output). One backend per tile, "quick_<tile>", to
 # derive vllm_quick/dispatch.py.
 KERNEL_TILES = ("x16", "x32", "x64", "s16", "s32", "s64", "s128", "s16m", "s32m", "s64m", "w64", "w128", "w128n",
-                "w64x", "ws256")
+                "w64x", "ws256", "ws128")
 # Tiles with scaled fp16 fragments that take fp16 activations only: the kernel refuses bf16 for
 # them (ws256 takes bf16 through its fp16 copy of x).
 FP16_ONLY_TILES = tuple(t for t in KERNEL_TILES
-                        if t.startswith("s") or (t.startswith("w") and not t.endswith("x") and t != "ws256"))
+                        if t.startswith("s") or (t.startswith("w") and not t.endswith("x") and not t.startswith("ws")))
 for _tile in KERNEL_TILES:
     CALLS[f"quick_{_tile}"] = (f"vllm_quick.ops.kernel_gemm(x, qweight, qzeros, scales, None, group, N, tile) with "
                                f"tile = TILES.index({_tile!r}): the QUICK kernel with that tile at every M")

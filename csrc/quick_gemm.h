@@ -21,6 +21,7 @@ enum Tile : int {
   kTileW64X,                                         // exact, Hopper wgmma (sm_90a), fp16 and bf16
   kTileWS256,                                        // lean, warp-specialised TMA + wgmma (sm_90a), fp16
                                                      // fragments; bf16 calls through fp16 activations
+  kTileWS128,                                        // ws256 with 128 tokens per block (and more stages)
   kTileCount
 };
 const char* tile_name(int tile);                // "x16", ..., "auto" for anything else

@@ -304,7 +304,7 @@ def test_tile_names_match_the_extension(kernel):
 @pytest.mark.parametrize("tile", TILES)
 def test_every_tile(kernel, tile, dtype_name, group_size):
     """Each tile on every M (one block row or several, split-K or not), padded N included; two
-    calls equal bit for bit. Scaled tiles ("s", and the wgmma tiles but w64x and ws256) are fp16
+    calls equal bit for bit. Scaled tiles ("s", and the wgmma tiles but w64x and the ws ones) are fp16
     only and refuse bf16 with a ValueError; "w" tiles run on sm_90 only and say so elsewhere."""
     dtype = DTYPES[dtype_name]
     index = TILES.index(tile)
@@ -329,19 +329,20 @@ def test_every_tile(kernel, tile, dtype_name, group_size):
             assert torch.equal(y, ops.kernel_gemm(*args)), f"tile {tile} M={m}: two calls differ"
 
 
+@pytest.mark.parametrize("tile", ["ws256", "ws128"])
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("group_size", [32, 64, 128, -1])
-def test_ws_tile_partial_blocks_and_split_k(kernel, monkeypatch, group_size, dtype_name):
-    """The warp-specialised tile ws256 with an odd number of 64-column tiles (the last block's
-    second consumer warpgroup idles but still joins the split-K barrier), more than one block of
-    256 tokens, split-K forced on and off, with and without bias (the staged epilogue and the
+def test_ws_tile_partial_blocks_and_split_k(kernel, monkeypatch, group_size, dtype_name, tile):
+    """The warp-specialised tiles ws256 / ws128 with an odd number of 64-column tiles (the last
+    block's second consumer warpgroup idles but still joins the split-K barrier), more than one
+    block of 256 / 128 tokens, split-K forced on and off, with and without bias (the staged epilogue and the
     element stores): every group layout (one kernel for group size 32, another for the rest)
     matches the reference, for fp16 and for bf16 (through the fp16 copy of x, unscaled in the
     epilogue or in the split-K reduction)."""
     if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("ws256 runs on sm_90 only")
+        pytest.skip(f"{tile} runs on sm_90 only")
     dtype = DTYPES[dtype_name]
-    index = TILES.index("ws256")
+    index = TILES.index(tile)
     for (k, n), m in (((1024, 192), 300), ((2048, 320), 40), ((4096, 64), 513)):
         w = make_weight(k, n, group_size)
         x = random_x((m, k), dtype, seed=zlib.crc32(f"ws/{k}/{n}/{m}".encode()))
@@ -351,7 +352,7 @@ def test_ws_tile_partial_blocks_and_split_k(kernel, monkeypatch, group_size, dty
             for b in (None, bias):
                 y = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, b, w.group, n, index)
                 ref = x.float() @ w.w32 + (0 if b is None else b.float())
-                check_output(y, ref, dtype, f"ws256 {dtype_name} K={k} N={n} M={m} g={group_size} "
+                check_output(y, ref, dtype, f"{tile} {dtype_name} K={k} N={n} M={m} g={group_size} "
                              f"splits<={splits} bias={b is not None}")
 
 
