@@ -5,7 +5,7 @@ freeze it). The paths:
 
 * a **kernel tile** (``"x16"``, ``"x32"``, ``"x64"``, ``"s16"``, ``"s32"``, ``"s64"``,
   ``"s128"``, ``"s16m"``, ``"s32m"``, ``"s64m"``, ``"w64"``, ``"w128"``, ``"w128n"``, ``"w64x"``,
-  ``"ws256"``;
+  ``"ws256"``, ``"ws128"``;
   ``vllm_quick._C.TILES``, described in csrc/quick_gemm.cu, ``with_tile``): the QUICK kernel
   streaming int4 weights, with that many rows per thread block. ``x`` tiles keep the exact
   integers ``q - z`` in the mma fragments and scale per group in fp32 (fp16 and bf16); ``s``
@@ -16,17 +16,20 @@ freeze it). The paths:
   Hopper's warpgroup MMA (wgmma) with 64 / 128 rows per block, ``w128n`` with half a tile per
   warp and 128 tokens per wgmma (the one plans use);
   ``w64x`` (fp16 and bf16, sm_90 only) feeds the exact fragments to wgmma with per-group fp32
-  scaling (the bf16 tile beyond M = 16, and fp16's from M = 33 to 64 on large layers);
+  scaling (bf16's tile from M = 17 to 64, 256 on small layers, and fp16's from M = 33 to 64 on
+  large layers);
   ``ws256`` (sm_90 only) is the warp-specialised wgmma tile (a TMA producer warpgroup
   feeding two consumer warpgroups, 256 tokens per block): fp16's tile from M = 129 to 4096 on
-  the large layers (257 to 4096 on the small ones), and bf16's from M = 129 (257) on: its
+  the large layers (257 to 4096 on the small ones), and bf16's from M = 129 (257) on; ``ws128``
+  is the same tile with 128 tokens per block, both dtypes' tile from M = 65 to 128 on the large
+  layers (fp16 to 256 on the small ones). Their
   fragments are fp16, so a bf16 x goes in as an exact fp16 copy x * 2^e (csrc/quick_act_scale.cu)
   and the tile writes bf16 y * 2^-e from its fp32 accumulators (one fp16 rounding of (q - z) * s,
   like dequant_fp16's dense weight);
 * ``"auto"``: the kernel with its own built-in choice by M (families not measured yet);
 * ``"dequant"``: dequantise the layer once into a dense matrix (csrc/quick_dequant.cu) and call
   cuBLAS; wins once the GEMM is bound by arithmetic (large M, prefill), where cuBLAS's Hopper
-  (wgmma) kernels beat ours: fp16 beyond M = 4096, and M = 65-256 on the small layers;
+  (wgmma) kernels beat ours: fp16 beyond M = 4096;
 * ``"dequant_fp16"`` (bf16 activations): the same with an fp16 dense weight, the activations and
   the product scaled by a power of two into fp16's range and back exactly
   (``ops.fp16_matmul_for_bf16``; the dense fp16 weight rounds (q - z) * s once to fp16, 1.7e-3 of
@@ -83,6 +86,13 @@ Plan = tuple[tuple[int | None, str], ...]
 #   (bf16 ws256 time / fp16 ws256 time 1.08 / 1.13 / 1.10 / 1.07 / 1.05) -> ws256 from M = 129 on
 #   the large layers (beyond 4096 too: dequant_fp16 was 0.63 at 4096) and from M = 257 on the
 #   small ones (w64x 0.65 / 0.47 against 0.30 / 0.40 at M = 256 there).
+#   Session 9, the 128-token ws tile ws128 (benchmarks/results/kernel_h100_s9_ws128_tiles.json, M =
+#   64-512): large layers, fp16 ws128 / w128n / ws256 / w64x 1.04 / 1.06 / 0.80 / 0.85x cuBLAS at
+#   M = 96, 1.07 / 0.99 / 0.82 / 0.85 at 128, 0.65 / 0.71 / 0.91 at 192 (w64x 1.39 at 64); bf16
+#   ws128 / w64x / ws256 0.92 / 0.83 / 0.73 at 96, 0.93 / 0.84 / 0.75 at 128 -> ws128 from M = 65 to
+#   128 for both. Small layers, fp16 ws128 / dequant 0.57 / 0.51 at 96, 0.53 / 0.48 at 128, 0.53 /
+#   0.47 at 192, 0.60 / 0.49 at 256 -> ws128 from 65 to 256 there; bf16 keeps w64x (0.56 against
+#   ws128's 0.43-0.49).
 #   bf16 M <= 16: x16 1.88-2.09; beyond: w64x (1.54 at M = 32, 1.36 at 64, 0.87 at 128, 0.50 at
 #   1024; the x tiles 0.33 there). bf16 never takes "dequant" (see above). "dequant_fp16"
 #   (session 6, benchmarks/results/kernel_h100_s6_dequant_fp16_v2.json, bf16, M = 128-4096):
@@ -91,19 +101,20 @@ Plan = tuple[tuple[int | None, str], ...]
 #   on the small ones the two tie at 4096: 0.53x cuBLAS each).
 PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
-        torch.float16: ((16, "s16m"), (32, "s32m"), (64, "w64x"), (128, "w128n"), (4096, "ws256"), (None, "dequant")),
-        torch.bfloat16: ((16, "x16"), (128, "w64x"), (None, "ws256")),
+        torch.float16: ((16, "s16m"), (32, "s32m"), (64, "w64x"), (128, "ws128"), (4096, "ws256"), (None, "dequant")),
+        torch.bfloat16: ((16, "x16"), (64, "w64x"), (128, "ws128"), (None, "ws256")),
     },
 }
 # Small layers (K x N <= SMALL_LAYER_ELEMENTS, e.g. Llama-3-8B's o 4096x4096 and qkv 4096x6144)
 # have too few column blocks to fill 132 SMs with the wgmma tiles, and their dense fp16 copy is
-# small enough (32-48 MB) for dequantise + cuBLAS to win from M = 65 (same sweep, the 2 small
+# small enough (32-48 MB) for dequantise + cuBLAS to compete from M = 65 (same sweep, the 2 small
 # layers: fp16 s32m 0.67 against w64x 0.60 at M = 64, dequant 0.51 against w64x 0.49 at M = 96;
-# bf16 x16 0.91 against w64x 0.81 at M = 32, w64x from M = 48).
+# bf16 x16 0.91 against w64x 0.81 at M = 32, w64x from M = 48); since session 9 ws128 beats it
+# from M = 65 to 256 (0.53-0.60 against 0.47-0.51, see above), still ~0.55x cuBLAS.
 SMALL_LAYER_ELEMENTS = 4096 * 6144
 SMALL_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
-        torch.float16: ((16, "s16m"), (64, "s32m"), (256, "dequant"), (4096, "ws256"), (None, "dequant")),
+        torch.float16: ((16, "s16m"), (64, "s32m"), (256, "ws128"), (4096, "ws256"), (None, "dequant")),
         torch.bfloat16: ((32, "x16"), (256, "w64x"), (None, "ws256")),
     },
 }
