@@ -6,17 +6,13 @@ the rule promises and with the Python scaling of the cuBLAS paths (ops.fp16_prod
 from __future__ import annotations
 
 import math
-import shutil
 import struct
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
+from _host_probe import run_host_probe
 from vllm_quick import ops
-
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
 PROBE = r"""
 #include <cstdio>
@@ -31,13 +27,7 @@ int main() {
 
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler to build the probe")
-    tmp = tmp_path_factory.mktemp("act_scale")
-    (tmp / "probe.cpp").write_text(PROBE)
-    subprocess.run([cxx, "-std=c++17", f"-I{CSRC}", str(tmp / "probe.cpp"), "-o", str(tmp / "probe")], check=True)
-    out = subprocess.run([str(tmp / "probe")], check=True, capture_output=True, text=True).stdout
+    out = run_host_probe(PROBE, tmp_path_factory.mktemp("act_scale"))
     shifts, pow2 = {}, {}
     for line in out.splitlines():
         parts = line.split()

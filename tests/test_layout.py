@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _host_probe import run_host_probe
 from vllm_quick import layout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,14 +120,7 @@ int main() {
 
 @pytest.fixture(scope="module")
 def cuda_layout_tables(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler to build the layout probe")
-    tmp = tmp_path_factory.mktemp("probe")
-    (tmp / "probe.cpp").write_text(PROBE)
-    subprocess.run([cxx, "-std=c++17", f"-I{CSRC}", str(tmp / "probe.cpp"), "-o", str(tmp / "probe")],
-                   check=True)
-    out = subprocess.run([str(tmp / "probe")], check=True, capture_output=True, text=True).stdout
+    out = run_host_probe(PROBE, tmp_path_factory.mktemp("probe"))
     tables: dict[str, list[int]] = {"w": [], "s": [], "z": []}
     header = None
     for line in out.splitlines():
