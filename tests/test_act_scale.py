@@ -10,8 +10,8 @@ import struct
 
 import pytest
 import torch
-
 from _host_probe import run_host_probe
+
 from vllm_quick import ops
 
 PROBE = r"""

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _host_probe import run_host_probe
+
 from vllm_quick import layout
 
 REPO = Path(__file__).resolve().parents[1]
