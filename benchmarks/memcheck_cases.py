@@ -53,6 +53,7 @@ PRESETS = {
         "512x264:g128:M5:float16:bias",  # bias, padded N
         "1024x512:g128:M100:float16",  # fp16 mid M: the s64 tile (scaled fragments)
         "2048x320:g32:M40:float16",  # s32 tile, group 32, padded N, split-K
+        "2048x4160:g128:M1180:float16",  # ws256: 165 tiles, the last wave's 33 split along K
     ],
     "race": [
         "256x128:g128:M16:float16",

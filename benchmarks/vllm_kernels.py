@@ -314,10 +314,17 @@ TILE_VARIANTS = {
 }
 # The tiles whose split-K may run in a cluster (blocks of at most 64 rows) get the variants.
 VARIANT_TILES = ("x16", "x32", "x64", "s16m", "s32m", "s64m", "w64", "w64x")
-for _tile in VARIANT_TILES:
-    for _variant, _env in TILE_VARIANTS.items():
-        CALLS[f"quick_{_tile}_{_variant}"] = (f"quick_{_tile} with the environment {_env} while it is called "
-                                              "(and captured)")
+# The ws tiles split only the last wave's tiles along K (csrc/quick_tail_split.cuh); "t<s>"
+# forces s K ranges for that tail instead of the plan's estimate ("t1": every tile whole).
+WS_VARIANTS = {f"t{s}": {"VLLM_QUICK_WS_SPLITS": str(s)} for s in (1, 2, 3, 4, 6, 8)}
+WS_VARIANT_TILES = ("ws256", "ws128")
+TILE_VARIANTS.update(WS_VARIANTS)
+_VARIANTS_OF = {**{t: [v for v in TILE_VARIANTS if v not in WS_VARIANTS] for t in VARIANT_TILES},
+                **{t: list(WS_VARIANTS) for t in WS_VARIANT_TILES}}
+for _tile, _variants in _VARIANTS_OF.items():
+    for _variant in _variants:
+        CALLS[f"quick_{_tile}_{_variant}"] = (f"quick_{_tile} with the environment {TILE_VARIANTS[_variant]} while "
+                                              "it is called (and captured)")
 
 
 @contextlib.contextmanager
@@ -677,7 +684,7 @@ BACKENDS: dict[str, Backend] = {
         QuickDequantBackend(),
         QuickDequantFp16Backend(),
         *(QuickTileBackend(t) for t in KERNEL_TILES),
-        *(QuickTileBackend(t, v) for t in VARIANT_TILES for v in TILE_VARIANTS),
+        *(QuickTileBackend(t, v) for t, variants in _VARIANTS_OF.items() for v in variants),
         QuickFp16TileBackend("ws256"),
         CublasBackend(),
         AwqGemmBackend(),

@@ -29,6 +29,9 @@ struct KernelParams {
   int* counters;
   int m, k, n, size_n, group_size;
   int stages_per_split, splits;
+  // ws tiles (quick_tail_split.cuh, ws_block_work): blocks [0, dp_blocks) compute whole output
+  // tiles; the following blocks compute one of `splits` K ranges of the remaining tiles.
+  int dp_blocks;
   bool weights_evict_first;
   bool cluster_reduce;  // the splits of a tile form one cluster and reduce in shared memory
   // bf16 through an fp16 tile (GemmArgs::act_abs_max): x holds x * 2^e, y gets acc * 2^-e.
@@ -59,17 +62,23 @@ __device__ __forceinline__ void store_pair(const KernelParams& p, int row, int c
 }
 
 // One output of a wgmma tile (the product is computed transposed, so each accumulator register
-// is a single element): this split's fp32 partial (`part`) when K is split, else y[row, col]
-// (+ bias). Rows >= M and columns >= size_n are not written to y.
+// is a single element): store_output writes y[row, col] (+ bias), skipping rows >= M and columns
+// >= size_n; store_element writes this split's fp32 partial (`part`) instead when K is split.
 template <typename T>
-__device__ __forceinline__ void store_element(const KernelParams& p, float* part, int row, int col, float v) {
-  if (row >= p.m) return;
-  if (p.splits > 1) {
-    __stcg(part + static_cast<size_t>(row) * p.n + col, v);
-  } else if (col < p.size_n) {
+__device__ __forceinline__ void store_output(const KernelParams& p, int row, int col, float v) {
+  if (row < p.m && col < p.size_n) {
     const T* bias = static_cast<const T*>(p.bias);
     if (bias != nullptr) v += Act<T>::to_float(bias[col]);
     static_cast<T*>(p.y)[static_cast<size_t>(row) * p.size_n + col] = Act<T>::from_float(v);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_element(const KernelParams& p, float* part, int row, int col, float v) {
+  if (p.splits == 1) {
+    store_output<T>(p, row, col, v);
+  } else if (row < p.m) {
+    __stcg(part + static_cast<size_t>(row) * p.n + col, v);
   }
 }
 
@@ -102,14 +111,25 @@ __device__ __forceinline__ void part_barrier() {
   }
 }
 
+// Where the split partials of one output tile live: element (row0 + i, col0 + j) of split sp at
+// base[sp * split_stride + i * row_stride + j], and the tile's arrival counter.
+struct SplitTile {
+  const float* base;
+  size_t split_stride;
+  int row_stride;
+  int splits;
+  int* counter;
+};
+
 template <typename T, int kThreads = 0>
-__device__ __forceinline__ void reduce_split_k(const KernelParams& p, int row0, int block_rows, int col0, int cols) {
+__device__ __forceinline__ void reduce_split_tile(const KernelParams& p, const SplitTile& st, int row0, int block_rows,
+                                                  int col0, int cols) {
   __threadfence();  // partials visible device-wide before the counter says so
   part_barrier<kThreads>();
   __shared__ int is_last;
   const int tid = threadIdx.x;
-  int* counter = p.counters + blockIdx.y * gridDim.x + blockIdx.x;
-  if (tid == 0) is_last = atomicAdd(counter, 1) == p.splits - 1;
+  int* counter = st.counter;
+  if (tid == 0) is_last = atomicAdd(counter, 1) == st.splits - 1;
   part_barrier<kThreads>();
   if (!is_last) return;
   __threadfence();  // acquire side: see the other splits' partials
@@ -117,15 +137,14 @@ __device__ __forceinline__ void reduce_split_k(const KernelParams& p, int row0, 
   // flight at once. (A first version let each thread reduce its own accumulator fragment: for
   // M = 1 only 4 lanes had rows, and their ~180 dependent L2 loads took ~25 us.)
   const int rows = min(block_rows, p.m - row0);
-  const size_t split_stride = static_cast<size_t>(p.m) * p.n;
   for (int idx = tid; idx < rows * (cols / 4); idx += (kThreads > 0 ? kThreads : blockDim.x)) {
-    const int row = row0 + idx / (cols / 4);
-    const int col = col0 + (idx % (cols / 4)) * 4;
-    const float* src = p.partials + static_cast<size_t>(row) * p.n + col;
+    const int i = idx / (cols / 4), j = (idx % (cols / 4)) * 4;
+    const int row = row0 + i, col = col0 + j;
+    const float* src = st.base + static_cast<size_t>(i) * st.row_stride + j;
     float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 8
-    for (int sp = 0; sp < p.splits; ++sp) {  // fixed order: deterministic
-      const float4 v = __ldcg(reinterpret_cast<const float4*>(src + sp * split_stride));
+    for (int sp = 0; sp < st.splits; ++sp) {  // fixed order: deterministic
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(src + sp * st.split_stride));
       sum.x += v.x;
       sum.y += v.y;
       sum.z += v.z;
@@ -135,6 +154,15 @@ __device__ __forceinline__ void reduce_split_k(const KernelParams& p, int row0, 
     store_pair<T>(p, row, col + 2, sum.z, sum.w);
   }
   if (tid == 0) *counter = 0;  // ready for the next launch / graph replay
+}
+
+// The mma.sync tiles' layout: partials [split][m][n] of the whole output, one counter per block
+// of the (grid_n, grid_m, splits) grid.
+template <typename T, int kThreads = 0>
+__device__ __forceinline__ void reduce_split_k(const KernelParams& p, int row0, int block_rows, int col0, int cols) {
+  const SplitTile st{p.partials + static_cast<size_t>(row0) * p.n + col0, static_cast<size_t>(p.m) * p.n, p.n,
+                     p.splits, p.counters + blockIdx.y * gridDim.x + blockIdx.x};
+  reduce_split_tile<T, kThreads>(p, st, row0, block_rows, col0, cols);
 }
 
 // Split-K inside a thread-block cluster (sm_90): the p.splits CTAs of one output tile are one

@@ -519,6 +519,7 @@ struct Config {
   static constexpr int kBlockM = 16 * kWarpTilesM * kWarpsM;
   static constexpr int kTilesN = kBlockTiles;  // 64-column tiles per block
   static constexpr bool kWgmma = kWgWords > 0;
+  static constexpr bool kSplitsTail = false;  // K splits every tile: grid (grid_n, grid_m, splits)
   static constexpr int kSmem = SmemLayout<kBlockM, kWgmma>::kTotalBytes;
   static constexpr bool kClusterReduce = SmemLayout<kBlockM, kWgmma>::kHoldsPartialTile;
   static constexpr auto kernel =
@@ -565,6 +566,7 @@ struct WsConfig {
   static constexpr int kSmem = WsSmem<kWGs, kTokens, kStages>::kTotalBytes;
   static constexpr bool kClusterReduce = false;  // (256 tokens: no room for the partial tile)
   static constexpr bool kWgmma = true;
+  static constexpr bool kSplitsTail = true;  // K splits only the last wave's tiles (ws_block_work)
   // Group size 32 (two group rows per stage) and every other group size: two kernels.
   static constexpr auto kernel = quick_gemm_ws_kernel<kWGs, kTokens, kStages, false, Out>;
   static constexpr auto kernel_two_groups = quick_gemm_ws_kernel<kWGs, kTokens, kStages, true, Out>;
@@ -586,7 +588,7 @@ struct WsConfig {
     static const bool two_groups_ready =
         cudaFuncSetAttribute(kernel_two_groups, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) == cudaSuccess;
     (void)two_groups_ready;
-    dim3 grid(plan.grid_n, plan.grid_m, plan.splits);
+    const dim3 grid(plan.blocks);  // whole tiles, then the split tail (ws_block_work)
     if (params.group_size == 32)
       kernel_two_groups<<<grid, kThreads, kSmem, stream>>>(map, params);
     else
@@ -723,6 +725,15 @@ static int resolve_tile(const GemmProblem& pr) {
   return tile_supports(pr.tile, pr.act) && pr.tile != kTileAuto ? pr.tile : default_tile(pr.m, pr.act);
 }
 
+// VLLM_QUICK_WS_SPLITS=s (1-32): the ws tiles split their tail s ways instead of what
+// plan_tail_split() estimates (benchmarks and tests); unset or anything else: the estimate.
+static int ws_splits_setting() {
+  const char* v = std::getenv("VLLM_QUICK_WS_SPLITS");
+  if (v == nullptr || *v == '\0') return 0;
+  const long n = std::strtol(v, nullptr, 10);
+  return n >= 1 && n <= 32 ? static_cast<int>(n) : 0;
+}
+
 GemmPlan plan(const GemmProblem& pr, int device) {
   return with_act(pr.act, resolve_tile(pr), [&]<typename Cfg>() {
     GemmPlan pl{};
@@ -730,6 +741,19 @@ GemmPlan plan(const GemmProblem& pr, int device) {
     pl.grid_n = (pr.n / kTileN + Cfg::kTilesN - 1) / Cfg::kTilesN;
     pl.grid_m = (pr.m + Cfg::kBlockM - 1) / Cfg::kBlockM;
     const int total_stages = pr.k / kStageK;
+    if constexpr (Cfg::kSplitsTail) {
+      // Whole tiles, then the last wave's tiles split along K (quick_tail_split.cuh).
+      const TailSplit t = plan_tail_split(pl.grid_n * pl.grid_m, sm_count(device) * blocks_per_sm<Cfg>(),
+                                          Cfg::kBlockM, Cfg::kTilesN * kTileN, pr.k, total_stages,
+                                          max_splits_setting(), ws_splits_setting());
+      pl.splits = t.splits;
+      pl.stages_per_split = t.stages_per_split;
+      pl.dp_blocks = t.dp_blocks;
+      pl.blocks = t.blocks;
+      pl.partial_floats = static_cast<size_t>(t.tail_tiles) * t.splits * Cfg::kBlockM * Cfg::kTilesN * kTileN;
+      pl.counters = t.tail_tiles;
+      return pl;
+    }
     // Split K until the grid fills the GPU once, with at most max_splits (8) splits: every split
     // costs M x N x 4 bytes of partials to write and re-read. E.g. N = 4096, M = 1 on 132 SMs
     // holding 4 blocks each: 16 column blocks, 528 / 16 = 33 -> 8 splits of 8 stages (512 rows).
@@ -761,6 +785,7 @@ GemmPlan plan(const GemmProblem& pr, int device) {
     const bool global_reduce = pl.splits > 1 && !pl.cluster_reduce;
     pl.partial_floats = global_reduce ? static_cast<size_t>(pl.splits) * pr.m * pr.n : 0;
     pl.counters = global_reduce ? mn_blocks : 0;
+    pl.blocks = mn_blocks * pl.splits;
     return pl;
   });
 }
@@ -782,6 +807,7 @@ cudaError_t run(const GemmProblem& pr, const GemmPlan& pl, const GemmArgs& a, cu
   kp.group_size = pr.group_size;
   kp.stages_per_split = pl.stages_per_split;
   kp.splits = pl.splits;
+  kp.dp_blocks = pl.dp_blocks;
   kp.cluster_reduce = pl.cluster_reduce;
   kp.act_abs_max = a.act_abs_max;
   // With one row of blocks along M every weight byte is read once: stream it past L2. With

@@ -49,6 +49,8 @@ struct GemmPlan {
   int splits;          // split-K factor (1 = no reduction)
   int stages_per_split;
   int grid_n, grid_m;  // blocks along N and M
+  int blocks;          // thread blocks launched
+  int dp_blocks;       // ws tiles: blocks of whole tiles before the split tail (the rest: tail tiles x splits)
   bool cluster_reduce;     // sm_90: the splits of a tile form a cluster and reduce in shared memory
   int max_active_clusters; // such clusters the GPU holds at once (0 where not asked)
   size_t partial_floats;  // fp32 workspace for split-K partial sums (0 without a global reduction)

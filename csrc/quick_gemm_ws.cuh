@@ -30,6 +30,7 @@
 #include "quick_common.cuh"
 #include "quick_fragments.cuh"
 #include "quick_ptx.cuh"
+#include "quick_tail_split.cuh"
 #include "quick_wgmma.cuh"
 
 namespace quick {
@@ -236,6 +237,8 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
   static_assert(register_split_fits<kWGs, kWsProducerRegisters, kWsConsumerRegisters>(), "setmaxnreg would wait forever");
   constexpr int kRows = kTokens / 64;  // accumulator as [kRows][8][4] floats (wgmma_step)
   constexpr int kGroupRows = kTwoGroups ? 2 : 1;
+  constexpr int kPartialCols = kWGs * kTileN;  // a split block's partial tile: [kTokens][kPartialCols]
+  constexpr int kPartialFloats = kTokens * kPartialCols;
   static_assert(kTokens * kWGs * kTileN * 2 <= Smem::kBarrierOffset, "the output tile must fit in the pipeline");
   extern __shared__ __align__(16) unsigned char smem_window[];
   unsigned char* smem = smem_window + ((1024 - (smem_u32(smem_window) & 1023)) & 1023);
@@ -245,12 +248,11 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int n_tiles = p.n / kTileN;
-  const int tile_n0 = blockIdx.x * kWGs;
+  const WsBlockWork work = ws_block_work(blockIdx.x, p.dp_blocks, p.splits, p.stages_per_split, p.k / kStageK,
+                                         (n_tiles + kWGs - 1) / kWGs, kWGs, kTokens);
+  const int tile_n0 = work.tile_n0, row0 = work.row0;
   const int block_tiles = min(kWGs, n_tiles - tile_n0);
-  const int row0 = blockIdx.y * kTokens;
-  const int total_stages = p.k / kStageK;
-  const int stage_begin = blockIdx.z * p.stages_per_split;
-  const int stage_count = min(total_stages - stage_begin, p.stages_per_split);
+  const int stage_begin = work.stage_begin, stage_count = work.stage_count;
 
   if (threadIdx.x == 0) {
 #pragma unroll
@@ -312,7 +314,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
   // The output goes through shared memory with 16-byte stores (stage_output_fragments, then
   // copy_output_tile) unless K is split (fp32 partials), there is a bias, or y's rows are not
   // 16-byte aligned.
-  const bool fast_store = p.splits == 1 && p.bias == nullptr && p.size_n % 8 == 0 &&
+  const bool fast_store = work.splits == 1 && p.bias == nullptr && p.size_n % 8 == 0 &&
                           (reinterpret_cast<uintptr_t>(p.y) & 15) == 0;
   if (wg < block_tiles) {
     // bf16 calls: the bits of max|x| that set x's fp16 scale (read now, used after the K loop).
@@ -405,13 +407,26 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
       part_barrier<128 * kWGs>();
       stage_output_fragments<kWGs, kTokens, Out>(smem, out, wg, r, lane);
     } else {
-      const int n0 = (tile_n0 + wg) * kTileN + 16 * r + lane / 4;
-      const int t0 = row0 + 2 * (lane % 4);
-      float* part = p.partials + static_cast<size_t>(blockIdx.z) * p.m * p.n;
+      // Feature wg * 64 + c0 and token t0 of the block's tile, then as in stage_output_fragments.
+      const int c0 = wg * kTileN + 16 * r + lane / 4;
+      const int t0 = 2 * (lane % 4);
+      if (work.splits == 1) {
 #pragma unroll
-      for (int x = 0; x < kTokens / 8; ++x)
+        for (int x = 0; x < kTokens / 8; ++x)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) store_element<Out>(p, part, t0 + 8 * x + e % 2, n0 + 8 * (e / 2), out[x][e]);
+          for (int e = 0; e < 4; ++e)
+            store_output<Out>(p, row0 + t0 + 8 * x + e % 2, tile_n0 * kTileN + c0 + 8 * (e / 2), out[x][e]);
+      } else {
+        float* part = p.partials + static_cast<size_t>(work.tail * work.splits + work.split) * kPartialFloats;
+        const int rows = min(kTokens, p.m - row0);
+#pragma unroll
+        for (int x = 0; x < kTokens / 8; ++x)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int t = t0 + 8 * x + e % 2;
+            if (t < rows) __stcg(part + t * kPartialCols + c0 + 8 * (e / 2), out[x][e]);
+          }
+      }
     }
   } else if (fast_store) {
     part_barrier<128 * kWGs>();  // (an idle warpgroup: odd number of 64-column tiles)
@@ -420,7 +435,11 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
     part_barrier<128 * kWGs>();
     copy_output_tile<kWGs, kTokens, Out>(p, smem, row0, tile_n0 * kTileN, block_tiles);
   }
-  if (p.splits > 1) reduce_split_k<Out, 128 * kWGs>(p, row0, kTokens, tile_n0 * kTileN, block_tiles * kTileN);
+  if (work.splits > 1) {
+    const SplitTile st{p.partials + static_cast<size_t>(work.tail) * work.splits * kPartialFloats, kPartialFloats,
+                       kPartialCols, work.splits, p.counters + work.tail};
+    reduce_split_tile<Out, 128 * kWGs>(p, st, row0, kTokens, tile_n0 * kTileN, block_tiles * kTileN);
+  }
 }
 
 }  // namespace

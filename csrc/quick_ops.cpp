@@ -247,7 +247,8 @@ pybind11::dict plan(int64_t m, int64_t k, int64_t n, int64_t group_size, bool bf
   d["grid_m"] = pl.grid_m;
   d["cluster_reduce"] = pl.cluster_reduce;
   d["max_active_clusters"] = pl.max_active_clusters;
-  d["blocks"] = pl.grid_n * pl.grid_m * pl.splits;
+  d["blocks"] = pl.blocks;
+  d["dp_blocks"] = pl.dp_blocks;
   d["partial_floats"] = pl.partial_floats;
   return d;
 }

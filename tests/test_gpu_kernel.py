@@ -358,6 +358,42 @@ def test_ws_tile_partial_blocks_and_split_k(kernel, monkeypatch, group_size, dty
                              f"splits<={splits} bias={b is not None}")
 
 
+@pytest.mark.parametrize("tile", ["ws256", "ws128"])
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_ws_tile_tail_split(kernel, monkeypatch, group_size, dtype_name, tile):
+    """The ws tiles compute the last wave's tiles as K ranges (csrc/quick_tail_split.cuh): with
+    165 tiles on 132 SMs, 132 whole tiles and 33 tiles split 3 or 8 ways (VLLM_QUICK_WS_SPLITS),
+    the tail in the last, partial row block (rows >= M), an odd tile count (an idle warpgroup in
+    the last column block), with and without bias; and a call whose every tile is split. Each
+    matches the reference and a second call gives the same bits (the reduction sums in a fixed
+    order, and every counter was left at zero)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip(f"{tile} runs on sm_90 only")
+    dtype = DTYPES[dtype_name]
+    index = TILES.index(tile)
+    tokens = 256 if tile == "ws256" else 128
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    n = 64 * 65  # 33 column blocks, the last with one 64-column tile
+    for k, m in ((1024, 5 * tokens - 40), (1024, 2 * tokens - 3)):
+        w = make_weight(k, n, group_size)
+        x = random_x((m, k), dtype, seed=zlib.crc32(f"tail/{k}/{m}".encode()))
+        bias = random_x((n,), dtype, seed=6)
+        tiles = 33 * ((m + tokens - 1) // tokens)
+        for splits in ("1", "3", "8"):
+            monkeypatch.setenv("VLLM_QUICK_WS_SPLITS", splits)
+            plan = kernel.plan(m, k, n, group_size, dtype == torch.bfloat16, index)
+            tail = tiles % sms if splits != "1" else 0
+            assert (plan["splits"], plan["dp_blocks"]) == (int(splits), tiles - tail), plan
+            for b in (None, bias):
+                y = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, b, w.group, n, index)
+                ref = x.float() @ w.w32 + (0 if b is None else b.float())
+                what = f"{tile} {dtype_name} K={k} N={n} M={m} g={group_size} ws_splits={splits} bias={b is not None}"
+                check_output(y, ref, dtype, what)
+                again = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, b, w.group, n, index)
+                assert torch.equal(again, y), f"{what}: a second call differs"
+
+
 @pytest.mark.parametrize("x_scale", [1.0, 1e6, 1e-30, 1e30])
 def test_ws_tile_bf16_activation_range(kernel, x_scale):
     """bf16 through ws256 moves x into fp16 by a power of two found on the GPU (max |x|): bf16's
