@@ -121,7 +121,7 @@ struct SplitTile {
   int* counter;
 };
 
-template <typename T, int kThreads = 0>
+template <typename T, int kThreads = 0, int kBatch = 4>
 __device__ __forceinline__ void reduce_split_tile(const KernelParams& p, const SplitTile& st, int row0, int block_rows,
                                                   int col0, int cols) {
   __threadfence();  // partials visible device-wide before the counter says so
@@ -136,22 +136,43 @@ __device__ __forceinline__ void reduce_split_tile(const KernelParams& p, const S
   // The whole block reduces the tile, four columns per thread and several splits' loads in
   // flight at once. (A first version let each thread reduce its own accumulator fragment: for
   // M = 1 only 4 lanes had rows, and their ~180 dependent L2 loads took ~25 us.)
+  // kBatch quads per thread at a time, each split's kBatch loads issued together: with one quad
+  // per iteration a thread waited a full L2 round trip per quad (a 256 x 128 ws tile: 32 of them,
+  // ~30 us on the H200, session 10 -- longer than a quarter of a 13824-deep K loop).
   const int rows = min(block_rows, p.m - row0);
-  for (int idx = tid; idx < rows * (cols / 4); idx += (kThreads > 0 ? kThreads : blockDim.x)) {
-    const int i = idx / (cols / 4), j = (idx % (cols / 4)) * 4;
-    const int row = row0 + i, col = col0 + j;
-    const float* src = st.base + static_cast<size_t>(i) * st.row_stride + j;
-    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 8
-    for (int sp = 0; sp < st.splits; ++sp) {  // fixed order: deterministic
-      const float4 v = __ldcg(reinterpret_cast<const float4*>(src + sp * st.split_stride));
-      sum.x += v.x;
-      sum.y += v.y;
-      sum.z += v.z;
-      sum.w += v.w;
+  const int quads = cols / 4, items = rows * quads;
+  const int stride = kThreads > 0 ? kThreads : blockDim.x;
+  for (int first = tid; first < items; first += kBatch * stride) {
+    const float* src[kBatch];
+    float4 sum[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int idx = min(first + u * stride, items - 1);  // (past the end: a repeat, not stored)
+      src[u] = st.base + static_cast<size_t>(idx / quads) * st.row_stride + (idx % quads) * 4;
+      sum[u] = make_float4(0.f, 0.f, 0.f, 0.f);
     }
-    store_pair<T>(p, row, col, sum.x, sum.y);
-    store_pair<T>(p, row, col + 2, sum.z, sum.w);
+#pragma unroll(kBatch > 1 ? 2 : 1)
+    for (int sp = 0; sp < st.splits; ++sp) {  // fixed order per element: deterministic
+      float4 v[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) v[u] = __ldcg(reinterpret_cast<const float4*>(src[u] + sp * st.split_stride));
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        sum[u].x += v[u].x;
+        sum[u].y += v[u].y;
+        sum[u].z += v[u].z;
+        sum[u].w += v[u].w;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int idx = first + u * stride;
+      if (idx < items) {
+        const int row = row0 + idx / quads, col = col0 + (idx % quads) * 4;
+        store_pair<T>(p, row, col, sum[u].x, sum[u].y);
+        store_pair<T>(p, row, col + 2, sum[u].z, sum[u].w);
+      }
+    }
   }
   if (tid == 0) *counter = 0;  // ready for the next launch / graph replay
 }

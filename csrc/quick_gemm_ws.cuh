@@ -438,7 +438,9 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
   if (work.splits > 1) {
     const SplitTile st{p.partials + static_cast<size_t>(work.tail) * work.splits * kPartialFloats, kPartialFloats,
                        kPartialCols, work.splits, p.counters + work.tail};
-    reduce_split_tile<Out, 128 * kWGs>(p, st, row0, kTokens, tile_n0 * kTileN, block_tiles * kTileN);
+    // 8 quads per thread in flight (the consumers' 232 registers hold them; the sm_80 build of this
+    // never-launched kernel keeps 1, within its 168).
+    reduce_split_tile<Out, 128 * kWGs, QUICK_WGMMA ? 8 : 1>(p, st, row0, kTokens, tile_n0 * kTileN, block_tiles * kTileN);
   }
 }
 
