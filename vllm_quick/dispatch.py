@@ -19,10 +19,10 @@ freeze it). The paths:
   scaling (bf16's tile from M = 17 to 64, 256 on small layers, and fp16's from M = 33 to 64 on
   large layers);
   ``ws256`` (sm_90 only) is the warp-specialised wgmma tile (a TMA producer warpgroup
-  feeding two consumer warpgroups, 256 tokens per block): fp16's tile from M = 129 to 4096 on
-  the large layers (257 to 4096 on the small ones), and bf16's from M = 129 (257) on; ``ws128``
-  is the same tile with 128 tokens per block, both dtypes' tile from M = 65 to 128 on the large
-  layers (fp16 to 256 on the small ones). Their
+  feeding two consumer warpgroups, 256 tokens per block): fp16's tile from M = 129 to 4096,
+  and bf16's from M = 129 (257 on the small layers) on; ``ws128`` is the same tile with 128
+  tokens per block, both dtypes' tile from M = 65 to 128 on the large layers (fp16 from 33 on
+  the small ones). Both split the last wave's tiles along K (csrc/quick_tail_split.cuh). Their
   fragments are fp16, so a bf16 x goes in as an exact fp16 copy x * 2^e (csrc/quick_act_scale.cu)
   and the tile writes bf16 y * 2^-e from its fp32 accumulators (one fp16 rounding of (q - z) * s,
   like dequant_fp16's dense weight);
@@ -111,10 +111,15 @@ PLANS: dict[int, dict[torch.dtype, Plan]] = {
 # layers: fp16 s32m 0.67 against w64x 0.60 at M = 64, dequant 0.51 against w64x 0.49 at M = 96;
 # bf16 x16 0.91 against w64x 0.81 at M = 32, w64x from M = 48); since session 9 ws128 beats it
 # from M = 65 to 256 (0.53-0.60 against 0.47-0.51, see above), still ~0.55x cuBLAS.
+# Session 10 (the ws tiles split the last wave's tiles along K, csrc/quick_tail_split.cuh; an
+# H200, benchmarks/results/kernel_h200_s10_plan_tiles.json, the 2 small layers, fp16): ws128 /
+# s32m 0.74 / 0.63 at M = 64 -> ws128 from M = 33; ws256 / ws128 0.67 / 0.59 at 192, 0.66 / 0.64
+# at 256 -> ws256 from M = 129. (Large layers and bf16 kept their plans: w64x 1.02 / 1.12 against
+# ws128's 0.91 / 0.79 at M = 64, ws128 at 96-128, ws256 from 192.)
 SMALL_LAYER_ELEMENTS = 4096 * 6144
 SMALL_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
-        torch.float16: ((16, "s16m"), (64, "s32m"), (256, "ws128"), (4096, "ws256"), (None, "dequant")),
+        torch.float16: ((16, "s16m"), (32, "s32m"), (128, "ws128"), (4096, "ws256"), (None, "dequant")),
         torch.bfloat16: ((32, "x16"), (256, "w64x"), (None, "ws256")),
     },
 }
