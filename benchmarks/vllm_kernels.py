@@ -289,12 +289,12 @@ class QuickKernelBackend(QuickBackend):
 # The kernel's tile configurations, in the order of vllm_quick._C.TILES (csrc/quick_gemm.cu,
 # with_tile): "x" tiles keep exact integer fragments (fp16 and bf16), "s" tiles scale inside the
 # fragments (fp16 only), "w" tiles feed those fragments to Hopper's wgmma (fp16, sm_90 only), and
-# "w64x" feeds it the exact ones (fp16 and bf16, sm_90 only); "ws256" / "ws128" are the
-# warp-specialised wgmma tiles (TMA producer warpgroup, 256 / 128 tokens, sm_90 only; fp16
+# "w64x" feeds it the exact ones (fp16 and bf16, sm_90 only); "ws256" / "ws128" / "ws64" are the
+# warp-specialised wgmma tiles (TMA producer warpgroup, 256 / 128 / 64 tokens, sm_90 only; fp16
 # fragments, bf16 calls through an exact fp16 copy of x and a bf16 output). One backend per tile, "quick_<tile>", to
 # derive vllm_quick/dispatch.py.
 KERNEL_TILES = ("x16", "x32", "x64", "s16", "s32", "s64", "s128", "s16m", "s32m", "s64m", "w64", "w128", "w128n",
-                "w64x", "ws256", "ws128")
+                "w64x", "ws256", "ws128", "ws64")
 # Tiles with scaled fp16 fragments that take fp16 activations only: the kernel refuses bf16 for
 # them (ws256 takes bf16 through its fp16 copy of x).
 FP16_ONLY_TILES = tuple(t for t in KERNEL_TILES
@@ -317,7 +317,7 @@ VARIANT_TILES = ("x16", "x32", "x64", "s16m", "s32m", "s64m", "w64", "w64x")
 # The ws tiles split only the last wave's tiles along K (csrc/quick_tail_split.cuh); "t<s>"
 # forces s K ranges for that tail instead of the plan's estimate ("t1": every tile whole).
 WS_VARIANTS = {f"t{s}": {"VLLM_QUICK_WS_SPLITS": str(s)} for s in (1, 2, 3, 4, 6, 8)}
-WS_VARIANT_TILES = ("ws256", "ws128")
+WS_VARIANT_TILES = ("ws256", "ws128", "ws64")
 TILE_VARIANTS.update(WS_VARIANTS)
 _VARIANTS_OF = {**{t: [v for v in TILE_VARIANTS if v not in WS_VARIANTS] for t in VARIANT_TILES},
                 **{t: list(WS_VARIANTS) for t in WS_VARIANT_TILES}}

@@ -617,6 +617,7 @@ struct WsConfig {
 //     calls hand it x scaled exactly into fp16 (tile_takes_fp16_activations) and get bf16 y.
 //   ws128: ws256 with 128 tokens per block (m64n128k16: no wgmma work on empty rows at M <= 128,
 //     two row blocks at M <= 256) and 8 stages of 21 KB instead of 5 of 37 KB.
+//   ws64: 64 tokens per block (m64n64k16) and 12 stages of 13 KB, for decode-sized M (session 10).
 // A tile the activation type does not support (scaled tiles for bf16) falls back to x64.
 template <typename T, typename F>
 auto with_tile(int tile, F&& f) {
@@ -637,6 +638,7 @@ auto with_tile(int tile, F&& f) {
     case kTileW64X: return f.template operator()<Config<T, 2, 2, false, 1, false, 2>>();
     case kTileWS256: return f.template operator()<WsConfig<2, 256, 5, T>>();
     case kTileWS128: return f.template operator()<WsConfig<2, 128, 8, T>>();
+    case kTileWS64: return f.template operator()<WsConfig<2, 64, 12, T>>();
     default: break;
   }
   return f.template operator()<Config<T, 2, 2, false, 1>>();  // kTileX64
@@ -657,22 +659,22 @@ int sm_count(int device) {
 
 }  // namespace
 
+static bool is_ws_tile(int tile) { return tile == kTileWS256 || tile == kTileWS128 || tile == kTileWS64; }
+
 const char* tile_name(int tile) {
   static const char* const kNames[kTileCount] = {"x16", "x32", "x64", "s16", "s32", "s64", "s128",
                                                  "s16m", "s32m", "s64m", "w64", "w128", "w128n", "w64x",
-                                                 "ws256", "ws128"};
+                                                 "ws256", "ws128", "ws64"};
   return tile >= 0 && tile < kTileCount ? kNames[tile] : "auto";
 }
 
 bool tile_supports(int tile, ActType act) {
   if (tile == kTileAuto) return true;
   if (tile < 0 || tile >= kTileCount) return false;
-  return tile <= kTileX64 || tile == kTileW64X || tile == kTileWS256 || tile == kTileWS128 || act == ActType::kFloat16;
+  return tile <= kTileX64 || tile == kTileW64X || is_ws_tile(tile) || act == ActType::kFloat16;
 }
 
-bool tile_takes_fp16_activations(int tile, ActType act) {
-  return (tile == kTileWS256 || tile == kTileWS128) && act == ActType::kBFloat16;
-}
+bool tile_takes_fp16_activations(int tile, ActType act) { return is_ws_tile(tile) && act == ActType::kBFloat16; }
 
 // Whether `device` is an sm_90 GPU, where the sm_90a build's wgmma tiles and cluster reduction
 // run. Cached per device like sm_count(): the binding asks on every call.

@@ -22,6 +22,7 @@ enum Tile : int {
   kTileWS256,                                        // lean, warp-specialised TMA + wgmma (sm_90a), fp16
                                                      // fragments; bf16 calls through fp16 activations
   kTileWS128,                                        // ws256 with 128 tokens per block (and more stages)
+  kTileWS64,                                         // ws256 with 64 tokens per block (decode-sized M)
   kTileCount
 };
 const char* tile_name(int tile);                // "x16", ..., "auto" for anything else
