@@ -5,7 +5,7 @@ freeze it). The paths:
 
 * a **kernel tile** (``"x16"``, ``"x32"``, ``"x64"``, ``"s16"``, ``"s32"``, ``"s64"``,
   ``"s128"``, ``"s16m"``, ``"s32m"``, ``"s64m"``, ``"w64"``, ``"w128"``, ``"w128n"``, ``"w64x"``,
-  ``"ws256"``, ``"ws128"``;
+  ``"ws256"``, ``"ws128"``, ``"ws64"``;
   ``vllm_quick._C.TILES``, described in csrc/quick_gemm.cu, ``with_tile``): the QUICK kernel
   streaming int4 weights, with that many rows per thread block. ``x`` tiles keep the exact
   integers ``q - z`` in the mma fragments and scale per group in fp32 (fp16 and bf16); ``s``
@@ -21,8 +21,9 @@ freeze it). The paths:
   ``ws256`` (sm_90 only) is the warp-specialised wgmma tile (a TMA producer warpgroup
   feeding two consumer warpgroups, 256 tokens per block): fp16's tile from M = 129 to 4096,
   and bf16's from M = 129 (257 on the small layers) on; ``ws128`` is the same tile with 128
-  tokens per block, both dtypes' tile from M = 65 to 128 on the large layers (fp16 from 33 on
-  the small ones). Both split the last wave's tiles along K (csrc/quick_tail_split.cuh). Their
+  tokens per block, both dtypes' tile from M = 65 to 128 on the large layers (fp16's on the
+  small ones too), and ``ws64`` has 64 tokens (fp16's from M = 33 to 64 on the small layers).
+  They split the last wave's tiles along K (csrc/quick_tail_split.cuh). Their
   fragments are fp16, so a bf16 x goes in as an exact fp16 copy x * 2^e (csrc/quick_act_scale.cu)
   and the tile writes bf16 y * 2^-e from its fp32 accumulators (one fp16 rounding of (q - z) * s,
   like dequant_fp16's dense weight);
@@ -115,11 +116,15 @@ PLANS: dict[int, dict[torch.dtype, Plan]] = {
 # H200, benchmarks/results/kernel_h200_s10_plan_tiles.json, the 2 small layers, fp16): ws128 /
 # s32m 0.74 / 0.63 at M = 64 -> ws128 from M = 33; ws256 / ws128 0.67 / 0.59 at 192, 0.66 / 0.64
 # at 256 -> ws256 from M = 129. (Large layers and bf16 kept their plans: w64x 1.02 / 1.12 against
-# ws128's 0.91 / 0.79 at M = 64, ws128 at 96-128, ws256 from 192.)
+# ws128's 0.91 / 0.79 at M = 64, ws128 at 96-128, ws256 from 192.) The 64-token ws tile ws64
+# (kernel_h200_s10_ws64_tiles.json, M = 16-64): small layers, fp16 ws64 / ws128 / s32m 0.91 /
+# 0.82 / 0.72 at M = 48, 0.80 / 0.74 / 0.62 at 64 -> ws64 from M = 33 to 64 there; on the large
+# layers it stays at ~1.0x cuBLAS whatever M (w64x 1.15-1.18 at 48-64, s16m / s32m 1.70 / 1.36
+# at 16 / 32), and bf16 keeps x16 / w64x everywhere (ws64 0.59-0.68 on the small layers).
 SMALL_LAYER_ELEMENTS = 4096 * 6144
 SMALL_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
-        torch.float16: ((16, "s16m"), (32, "s32m"), (128, "ws128"), (4096, "ws256"), (None, "dequant")),
+        torch.float16: ((16, "s16m"), (32, "s32m"), (64, "ws64"), (128, "ws128"), (4096, "ws256"), (None, "dequant")),
         torch.bfloat16: ((32, "x16"), (256, "w64x"), (None, "ws256")),
     },
 }
