@@ -558,7 +558,7 @@ EncodeTiledFn tensor_map_encoder() {
 // [m, k] fp16, k fastest, read in boxes of 64 k x kTokens rows with the 128-byte swizzle that
 // the wgmma descriptor expects (sw128_kmajor_desc); rows past m read as zeros. Out: y's type
 // (bf16 calls give the fp16 copy of x and its scale, GemmArgs::act_abs_max).
-template <int kWGs, int kTokens, int kStages, typename Out>
+template <int kWGs, int kTokens, int kStages, typename Out, int kBlocksPerSm = 1>
 struct WsConfig {
   static constexpr int kThreads = 128 * (kWGs + 1);  // consumer warpgroups + the producer warpgroup
   static constexpr int kBlockM = kTokens;
@@ -568,8 +568,8 @@ struct WsConfig {
   static constexpr bool kWgmma = true;
   static constexpr bool kSplitsTail = true;  // K splits only the last wave's tiles (ws_block_work)
   // Group size 32 (two group rows per stage) and every other group size: two kernels.
-  static constexpr auto kernel = quick_gemm_ws_kernel<kWGs, kTokens, kStages, false, Out>;
-  static constexpr auto kernel_two_groups = quick_gemm_ws_kernel<kWGs, kTokens, kStages, true, Out>;
+  static constexpr auto kernel = quick_gemm_ws_kernel<kWGs, kTokens, kStages, false, Out, kBlocksPerSm>;
+  static constexpr auto kernel_two_groups = quick_gemm_ws_kernel<kWGs, kTokens, kStages, true, Out, kBlocksPerSm>;
 
   static cudaError_t launch(const GemmPlan& plan, const KernelParams& params, cudaStream_t stream) {
     const EncodeTiledFn encode = tensor_map_encoder();
@@ -617,7 +617,9 @@ struct WsConfig {
 //     calls hand it x scaled exactly into fp16 (tile_takes_fp16_activations) and get bf16 y.
 //   ws128: ws256 with 128 tokens per block (m64n128k16: no wgmma work on empty rows at M <= 128,
 //     two row blocks at M <= 256) and 8 stages of 21 KB instead of 5 of 37 KB.
-//   ws64: 64 tokens per block (m64n64k16) and 12 stages of 13 KB, for decode-sized M (session 10).
+//   ws64: 64 tokens per block (m64n64k16) and 12 stages of 13 KB, for decode-sized M (session 10);
+//     ws64b2: two such blocks per SM (8 stages each, consumers at 104 registers): at M <= 64 a
+//     ws64 block waits on its k-step chain, not on the tensor cores or on issue slots.
 // A tile the activation type does not support (scaled tiles for bf16) falls back to x64.
 template <typename T, typename F>
 auto with_tile(int tile, F&& f) {
@@ -639,6 +641,7 @@ auto with_tile(int tile, F&& f) {
     case kTileWS256: return f.template operator()<WsConfig<2, 256, 5, T>>();
     case kTileWS128: return f.template operator()<WsConfig<2, 128, 8, T>>();
     case kTileWS64: return f.template operator()<WsConfig<2, 64, 12, T>>();
+    case kTileWS64B2: return f.template operator()<WsConfig<2, 64, 8, T, 2>>();
     default: break;
   }
   return f.template operator()<Config<T, 2, 2, false, 1>>();  // kTileX64
@@ -659,12 +662,12 @@ int sm_count(int device) {
 
 }  // namespace
 
-static bool is_ws_tile(int tile) { return tile == kTileWS256 || tile == kTileWS128 || tile == kTileWS64; }
+static bool is_ws_tile(int tile) { return tile >= kTileWS256 && tile <= kTileWS64B2; }
 
 const char* tile_name(int tile) {
   static const char* const kNames[kTileCount] = {"x16", "x32", "x64", "s16", "s32", "s64", "s128",
                                                  "s16m", "s32m", "s64m", "w64", "w128", "w128n", "w64x",
-                                                 "ws256", "ws128", "ws64"};
+                                                 "ws256", "ws128", "ws64", "ws64b2"};
   return tile >= 0 && tile < kTileCount ? kNames[tile] : "auto";
 }
 

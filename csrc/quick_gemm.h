@@ -23,6 +23,7 @@ enum Tile : int {
                                                      // fragments; bf16 calls through fp16 activations
   kTileWS128,                                        // ws256 with 128 tokens per block (and more stages)
   kTileWS64,                                         // ws256 with 64 tokens per block (decode-sized M)
+  kTileWS64B2,                                       // ws64, two blocks per SM
   kTileCount
 };
 const char* tile_name(int tile);                // "x16", ..., "auto" for anything else

@@ -126,21 +126,24 @@ struct WsSmem {
   static constexpr int kTotalBytes = kBarrierOffset + 2 * kStages * 8 + 1024;  // + alignment slack
 };
 
-// Register budgets of the two roles (setmaxnreg, sm_90a). A block of 128 (kWGs + 1) threads
-// starts with 168 registers per thread (65536 / 384, rounded down to 8: __launch_bounds__); the
-// producer warpgroup, which needs few, gives registers back and the consumers take them from
-// that pool of 384 x 168, so 2 x 128 x 232 + 128 x 40 <= 384 x 168. A larger ask makes
+// Register budgets of the two roles (setmaxnreg, sm_90a). A block of 128 (kWGs + 1) threads,
+// kBlocksPerSm of them per SM, starts with kAtLaunch registers per thread (65536 / threads per
+// SM, rounded down to 8: __launch_bounds__; 168 for one block of 384); the producer warpgroup,
+// which needs few, gives registers back and the consumers take them from that pool of
+// 128 (kWGs + 1) x kAtLaunch -- e.g. 2 x 128 x 232 + 128 x 40 <= 384 x 168. A larger ask makes
 // setmaxnreg.inc wait forever (session 9: 64 / 224 hung the kernel). With 168 each (session 6's
 // one producer warp) the consumers kept their 128 accumulators and little else: ptxas recomputed
 // shared-memory addresses, slots and group tests every stage (ncu: ~60 instructions per wgmma).
-constexpr int kWsProducerRegisters = 40;
-constexpr int kWsConsumerRegisters = 232;
-
-template <int kWGs, int kProducer, int kConsumer>
-constexpr bool register_split_fits() {
-  constexpr int start = 65536 / (128 * (kWGs + 1)) / 8 * 8;
-  return kWGs * kConsumer + kProducer <= (kWGs + 1) * start;
-}
+// Two blocks per SM (ws64b2: 80 at launch) leave the producer 24, setmaxnreg's minimum.
+template <int kWGs, int kBlocksPerSm>
+struct WsRegisters {
+  static constexpr int kAtLaunch = 65536 / (128 * (kWGs + 1) * kBlocksPerSm) / 8 * 8;
+  static constexpr int kProducer = kBlocksPerSm == 1 ? 40 : 24;
+  static constexpr int kConsumer = ((kWGs + 1) * kAtLaunch - kProducer) / kWGs / 8 * 8;
+  static_assert(kWGs * kConsumer + kProducer <= (kWGs + 1) * kAtLaunch, "setmaxnreg would wait forever");
+  static_assert(kConsumer <= 256 && kProducer >= 24, "setmaxnreg's range");
+};
+static_assert(WsRegisters<2, 1>::kConsumer == 232 && WsRegisters<2, 2>::kConsumer == 104, "the budgets named above");
 
 template <int kRegisters>
 __device__ __forceinline__ void setmaxnreg_inc() {
@@ -229,12 +232,12 @@ struct WsStageWords {
 // calls (Out = bf16) x is the exact fp16 copy x * 2^e (quick_act_scale.cu) and the accumulators
 // are multiplied by 2^-e, exactly, before the bf16 output -- one rounding of (q - z) * s to fp16
 // and one of y to bf16, as in ops.fp16_product_for_bf16 but without its passes over y.
-template <int kWGs, int kTokens, int kStages, bool kTwoGroups, typename Out>
-__global__ void __launch_bounds__(128 * (kWGs + 1), 1)
+template <int kWGs, int kTokens, int kStages, bool kTwoGroups, typename Out, int kBlocksPerSm>
+__global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
     quick_gemm_ws_kernel(const __grid_constant__ CUtensorMap act_map, const KernelParams p) {
   using T = __half;  // what the fragments and wgmmas hold
   using Smem = WsSmem<kWGs, kTokens, kStages>;
-  static_assert(register_split_fits<kWGs, kWsProducerRegisters, kWsConsumerRegisters>(), "setmaxnreg would wait forever");
+  using Registers = WsRegisters<kWGs, kBlocksPerSm>;
   constexpr int kRows = kTokens / 64;  // accumulator as [kRows][8][4] floats (wgmma_step)
   constexpr int kGroupRows = kTwoGroups ? 2 : 1;
   constexpr int kPartialCols = kWGs * kTileN;  // a split block's partial tile: [kTokens][kPartialCols]
@@ -266,7 +269,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
 
   if (warp / 4 == kWGs) {
     // ---- Producer warpgroup: one thread issues every copy, then the group leaves. ----
-    setmaxnreg_dec<kWsProducerRegisters>();
+    setmaxnreg_dec<Registers::kProducer>();
     if (warp % 4 == 0 && lane == 0) {
       const uint64_t policy = p.weights_evict_first ? evict_first_policy() : evict_normal_policy();
       const uint64_t keep = evict_normal_policy();
@@ -309,7 +312,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
   }
 
   // ---- Consumers: warpgroup wg, warp r of it (word r of each lane's 16 bytes). ----
-  setmaxnreg_inc<kWsConsumerRegisters>();
+  setmaxnreg_inc<Registers::kConsumer>();
   const int wg = warp / 4, r = warp % 4;
   // The output goes through shared memory with 16-byte stores (stage_output_fragments, then
   // copy_output_tile) unless K is split (fp32 partials), there is a bias, or y's rows are not

@@ -194,7 +194,7 @@ def test_shipped_plans_are_well_formed(table):
     and dequant_fp16 / "fp16:<tile>" / ws256 / ws128 (one fp16 rounding of (q - z) * s, 1.7e-3 measured);
     an s tile or a dense bf16 weight rounds (q - z) * s to bf16, ~2.3e-3 of error. "fp16:" paths
     name a tile and appear in bf16 plans only."""
-    exact_bf16 = {"x16", "x32", "x64", "w64x", "ws256", "ws128", "ws64", "dequant_fp16", "auto"}
+    exact_bf16 = {"x16", "x32", "x64", "w64x", "ws256", "ws128", "ws64", "ws64b2", "dequant_fp16", "auto"}
     for family, plans in getattr(dispatch, table).items():
         assert dispatch.parse_plan_spec(dispatch.format_plan_spec(plans)) == plans, family
         for dtype, plan in plans.items():

@@ -331,7 +331,7 @@ def test_every_tile(kernel, tile, dtype_name, group_size):
             assert torch.equal(y, ops.kernel_gemm(*args)), f"tile {tile} M={m}: two calls differ"
 
 
-@pytest.mark.parametrize("tile", ["ws256", "ws128", "ws64"])
+@pytest.mark.parametrize("tile", ["ws256", "ws128", "ws64", "ws64b2"])
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("group_size", [32, 64, 128, -1])
 def test_ws_tile_partial_blocks_and_split_k(kernel, monkeypatch, group_size, dtype_name, tile):
@@ -358,7 +358,7 @@ def test_ws_tile_partial_blocks_and_split_k(kernel, monkeypatch, group_size, dty
                              f"splits<={splits} bias={b is not None}")
 
 
-@pytest.mark.parametrize("tile", ["ws256", "ws128", "ws64"])
+@pytest.mark.parametrize("tile", ["ws256", "ws128", "ws64", "ws64b2"])
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("group_size", [32, 128])
 def test_ws_tile_tail_split(kernel, monkeypatch, group_size, dtype_name, tile):
@@ -372,7 +372,7 @@ def test_ws_tile_tail_split(kernel, monkeypatch, group_size, dtype_name, tile):
         pytest.skip(f"{tile} runs on sm_90 only")
     dtype = DTYPES[dtype_name]
     index = TILES.index(tile)
-    tokens = int(tile[2:])
+    tokens = int(tile[2:].split("b")[0])
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     n = 64 * 65  # 33 column blocks, the last with one 64-column tile
     for k, m in ((1024, 5 * tokens - 40), (1024, 2 * tokens - 3)):
