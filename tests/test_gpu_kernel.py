@@ -363,7 +363,7 @@ def test_ws_tile_partial_blocks_and_split_k(kernel, monkeypatch, group_size, dty
 @pytest.mark.parametrize("group_size", [32, 128])
 def test_ws_tile_tail_split(kernel, monkeypatch, group_size, dtype_name, tile):
     """The ws tiles compute the last wave's tiles as K ranges (csrc/quick_tail_split.cuh): with
-    165 tiles on 132 SMs, 132 whole tiles and 33 tiles split 3 or 8 ways (VLLM_QUICK_WS_SPLITS),
+    e.g. 165 tiles on 132 SMs, 132 whole tiles and 33 tiles split 3 or 8 ways (VLLM_QUICK_WS_SPLITS),
     the tail in the last, partial row block (rows >= M), an odd tile count (an idle warpgroup in
     the last column block), with and without bias; and a call whose every tile is split. Each
     matches the reference and a second call gives the same bits (the reduction sums in a fixed
@@ -373,9 +373,11 @@ def test_ws_tile_tail_split(kernel, monkeypatch, group_size, dtype_name, tile):
     dtype = DTYPES[dtype_name]
     index = TILES.index(tile)
     tokens = int(tile[2:].split("b")[0])
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    # blocks the GPU holds at once: one per SM, two for ws64b2
+    sms = torch.cuda.get_device_properties(0).multi_processor_count * (2 if tile.endswith("b2") else 1)
     n = 64 * 65  # 33 column blocks, the last with one 64-column tile
-    for k, m in ((1024, 5 * tokens - 40), (1024, 2 * tokens - 3)):
+    row_blocks = sms // 33 + 1  # e.g. 165 tiles on 132 SMs: 132 whole, 33 split
+    for k, m in ((1024, row_blocks * tokens - 40), (1024, 2 * tokens - 3)):
         w = make_weight(k, n, group_size)
         x = random_x((m, k), dtype, seed=zlib.crc32(f"tail/{k}/{m}".encode()))
         bias = random_x((n,), dtype, seed=6)

@@ -5,7 +5,7 @@ freeze it). The paths:
 
 * a **kernel tile** (``"x16"``, ``"x32"``, ``"x64"``, ``"s16"``, ``"s32"``, ``"s64"``,
   ``"s128"``, ``"s16m"``, ``"s32m"``, ``"s64m"``, ``"w64"``, ``"w128"``, ``"w128n"``, ``"w64x"``,
-  ``"ws256"``, ``"ws128"``, ``"ws64"``;
+  ``"ws256"``, ``"ws128"``, ``"ws64"``, ``"ws64b2"``;
   ``vllm_quick._C.TILES``, described in csrc/quick_gemm.cu, ``with_tile``): the QUICK kernel
   streaming int4 weights, with that many rows per thread block. ``x`` tiles keep the exact
   integers ``q - z`` in the mma fragments and scale per group in fp32 (fp16 and bf16); ``s``
@@ -22,7 +22,8 @@ freeze it). The paths:
   feeding two consumer warpgroups, 256 tokens per block): fp16's tile from M = 129 to 4096,
   and bf16's from M = 129 (257 on the small layers) on; ``ws128`` is the same tile with 128
   tokens per block, both dtypes' tile from M = 65 to 128 on the large layers (fp16's on the
-  small ones too), and ``ws64`` has 64 tokens (fp16's from M = 33 to 64 on the small layers).
+  small ones too), and ``ws64`` has 64 tokens (fp16's from M = 33 to 64 on the small layers);
+  ``ws64b2`` is ws64 at two blocks per SM (fp16's from M = 33 to 64 on the large layers).
   They split the last wave's tiles along K (csrc/quick_tail_split.cuh). Their
   fragments are fp16, so a bf16 x goes in as an exact fp16 copy x * 2^e (csrc/quick_act_scale.cu)
   and the tile writes bf16 y * 2^-e from its fp32 accumulators (one fp16 rounding of (q - z) * s,
@@ -102,7 +103,7 @@ Plan = tuple[tuple[int | None, str], ...]
 #   on the small ones the two tie at 4096: 0.53x cuBLAS each).
 PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
-        torch.float16: ((16, "s16m"), (32, "s32m"), (64, "w64x"), (128, "ws128"), (4096, "ws256"), (None, "dequant")),
+        torch.float16: ((16, "s16m"), (32, "s32m"), (64, "ws64b2"), (128, "ws128"), (4096, "ws256"), (None, "dequant")),
         torch.bfloat16: ((16, "x16"), (64, "w64x"), (128, "ws128"), (None, "ws256")),
     },
 }
@@ -121,6 +122,12 @@ PLANS: dict[int, dict[torch.dtype, Plan]] = {
 # 0.82 / 0.72 at M = 48, 0.80 / 0.74 / 0.62 at 64 -> ws64 from M = 33 to 64 there; on the large
 # layers it stays at ~1.0x cuBLAS whatever M (w64x 1.15-1.18 at 48-64, s16m / s32m 1.70 / 1.36
 # at 16 / 32), and bf16 keeps x16 / w64x everywhere (ws64 0.59-0.68 on the small layers).
+# ws64b2 is ws64 at two blocks per SM (a ws64 block waits on its k-step chain, not on the tensor
+# cores: same time at M = 16 and 64). H100, kernel_h100_s10_ws64b2_tiles.json, the 10 large
+# layers, fp16: ws64b2 / ws64 / w64x / s32m 1.70 / 1.41 / 1.64 / 1.82x cuBLAS at M = 32, 1.66 /
+# 1.39 / 1.54 / 1.14 at 64, 0.99 / 0.78 / 0.92 at 96 (ws128 1.27) -> ws64b2 from M = 33 to 64 on
+# the large layers; bf16 ws64b2 1.40 against w64x 1.55 at 64, and on the small layers ws64b2
+# ties ws64 (0.99 / 1.01 at 64): both keep their plans.
 SMALL_LAYER_ELEMENTS = 4096 * 6144
 SMALL_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
