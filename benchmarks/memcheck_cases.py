@@ -54,6 +54,8 @@ PRESETS = {
         "1024x512:g128:M100:float16",  # fp16 mid M: the s64 tile (scaled fragments)
         "2048x320:g32:M40:float16",  # s32 tile, group 32, padded N, split-K
         "2048x4160:g128:M1180:float16",  # ws256: 165 tiles, the last wave's 33 split along K
+        "4096x8192:g128:M40:float16",  # ws64b2 (two blocks per SM), split K
+        "2048x4096:g64:M50:float16:bias",  # ws64 on a small layer, bias
     ],
     "race": [
         "256x128:g128:M16:float16",
