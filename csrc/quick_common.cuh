@@ -121,7 +121,7 @@ struct SplitTile {
   int* counter;
 };
 
-template <typename T, int kThreads = 0, int kBatch = 4>
+template <typename T, int kThreads = 0, int kBatch = 1>
 __device__ __forceinline__ void reduce_split_tile(const KernelParams& p, const SplitTile& st, int row0, int block_rows,
                                                   int col0, int cols) {
   __threadfence();  // partials visible device-wide before the counter says so
@@ -136,9 +136,12 @@ __device__ __forceinline__ void reduce_split_tile(const KernelParams& p, const S
   // The whole block reduces the tile, four columns per thread and several splits' loads in
   // flight at once. (A first version let each thread reduce its own accumulator fragment: for
   // M = 1 only 4 lanes had rows, and their ~180 dependent L2 loads took ~25 us.)
-  // kBatch quads per thread at a time, each split's kBatch loads issued together: with one quad
-  // per iteration a thread waited a full L2 round trip per quad (a 256 x 128 ws tile: 32 of them,
-  // ~30 us on the H200, session 10 -- longer than a quarter of a 13824-deep K loop).
+  // kBatch quads per thread at a time, each split's kBatch loads issued together, two splits
+  // per round (kBatch > 1), or one quad and eight splits per round (kBatch = 1). The ws tiles
+  // reduce 256 x 128 tiles: with one quad per iteration a thread waited a full L2 round trip per
+  // quad (32 of them, ~30 us on the H200, session 10 -- longer than a quarter of a 13824-deep K
+  // loop), so they take kBatch = 8. The mma.sync tiles keep kBatch = 1: at M = 1 a thread has one
+  // quad, and kBatch = 4 made its 8 splits 4 round trips instead of 1 (6% slower at M = 1).
   const int rows = min(block_rows, p.m - row0);
   const int quads = cols / 4, items = rows * quads;
   const int stride = kThreads > 0 ? kThreads : blockDim.x;
@@ -151,7 +154,7 @@ __device__ __forceinline__ void reduce_split_tile(const KernelParams& p, const S
       src[u] = st.base + static_cast<size_t>(idx / quads) * st.row_stride + (idx % quads) * 4;
       sum[u] = make_float4(0.f, 0.f, 0.f, 0.f);
     }
-#pragma unroll(kBatch > 1 ? 2 : 1)
+#pragma unroll(kBatch > 1 ? 2 : 8)
     for (int sp = 0; sp < st.splits; ++sp) {  // fixed order per element: deterministic
       float4 v[kBatch];
 #pragma unroll
