@@ -22,6 +22,8 @@
 // Block: kWGs consumer warpgroups, warpgroup c computes the 64 output features of 64-column tile
 // c of the block (warp r of it: rows 16 r .. 16 r + 15, word r of every lane's 16 bytes:
 // quick_wgmma.cuh, kWords = 1) for the block's kTokens tokens; warpgroup kWGs is the producer.
+// The same kernel makes ws128 / ws64 (128 / 64 tokens) and ws64b2 (ws64, two blocks per SM:
+// kBlocksPerSm, WsRegisters); which tile and K range a block takes: quick_tail_split.cuh.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap (the map is built on the host, quick_gemm.cu)
@@ -441,8 +443,8 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
   if (work.splits > 1) {
     const SplitTile st{p.partials + static_cast<size_t>(work.tail) * work.splits * kPartialFloats, kPartialFloats,
                        kPartialCols, work.splits, p.counters + work.tail};
-    // 8 quads per thread in flight (the consumers' 232 registers hold them; the sm_80 build of this
-    // never-launched kernel keeps 1, within its 168).
+    // 8 quads per thread in flight (held within the consumers' 104-232 registers without spills;
+    // the sm_80 build of this never-launched kernel keeps 1, within its launch-bound registers).
     reduce_split_tile<Out, 128 * kWGs, QUICK_WGMMA ? 8 : 1>(p, st, row0, kTokens, tile_n0 * kTileN, block_tiles * kTileN);
   }
 }
