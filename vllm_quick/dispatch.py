@@ -60,8 +60,9 @@ import torch
 Plan = tuple[tuple[int | None, str], ...]
 
 # (compute capability major) -> {dtype: plan}
-# sm90: measured on an H100 80GB HBM3, 2026-11-25, every candidate tile + dequant + cuBLAS on the
-# 12 Llama shapes, fp16 and bf16, M = 1-512 (bf16 to 1024):
+# sm90: measured on an H100 80GB HBM3 (sessions 5-10, 2026-11-25 and 2026-11-26; the session 10
+# changes for the small layers on an H200, 2026-11-26, see below), every candidate tile + dequant +
+# cuBLAS on the 12 Llama shapes, fp16 and bf16, M = 1-512 (bf16 to 1024):
 # benchmarks/results/kernel_h100_tiles_s5.json (session 5; M = 32-4096 for the large-M paths in
 # kernel_h100_tiles_s5_large.json). Geometric mean of the speedup over cuBLAS on the 10 large
 # layers, best path first:
