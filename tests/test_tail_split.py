@@ -38,19 +38,19 @@ using namespace quick;
 // grid_n 8 column blocks of 2 tiles (any grid works: the map only numbers tiles)
 void run(const char* name, int tiles, int tokens, int cols, int k, int max_splits, int forced) {
   const int stages = k / 64, grid_n = 8, wgs = 2;
-  const TailSplit t = plan_tail_split(tiles, %d, tokens, cols, k, stages, max_splits, forced);
-  std::printf("case %%s|%%d %%d %%d %%d %%d\n", name, t.splits, t.stages_per_split, t.dp_blocks, t.tail_tiles, t.blocks);
+  const TailSplit t = plan_tail_split(tiles, @SMS@, tokens, cols, k, stages, max_splits, forced);
+  std::printf("case %s|%d %d %d %d %d\n", name, t.splits, t.stages_per_split, t.dp_blocks, t.tail_tiles, t.blocks);
   for (int b = 0; b < t.blocks; ++b) {
     const WsBlockWork w = ws_block_work(b, t.dp_blocks, t.splits, t.stages_per_split, stages, grid_n, wgs, tokens);
-    std::printf("b %%d %%d %%d %%d %%d %%d %%d %%d\n", w.tile_n0, w.row0, w.split, w.splits, w.tail, w.stage_begin,
+    std::printf("b %d %d %d %d %d %d %d %d\n", w.tile_n0, w.row0, w.split, w.splits, w.tail, w.stage_begin,
                 w.stage_count, stages);
   }
 }
 int main() {
-%s
+@CALLS@
   return 0;
 }
-""" % (SMS, calls)
+""".replace("@SMS@", str(SMS)).replace("@CALLS@", calls)
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +62,8 @@ def plans(tmp_path_factory):
             name, fields = line[5:].split("|")
             splits, per_split, dp, tail, n_blocks = map(int, fields.split())
             blocks = []
-            result[name] = dict(splits=splits, stages_per_split=per_split, dp_blocks=dp, tail_tiles=tail,
-                                blocks=n_blocks, work=blocks)
+            result[name] = {"splits": splits, "stages_per_split": per_split, "dp_blocks": dp, "tail_tiles": tail,
+                            "blocks": n_blocks, "work": blocks}
         else:
             blocks.append(tuple(map(int, line.split()[1:])))
     return result
