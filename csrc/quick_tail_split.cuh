@@ -8,7 +8,9 @@
 // neighbouring blocks share x's rows). Blocks [0, dp_blocks) take tiles [0, dp_blocks) whole
 // ("data parallel"); block dp_blocks + t * splits + s takes K range s of tile dp_blocks + t. A
 // split block writes its fp32 partial tile to slot t * splits + s of the workspace and the last
-// split of tile t to finish sums them (reduce_split_tile, counter t).
+// split of tile t to finish sums them (reduce_split_tile, counter t). The workspace is
+// tail_tiles x splits fp32 tiles: fewer than the GPU's blocks x 8 tiles (ws256: 132 x 8 x 128 KB
+// at most; 4 splits of a 28-tile tail, as on 13824 x 5120 at M = 1024, take 14 MB).
 #pragma once
 
 #ifdef __CUDACC__
