@@ -704,16 +704,23 @@ int default_tile(int m, ActType) {
   return kTileX64;
 }
 
-// The most K splits plan() makes: 8, or VLLM_QUICK_MAX_SPLITS (1-32) for tuning experiments
-// (benchmarks/KERNEL_NOTES.md: at mid M the kernel wants more parallelism). Read on every plan,
-// so a benchmark may change it between calls; std::strtol parses in the C locale.
-static int max_splits_setting() {
-  constexpr int kDefault = 8, kLimit = 32;
-  const char* v = std::getenv("VLLM_QUICK_MAX_SPLITS");
-  if (v == nullptr || *v == '\0') return kDefault;
+// An integer tuning knob from the environment: its value when it parses as an integer in
+// [lo, hi], else `fallback` (unset, empty or out of range). Read on every plan, so a benchmark may
+// change it between calls; std::strtol parses in the C locale.
+static int int_setting(const char* name, int lo, int hi, int fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
   const long n = std::strtol(v, nullptr, 10);
-  return n >= 1 && n <= kLimit ? static_cast<int>(n) : kDefault;
+  return n >= lo && n <= hi ? static_cast<int>(n) : fallback;
 }
+
+// The most K splits plan() makes: 8, or VLLM_QUICK_MAX_SPLITS (1-32) for tuning experiments
+// (benchmarks/KERNEL_NOTES.md: at mid M the kernel wants more parallelism).
+static int max_splits_setting() { return int_setting("VLLM_QUICK_MAX_SPLITS", 1, 32, 8); }
+
+// VLLM_QUICK_WS_SPLITS=s (1-32): the ws tiles split their tail s ways instead of what
+// plan_tail_split() estimates (benchmarks and tests); 0 (unset or anything else): the estimate.
+static int ws_splits_setting() { return int_setting("VLLM_QUICK_WS_SPLITS", 1, 32, 0); }
 
 // VLLM_QUICK_CLUSTER_REDUCE: "0" turns the cluster split-K reduction off (the global-memory one
 // runs instead), "always" takes it wherever it can run; unset, plan() decides. A/B switches for
@@ -728,15 +735,6 @@ static ClusterSetting cluster_reduce_setting() {
 
 static int resolve_tile(const GemmProblem& pr) {
   return tile_supports(pr.tile, pr.act) && pr.tile != kTileAuto ? pr.tile : default_tile(pr.m, pr.act);
-}
-
-// VLLM_QUICK_WS_SPLITS=s (1-32): the ws tiles split their tail s ways instead of what
-// plan_tail_split() estimates (benchmarks and tests); unset or anything else: the estimate.
-static int ws_splits_setting() {
-  const char* v = std::getenv("VLLM_QUICK_WS_SPLITS");
-  if (v == nullptr || *v == '\0') return 0;
-  const long n = std::strtol(v, nullptr, 10);
-  return n >= 1 && n <= 32 ? static_cast<int>(n) : 0;
 }
 
 GemmPlan plan(const GemmProblem& pr, int device) {
