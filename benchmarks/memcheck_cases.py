@@ -56,6 +56,7 @@ PRESETS = {
         "2048x4160:g128:M1180:float16",  # ws256: 165 tiles, the last wave's 33 split along K
         "4096x8192:g128:M40:float16",  # ws64b2 (two blocks per SM), split K
         "2048x4096:g64:M50:float16:bias",  # ws64 on a small layer, bias
+        "2048x4160:g128:M300:bfloat16",  # bf16 through ws256: the per-row fp16 copy of x (quick_act_scale.cu)
     ],
     "race": [
         "256x128:g128:M16:float16",

@@ -34,8 +34,9 @@ struct KernelParams {
   int dp_blocks;
   bool weights_evict_first;
   bool cluster_reduce;  // the splits of a tile form one cluster and reduce in shared memory
-  // bf16 through an fp16 tile (GemmArgs::act_abs_max): x holds x * 2^e, y gets acc * 2^-e.
-  const unsigned* act_abs_max;
+  // bf16 through an fp16 tile (GemmArgs::act_row_abs_max): row i of x holds x[i] * 2^e_i, and
+  // y[i] gets acc * 2^-e_i.
+  const unsigned* act_row_abs_max;
 };
 
 // A split's fp32 partial tile in shared memory for the cluster reduction: rows of the block's 256

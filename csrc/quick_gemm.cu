@@ -557,7 +557,7 @@ EncodeTiledFn tensor_map_encoder() {
 // The ws tiles (quick_gemm_ws.cuh): the Config interface, plus the activations' TMA map: x
 // [m, k] fp16, k fastest, read in boxes of 64 k x kTokens rows with the 128-byte swizzle that
 // the wgmma descriptor expects (sw128_kmajor_desc); rows past m read as zeros. Out: y's type
-// (bf16 calls give the fp16 copy of x and its scale, GemmArgs::act_abs_max).
+// (bf16 calls give the fp16 copy of x and its per-row scales, GemmArgs::act_row_abs_max).
 template <int kWGs, int kTokens, int kStages, typename Out, int kBlocksPerSm = 1>
 struct WsConfig {
   static constexpr int kThreads = 128 * (kWGs + 1);  // consumer warpgroups + the producer warpgroup
@@ -574,7 +574,7 @@ struct WsConfig {
   static cudaError_t launch(const GemmPlan& plan, const KernelParams& params, cudaStream_t stream) {
     const EncodeTiledFn encode = tensor_map_encoder();
     if (encode == nullptr) return cudaErrorNotSupported;
-    if (!std::is_same_v<Out, __half> && params.act_abs_max == nullptr) return cudaErrorInvalidValue;
+    if (!std::is_same_v<Out, __half> && params.act_row_abs_max == nullptr) return cudaErrorInvalidValue;
     CUtensorMap map;
     const cuuint64_t dims[2] = {static_cast<cuuint64_t>(params.k), static_cast<cuuint64_t>(params.m)};
     const cuuint64_t row_bytes[1] = {static_cast<cuuint64_t>(params.k) * 2};
@@ -812,7 +812,7 @@ cudaError_t run(const GemmProblem& pr, const GemmPlan& pl, const GemmArgs& a, cu
   kp.splits = pl.splits;
   kp.dp_blocks = pl.dp_blocks;
   kp.cluster_reduce = pl.cluster_reduce;
-  kp.act_abs_max = a.act_abs_max;
+  kp.act_row_abs_max = a.act_row_abs_max;
   // With one row of blocks along M every weight byte is read once: stream it past L2. With
   // several, neighbouring row blocks re-read the same tiles, so let L2 keep them.
   kp.weights_evict_first = pl.grid_m == 1;

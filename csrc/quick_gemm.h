@@ -31,7 +31,7 @@ bool tile_supports(int tile, ActType act);      // scaled ("s") and scaled wgmma
 bool tile_runs_on(int tile, int device);        // wgmma ("w") tiles need an sm_90 GPU
 int default_tile(int m, ActType act);           // the choice for kTileAuto
 // Whether the tile reads fp16 activations even for bf16 calls (ws256): the caller then moves x
-// into fp16 with scale_bf16_to_fp16 and passes GemmArgs::act_abs_max; the tile writes bf16 y.
+// into fp16 with scale_bf16_to_fp16 and passes GemmArgs::act_row_abs_max; the tile writes bf16 y.
 bool tile_takes_fp16_activations(int tile, ActType act);
 
 struct GemmProblem {
@@ -68,22 +68,22 @@ struct GemmArgs {
   void* y;               // [m, size_n] in the activation type
   float* partials;       // plan.partial_floats fp32, or nullptr when that is 0
   int* counters;         // plan.counters ints, all zero on entry (and on exit)
-  // bf16 calls of a tile_takes_fp16_activations() tile: x is the fp16 copy x * 2^e written by
-  // scale_bf16_to_fp16 and this is its max|x| word, from which the tile finds e and writes
-  // y = acc * 2^-e in bf16. nullptr otherwise.
-  const unsigned* act_abs_max = nullptr;
+  // bf16 calls of a tile_takes_fp16_activations() tile: x is the fp16 copy written by
+  // scale_bf16_to_fp16, row i holding x[i] * 2^e_i, and this is its per-row max|x| words
+  // (M of them), from which the tile finds each e_i and writes y[i] = acc * 2^-e_i in bf16.
+  // nullptr otherwise.
+  const unsigned* act_row_abs_max = nullptr;
 };
 
 // bf16 activations into fp16 without rounding (quick_act_scale.cu): a bf16 significand (8 bits)
-// fits fp16's 11, only the exponent range differs, so x is multiplied by the power of two 2^e that
-// puts max|x| in [2^14, 2^15) (fp16_shift_of_bf16 in quick_act_scale.cuh). Two kernels on
-// `stream` (and a 4-byte memset): max|x| into *abs_max, then x16 = x * 2^e. No host sync: CUDA
-// graphs capture it.
+// fits fp16's 11, only the exponent range differs, so row i of x is multiplied by the power of
+// two 2^e_i that puts the row's max|x| in [2^14, 2^15) (fp16_shift_of_bf16 in
+// quick_act_scale.cuh). One kernel on `stream`, no host sync: CUDA graphs capture it.
 struct Fp16ActArgs {
-  const void* x;       // bf16, `count` elements, 16-byte aligned, count % 8 == 0
-  void* x16;           // fp16, same size and alignment
-  unsigned* abs_max;   // one word of device memory (the bf16 bits of max|x|)
-  size_t count;
+  const void* x;            // bf16 [rows, cols], rows contiguous, 16-byte aligned, cols % 8 == 0
+  void* x16;                // fp16, same shape and alignment
+  unsigned* row_abs_max;    // rows words of device memory (the bf16 bits of each row's max|x|)
+  int rows, cols;
 };
 cudaError_t scale_bf16_to_fp16(const Fp16ActArgs& args, cudaStream_t stream);
 

@@ -322,8 +322,6 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
   const bool fast_store = work.splits == 1 && p.bias == nullptr && p.size_n % 8 == 0 &&
                           (reinterpret_cast<uintptr_t>(p.y) & 15) == 0;
   if (wg < block_tiles) {
-    // bf16 calls: the bits of max|x| that set x's fp16 scale (read now, used after the K loop).
-    const uint32_t abs_max_bits = std::is_same_v<Out, __half> ? 0u : __ldg(p.act_abs_max);
     float acc[kRows][8][4];
     zero_accumulators(acc);
 #pragma unroll
@@ -374,7 +372,10 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
         dequant_a_fragments<T, 1, true, true>(w, zero, neg_zero16, scale, a);
         // One wgmma per k-step, then wait for the previous one. (Session 6 also tried a stage's
         // four wgmmas as one commit group: 1.4-1.5x slower at 128 and 192 tokens, and wrong at
-        // both -- see KERNEL_NOTES.md.)
+        // both -- see KERNEL_NOTES.md. Session 11: waiting for all but the last two or three
+        // k-steps makes ptxas serialise every wgmma (C7513: the dequantisation writes A
+        // registers inside the wgmma pipeline), and two accumulator sets taken in turn gained
+        // little -- KERNEL_NOTES.md.)
         wgmma_step<T, 1, kTokens>(acc, a, desc + kt * (32 >> 4));
         // wgmma_step waited for all but this k-step's wgmma: the previous stage is read.
         if (kt == 0 && s > 0) mbarrier_arrive(&empty[prev_slot]);
@@ -393,19 +394,23 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
     wgmma_wait<0>();
 #pragma unroll
     for (int i = 0; i < kRows; ++i) fence_registers(reinterpret_cast<float(&)[32]>(acc[i]));
-    if constexpr (!std::is_same_v<Out, __half>) {
-      const float unscale = __uint_as_float(pow2_bits(-fp16_shift_of_bf16(abs_max_bits)));
-#pragma unroll
-      for (int i = 0; i < kRows; ++i)
-#pragma unroll
-        for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[i][nb][e] *= unscale;
-    }
-
     // D element [i][nb][e] (as kTokens / 2 floats out[x][e], x = 8 i + nb): output feature
     // n0 + 8 (e / 2), token t0 + 8 x + e % 2.
-    const auto& out = reinterpret_cast<const float(&)[kTokens / 8][4]>(acc);
+    auto& out = reinterpret_cast<float(&)[kTokens / 8][4]>(acc);
+    if constexpr (!std::is_same_v<Out, __half>) {
+      // bf16 calls: row t of x came scaled by 2^e_t (quick_act_scale.cu); undo it per token,
+      // exactly, from that row's max|x| bits (rows past M: any row's, they are not stored).
+#pragma unroll
+      for (int x = 0; x < kTokens / 8; ++x)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = min(row0 + 2 * (lane % 4) + 8 * x + h, p.m - 1);
+          const float unscale = __uint_as_float(pow2_bits(-fp16_shift_of_bf16(__ldg(p.act_row_abs_max + row))));
+          out[x][h] *= unscale;
+          out[x][h + 2] *= unscale;
+        }
+    }
+
     if (fast_store) {
       // Both warpgroups' wgmmas must be done with the pipeline's shared memory before the output
       // tile goes there.

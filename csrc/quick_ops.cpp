@@ -169,16 +169,17 @@ std::tuple<c10::optional<torch::Tensor>, std::string> gemm(
                        bias.has_value() ? bias->data_ptr() : nullptr, y.data_ptr(), nullptr, nullptr};
   torch::Tensor x16, abs_max;
   if (quick::tile_takes_fp16_activations(static_cast<int>(tile), act)) {
-    // bf16 into an fp16-only tile (ws256): an exact fp16 copy x * 2^e, undone in the tile's epilogue.
+    // bf16 into an fp16-only tile (the ws tiles): an exact fp16 copy, row i times 2^e_i, undone
+    // in the tile's epilogue.
     x16 = torch::empty({m, k}, x.options().dtype(torch::kHalf));
-    abs_max = torch::empty({1}, x.options().dtype(torch::kInt32));
+    abs_max = torch::empty({m}, x.options().dtype(torch::kInt32));
     const quick::Fp16ActArgs scale_args{x.data_ptr(), x16.data_ptr(), reinterpret_cast<unsigned*>(abs_max.data_ptr<int>()),
-                                        static_cast<size_t>(m * k)};
+                                        static_cast<int>(m), static_cast<int>(k)};
     const cudaError_t err = quick::scale_bf16_to_fp16(scale_args, c10::cuda::getCurrentCUDAStream());
     if (err != cudaSuccess)
       return {c10::nullopt, std::string("quick::gemm: kernel launch failed (bf16 to fp16): ") + cudaGetErrorString(err)};
     args.x = x16.data_ptr();
-    args.act_abs_max = reinterpret_cast<const unsigned*>(abs_max.data_ptr<int>());
+    args.act_row_abs_max = reinterpret_cast<const unsigned*>(abs_max.data_ptr<int>());
   }
   if (plan.partial_floats > 0) {  // split-K through global memory (not in a cluster)
     partials = torch::empty({static_cast<int64_t>(plan.partial_floats)}, x.options().dtype(torch::kFloat32));

@@ -398,7 +398,7 @@ def test_ws_tile_tail_split(kernel, monkeypatch, group_size, dtype_name, tile):
 
 @pytest.mark.parametrize("x_scale", [1.0, 1e6, 1e-30, 1e30])
 def test_ws_tile_bf16_activation_range(kernel, x_scale):
-    """bf16 through ws256 moves x into fp16 by a power of two found on the GPU (max |x|): bf16's
+    """bf16 through ws256 moves x into fp16 by powers of two found on the GPU (each row's max |x|): bf16's
     whole exponent range must come back right -- activations beyond fp16's 65504 (1e6, 1e30) and
     below its normal range (1e-30) -- and an inf in one row must not change the other rows."""
     if torch.cuda.get_device_capability() != (9, 0):
@@ -415,6 +415,30 @@ def test_ws_tile_bf16_activation_range(kernel, x_scale):
     others = torch.arange(m, device=x.device) != 3
     assert torch.equal(y_inf[others], y[others]), f"x*{x_scale}: an inf in row 3 changed other rows"
     assert not bool(torch.isfinite(y_inf[3]).all()), f"x*{x_scale}: the inf of row 3 vanished"
+
+
+@pytest.mark.parametrize("tile", ["ws256", "ws128", "ws64", "ws64b2"])
+def test_ws_tile_bf16_rows_scaled_apart(kernel, tile):
+    """The bf16 copy into fp16 is scaled per row (csrc/quick_act_scale.cu): rows 1e30 and 1e-30
+    apart in one call, and a row of zeros, each come back with its own relative error within the
+    budget (one power of two for the whole input would have pushed the small rows into fp16's
+    subnormals, or out of its range altogether)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip(f"{tile} runs on sm_90 only")
+    index = TILES.index(tile)
+    k, n, m = 1024, 320, 150
+    w = make_weight(k, n, 128)
+    row_scale = torch.tensor([1e30, 1.0, 1e-30, 3e-5, 7e4], dtype=torch.float32).repeat(m // 5 + 1)[:m]
+    x = random_x((m, k), torch.float32, seed=zlib.crc32(f"rows/{tile}".encode())) * row_scale[:, None].cuda()
+    x[17] = 0.0
+    x = x.to(torch.bfloat16)
+    y = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, n, index)
+    ref = x.double() @ w.w32.double()
+    assert torch.equal(y[17], torch.zeros_like(y[17])), f"{tile}: a zero row gave nonzero outputs"
+    for row in range(5):
+        rows = torch.arange(row, m, 5, device=x.device)
+        rows = rows[rows != 17]
+        check_output(y[rows], ref[rows], torch.bfloat16, f"{tile} bf16 rows scaled {float(row_scale[row]):.0e}")
 
 
 @pytest.mark.parametrize("max_splits", ["1", "16", "32", "junk"])

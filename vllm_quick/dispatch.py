@@ -16,18 +16,17 @@ freeze it). The paths:
   Hopper's warpgroup MMA (wgmma) with 64 / 128 rows per block, ``w128n`` with half a tile per
   warp and 128 tokens per wgmma (the one plans use);
   ``w64x`` (fp16 and bf16, sm_90 only) feeds the exact fragments to wgmma with per-group fp32
-  scaling (bf16's tile from M = 17 to 64, 256 on small layers, and fp16's from M = 33 to 64 on
-  large layers);
+  scaling (bf16's tile from M = 17 to 32 on the large layers);
   ``ws256`` (sm_90 only) is the warp-specialised wgmma tile (a TMA producer warpgroup
   feeding two consumer warpgroups, 256 tokens per block): fp16's tile from M = 129 to 4096,
   and bf16's from M = 129 (257 on the small layers) on; ``ws128`` is the same tile with 128
-  tokens per block, both dtypes' tile from M = 65 to 128 on the large layers (fp16's on the
-  small ones too), and ``ws64`` has 64 tokens (fp16's from M = 33 to 64 on the small layers);
-  ``ws64b2`` is ws64 at two blocks per SM (fp16's from M = 33 to 64 on the large layers).
-  They split the last wave's tiles along K (csrc/quick_tail_split.cuh). Their
-  fragments are fp16, so a bf16 x goes in as an exact fp16 copy x * 2^e (csrc/quick_act_scale.cu)
-  and the tile writes bf16 y * 2^-e from its fp32 accumulators (one fp16 rounding of (q - z) * s,
-  like dequant_fp16's dense weight);
+  tokens per block, both dtypes' tile from M = 65 to 128 (on the small layers fp16's to 128,
+  bf16's to 256), and ``ws64`` has 64 tokens (both dtypes' from M = 33 to 64 on the small
+  layers); ``ws64b2`` is ws64 at two blocks per SM (both dtypes' from M = 33 to 64 on the large
+  layers). They split the last wave's tiles along K (csrc/quick_tail_split.cuh). Their
+  fragments are fp16, so a bf16 x goes in as an exact fp16 copy, row i times 2^e_i
+  (csrc/quick_act_scale.cu), and the tile writes bf16 y[i] * 2^-e_i from its fp32 accumulators
+  (one fp16 rounding of (q - z) * s, like dequant_fp16's dense weight);
 * ``"auto"``: the kernel with its own built-in choice by M (families not measured yet);
 * ``"dequant"``: dequantise the layer once into a dense matrix (csrc/quick_dequant.cu) and call
   cuBLAS; wins once the GEMM is bound by arithmetic (large M, prefill), where cuBLAS's Hopper
@@ -105,9 +104,16 @@ Plan = tuple[tuple[int | None, str], ...]
 PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
         torch.float16: ((16, "s16m"), (32, "s32m"), (64, "ws64b2"), (128, "ws128"), (4096, "ws256"), (None, "dequant")),
-        torch.bfloat16: ((16, "x16"), (64, "w64x"), (128, "ws128"), (None, "ws256")),
+        torch.bfloat16: ((16, "x16"), (32, "w64x"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
     },
 }
+# Session 11: the ws tiles' bf16 copy of x into fp16 is one kernel per call (per-row powers of
+# two) instead of a memset and two kernels; on an H200 (benchmarks/results/kernel_h200_s11_bf16_tiles.json,
+# 12 shapes, M = 16-512) bf16 ws64b2 / ws128 / ws256 now take 1.06-1.10 / 1.01-1.06 / 1.05-1.10x
+# their fp16 time, and the bf16 plans move to the ws tiles where fp16 has them: large layers,
+# bf16 ws64b2 / w64x 1.10 / 1.12x cuBLAS at M = 32, 1.08 / 1.02 at 64 -> ws64b2 from 33 to 64;
+# small layers ws64 / w64x 0.70 / 0.47 at 64, ws128 / w64x 0.63 / 0.47 at 128, 0.58 / 0.52 at
+# 256 -> ws64 from 33 to 64, ws128 from 65 to 256.
 # Small layers (K x N <= SMALL_LAYER_ELEMENTS, e.g. Llama-3-8B's o 4096x4096 and qkv 4096x6144)
 # have too few column blocks to fill 132 SMs with the wgmma tiles, and their dense fp16 copy is
 # small enough (32-48 MB) for dequantise + cuBLAS to compete from M = 65 (same sweep, the 2 small
@@ -133,7 +139,7 @@ SMALL_LAYER_ELEMENTS = 4096 * 6144
 SMALL_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
         torch.float16: ((16, "s16m"), (32, "s32m"), (64, "ws64"), (128, "ws128"), (4096, "ws256"), (None, "dequant")),
-        torch.bfloat16: ((32, "x16"), (256, "w64x"), (None, "ws256")),
+        torch.bfloat16: ((32, "x16"), (64, "ws64"), (256, "ws128"), (None, "ws256")),
     },
 }
 # Families not measured yet: the kernel's own choice everywhere (always correct, maybe not fastest).

@@ -189,9 +189,10 @@ def dequant_fp16_matmul(x2, qweight, qzeros, scales, bias, group_size: int, size
 
 def kernel_fp16_for_bf16(x2, qweight, qzeros, scales, bias, group_size: int, size_n: int, tile: int) -> torch.Tensor:
     """bf16 activations through an fp16 kernel tile (the ``"fp16:<tile>"`` paths): the scaling of
-    fp16_matmul_for_bf16, with the QUICK kernel as the fp16 GEMM. (The tile ws256 does the same
-    inside the extension for a bf16 x, without the passes over y: csrc/quick_act_scale.cu.) The tile rounds each (q - z) * s once to fp16, like the dense
-    fp16 weight of dequant_fp16, and accumulates in fp32 (``bias`` already in x's dtype)."""
+    fp16_matmul_for_bf16, with the QUICK kernel as the fp16 GEMM. (The ws tiles do the same inside
+    the extension for a bf16 x, a power of two per row and no passes over y:
+    csrc/quick_act_scale.cu.) The tile rounds each (q - z) * s once to fp16, like the dense fp16
+    weight of dequant_fp16, and accumulates in fp32 (``bias`` already in x's dtype)."""
     bound = column_abs_sum_bound(scales, x2.shape[1], group_size)
     return fp16_product_for_bf16(
         x2, bias, bound, lambda x16, bias16: kernel_gemm(x16, qweight, qzeros, scales, bias16, group_size, size_n, tile))
