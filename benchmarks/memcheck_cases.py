@@ -57,6 +57,8 @@ PRESETS = {
         "4096x8192:g128:M40:float16",  # ws64b2 (two blocks per SM), split K
         "2048x4096:g64:M50:float16:bias",  # ws64 on a small layer, bias
         "2048x4160:g128:M300:bfloat16",  # bf16 through ws256: the per-row fp16 copy of x (quick_act_scale.cu)
+        "4096x8192:g128:M5:bfloat16",  # bf16 through s16m (the same copy), split K
+        "4096x8192:g128:M24:bfloat16:bias",  # bf16 through s32m, bias
     ],
     "race": [
         "256x128:g128:M16:float16",

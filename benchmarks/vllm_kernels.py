@@ -297,8 +297,10 @@ KERNEL_TILES = ("x16", "x32", "x64", "s16", "s32", "s64", "s128", "s16m", "s32m"
                 "w64x", "ws256", "ws128", "ws64", "ws64b2")
 # Tiles with scaled fp16 fragments that take fp16 activations only: the kernel refuses bf16 for
 # them (ws256 takes bf16 through its fp16 copy of x).
+# (s16m and s32m take bf16 through an exact fp16 copy of x, like the ws tiles: not fp16 only.)
 FP16_ONLY_TILES = tuple(t for t in KERNEL_TILES
-                        if t.startswith("s") or (t.startswith("w") and not t.endswith("x") and not t.startswith("ws")))
+                        if (t.startswith("s") and t not in ("s16m", "s32m"))
+                        or (t.startswith("w") and not t.endswith("x") and not t.startswith("ws")))
 for _tile in KERNEL_TILES:
     CALLS[f"quick_{_tile}"] = (f"vllm_quick.ops.kernel_gemm(x, qweight, qzeros, scales, None, group, N, tile) with "
                                f"tile = TILES.index({_tile!r}): the QUICK kernel with that tile at every M")

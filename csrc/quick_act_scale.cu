@@ -1,4 +1,4 @@
-// bf16 activations into fp16 for the tiles that only read fp16 (the ws tiles; quick_gemm.h,
+// bf16 activations into fp16 for the tiles that only read fp16 (the ws tiles, s16m, s32m; quick_gemm.h,
 // tile_takes_fp16_activations): per row, max|x| of the row, then x16 = x * 2^e_row, exact (a bf16
 // significand fits fp16's; 2^e_row from fp16_shift_of_bf16). The tile writes y * 2^-e_row in bf16
 // from its fp32 accumulators, so only x has to fit fp16 (ops.fp16_product_for_bf16, the cuBLAS

@@ -32,6 +32,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "quick_act_scale.cuh"
 #include "quick_common.cuh"
 #include "quick_fragments.cuh"
 #include "quick_gemm.h"
@@ -84,9 +85,16 @@ __device__ __forceinline__ int swizzled_chunk(int row, int chunk) { return row *
 // blocks per SM the register allocation must allow; kLean: the 16x magic for odd nibble pairs,
 // and group boundaries looked for on even k-tiles only (scaled tiles); kWgWords: 0 = mma.sync, 4 or
 // 2 = the warpgroup MMA with that many weight words per warp and k-step (sm_90a; see wgmma_step);
-template <typename T, int kWarpTilesM, int kWarpsM, bool kScaled, int kMinBlocks, bool kLean, int kWgWords>
+//
+// Out: y's type. T, except for bf16 calls of the lean mma.sync tiles s16m / s32m (Out = bf16,
+// T = fp16): x is then the exact fp16 copy of a bf16 x, row i times 2^e_i (quick_act_scale.cu,
+// as for the ws tiles), and the accumulators of row i are multiplied by 2^-e_i before the output.
+template <typename T, int kWarpTilesM, int kWarpsM, bool kScaled, int kMinBlocks, bool kLean, int kWgWords,
+          typename Out = T>
 __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
     quick_gemm_kernel(const KernelParams p) {
+  static_assert(std::is_same_v<Out, T> || (kWgWords == 0 && std::is_same_v<T, __half>),
+                "a bf16 output from fp16 activations: mma.sync tiles only");
   static_assert(!kScaled || std::is_same_v<T, __half>, "scaled fragments are fp16 only");
   static_assert(!kLean || kScaled, "lean tiles are scaled tiles");
   constexpr bool kWgmma = kWgWords > 0;
@@ -376,6 +384,22 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
 #pragma unroll
     for (int r = 0; r < kAccRows; ++r) fence_registers(reinterpret_cast<float(&)[32]>(acc[r]));
   }
+  if constexpr (!std::is_same_v<Out, T>) {
+    // Row r of x came scaled by 2^e_r: undo it, exactly, from that row's max|x| bits (rows past
+    // M: any row's, they are not stored). Accumulator [mi][nb][e]: row 16 mi + lane / 4 + 8 (e / 2).
+#pragma unroll
+    for (int mi = 0; mi < kWarpTilesM; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = min(row0 + (warp_m * kWarpTilesM + mi) * 16 + lane / 4 + 8 * h, p.m - 1);
+        const float unscale = __uint_as_float(pow2_bits(-fp16_shift_of_bf16(__ldg(p.act_row_abs_max + row))));
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb) {
+          acc[mi][nb][2 * h] *= unscale;
+          acc[mi][nb][2 * h + 1] *= unscale;
+        }
+      }
+  }
 
   // ---------------------------------------------------------------------------------------
   // Epilogue. The accumulators by (row, column) in the block's tile:
@@ -422,7 +446,7 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
             *reinterpret_cast<float2*>(tile + r * kPartialStride + c) = make_float2(v0, v1);
           });
       }
-      reduce_split_k_in_cluster<T>(p, tile, row0, kBlockM, col0, block_tiles * kTileN);
+      reduce_split_k_in_cluster<Out>(p, tile, row0, kBlockM, col0, block_tiles * kTileN);
       return;
     }
   }
@@ -433,9 +457,9 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
   if (warp_active) {
     if constexpr (kWgmma) {
       for_each_element(
-          [&](int r, int c, float v) { store_element<T>(p, part, row0 + r, col0 + c, v); });
+          [&](int r, int c, float v) { store_element<Out>(p, part, row0 + r, col0 + c, v); });
     } else if (p.splits == 1) {
-      for_each_pair([&](int r, int c, float v0, float v1) { store_pair<T>(p, row0 + r, col0 + c, v0, v1); });
+      for_each_pair([&](int r, int c, float v0, float v1) { store_pair<Out>(p, row0 + r, col0 + c, v0, v1); });
     } else {
       for_each_pair([&](int r, int c, float v0, float v1) {
         if (row0 + r < p.m)
@@ -444,7 +468,7 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
     }
   }
   if (p.splits == 1) return;
-  reduce_split_k<T>(p, row0, kBlockM, col0, block_tiles * kTileN);
+  reduce_split_k<Out>(p, row0, kBlockM, col0, block_tiles * kTileN);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -513,7 +537,7 @@ int max_active_clusters(int splits) {
 }
 
 template <typename T, int kWarpTilesM, int kWarpsM, bool kScaled, int kMinBlocks, bool kLean = false,
-          int kWgWords = 0>
+          int kWgWords = 0, typename Out = T>
 struct Config {
   static constexpr int kThreads = 32 * kWarpsN * kWarpsM;
   static constexpr int kBlockM = 16 * kWarpTilesM * kWarpsM;
@@ -523,9 +547,10 @@ struct Config {
   static constexpr int kSmem = SmemLayout<kBlockM, kWgmma>::kTotalBytes;
   static constexpr bool kClusterReduce = SmemLayout<kBlockM, kWgmma>::kHoldsPartialTile;
   static constexpr auto kernel =
-      quick_gemm_kernel<T, kWarpTilesM, kWarpsM, kScaled, kMinBlocks, kLean, kWgWords>;
+      quick_gemm_kernel<T, kWarpTilesM, kWarpsM, kScaled, kMinBlocks, kLean, kWgWords, Out>;
 
   static cudaError_t launch(const GemmPlan& plan, const KernelParams& params, cudaStream_t stream) {
+    if (!std::is_same_v<Out, T> && params.act_row_abs_max == nullptr) return cudaErrorInvalidValue;
     blocks_per_sm<Config>();  // raises the dynamic shared-memory limit once
     dim3 grid(plan.grid_n, plan.grid_m, plan.splits);
     if (!params.cluster_reduce) {
@@ -606,7 +631,8 @@ struct WsConfig {
 //     mma tiles along M (64 rows, 128 registers of accumulators, 2 blocks per SM), s128 two.
 //     (s32 at 4 blocks per SM, i.e. 128 registers, spilled 32 bytes: it asks for 3.)
 //   s16m / s32m / s64m (fp16): s16 / s32 / s64 with the 16x magic (dequant_tile, kLean): one
-//     shift per weight word instead of three, group tests on even k-tiles only.
+//     shift per weight word instead of three, group tests on even k-tiles only. s16m and s32m
+//     take bf16 calls too, like the ws tiles: x's exact fp16 copy in, bf16 y out (session 11).
 //   w64 / w128 / w128n (fp16, sm_90a only): the lean fragments fed to wgmma instead of mma.sync
 //     (wgmma_step): 4 words per warp and k-step, one warpgroup of 64 rows (2 blocks per SM) or two
 //     (128 rows, 1 block per SM); w128n: 2 words per warp, two warpgroups along N sharing 128 rows.
@@ -620,7 +646,7 @@ struct WsConfig {
 //   ws64: 64 tokens per block (m64n64k16) and 12 stages of 13 KB, for decode-sized M (session 10);
 //     ws64b2: two such blocks per SM (8 stages each, consumers at 104 registers): at M <= 64 a
 //     ws64 block waits on its k-step chain, not on the tensor cores or on issue slots.
-// A tile the activation type does not support (scaled tiles for bf16) falls back to x64.
+// A tile the activation type does not support (the other scaled tiles for bf16) falls back to x64.
 template <typename T, typename F>
 auto with_tile(int tile, F&& f) {
   constexpr bool kHalf = std::is_same_v<T, __half>;
@@ -631,8 +657,9 @@ auto with_tile(int tile, F&& f) {
     case kTileS32: if constexpr (kHalf) return f.template operator()<Config<T, 2, 1, true, 3>>(); break;
     case kTileS64: if constexpr (kHalf) return f.template operator()<Config<T, 4, 1, true, 2>>(); break;
     case kTileS128: if constexpr (kHalf) return f.template operator()<Config<T, 4, 2, true, 1>>(); break;
-    case kTileS16M: if constexpr (kHalf) return f.template operator()<Config<T, 1, 1, true, 4, true>>(); break;
-    case kTileS32M: if constexpr (kHalf) return f.template operator()<Config<T, 2, 1, true, 3, true>>(); break;
+    // s16m / s32m take bf16 calls too, through x's fp16 copy (tile_takes_fp16_activations).
+    case kTileS16M: return f.template operator()<Config<__half, 1, 1, true, 4, true, 0, T>>();
+    case kTileS32M: return f.template operator()<Config<__half, 2, 1, true, 3, true, 0, T>>();
     case kTileS64M: if constexpr (kHalf) return f.template operator()<Config<T, 4, 1, true, 2, true>>(); break;
     case kTileW64: if constexpr (kHalf) return f.template operator()<Config<T, 4, 1, true, 2, true, 4>>(); break;
     case kTileW128: if constexpr (kHalf) return f.template operator()<Config<T, 4, 2, true, 1, true, 4>>(); break;
@@ -671,13 +698,19 @@ const char* tile_name(int tile) {
   return tile >= 0 && tile < kTileCount ? kNames[tile] : "auto";
 }
 
+// The tiles that take bf16 calls through x's fp16 copy: the ws tiles and the lean mma.sync
+// tiles s16m / s32m (their fragments are fp16 tricks; with_tile instantiates them with a bf16 y).
+static bool takes_bf16_as_fp16(int tile) { return is_ws_tile(tile) || tile == kTileS16M || tile == kTileS32M; }
+
 bool tile_supports(int tile, ActType act) {
   if (tile == kTileAuto) return true;
   if (tile < 0 || tile >= kTileCount) return false;
-  return tile <= kTileX64 || tile == kTileW64X || is_ws_tile(tile) || act == ActType::kFloat16;
+  return tile <= kTileX64 || tile == kTileW64X || takes_bf16_as_fp16(tile) || act == ActType::kFloat16;
 }
 
-bool tile_takes_fp16_activations(int tile, ActType act) { return is_ws_tile(tile) && act == ActType::kBFloat16; }
+bool tile_takes_fp16_activations(int tile, ActType act) {
+  return takes_bf16_as_fp16(tile) && act == ActType::kBFloat16;
+}
 
 // Whether `device` is an sm_90 GPU, where the sm_90a build's wgmma tiles and cluster reduction
 // run. Cached per device like sm_count(): the binding asks on every call.

@@ -27,10 +27,10 @@ enum Tile : int {
   kTileCount
 };
 const char* tile_name(int tile);                // "x16", ..., "auto" for anything else
-bool tile_supports(int tile, ActType act);      // scaled ("s") and scaled wgmma tiles are fp16 only
+bool tile_supports(int tile, ActType act);      // scaled ("s") and scaled wgmma tiles are fp16 only, but s16m / s32m
 bool tile_runs_on(int tile, int device);        // wgmma ("w") tiles need an sm_90 GPU
 int default_tile(int m, ActType act);           // the choice for kTileAuto
-// Whether the tile reads fp16 activations even for bf16 calls (ws256): the caller then moves x
+// Whether the tile reads fp16 activations even for bf16 calls (ws tiles, s16m, s32m): the caller then moves x
 // into fp16 with scale_bf16_to_fp16 and passes GemmArgs::act_row_abs_max; the tile writes bf16 y.
 bool tile_takes_fp16_activations(int tile, ActType act);
 

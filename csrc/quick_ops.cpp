@@ -169,7 +169,7 @@ std::tuple<c10::optional<torch::Tensor>, std::string> gemm(
                        bias.has_value() ? bias->data_ptr() : nullptr, y.data_ptr(), nullptr, nullptr};
   torch::Tensor x16, abs_max;
   if (quick::tile_takes_fp16_activations(static_cast<int>(tile), act)) {
-    // bf16 into an fp16-only tile (the ws tiles): an exact fp16 copy, row i times 2^e_i, undone
+    // bf16 into an fp16-only tile (the ws tiles, s16m, s32m): an exact fp16 copy, row i times 2^e_i, undone
     // in the tile's epilogue.
     x16 = torch::empty({m, k}, x.options().dtype(torch::kHalf));
     abs_max = torch::empty({m}, x.options().dtype(torch::kInt32));

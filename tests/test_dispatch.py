@@ -191,10 +191,11 @@ def test_describe_says_what_runs(monkeypatch):
 def test_shipped_plans_are_well_formed(table):
     """Each shipped plan round-trips through the env spec parser (which checks increasing M and a
     final '*'), and bf16 plans name only paths within the 2e-3 budget: the exact tiles (x, w64x)
-    and dequant_fp16 / "fp16:<tile>" / ws256 / ws128 (one fp16 rounding of (q - z) * s, 1.7e-3 measured);
-    an s tile or a dense bf16 weight rounds (q - z) * s to bf16, ~2.3e-3 of error. "fp16:" paths
-    name a tile and appear in bf16 plans only."""
-    exact_bf16 = {"x16", "x32", "x64", "w64x", "ws256", "ws128", "ws64", "ws64b2", "dequant_fp16", "auto"}
+    and dequant_fp16 / "fp16:<tile>" / the ws tiles / s16m / s32m (x in as an exact fp16 copy: one
+    fp16 rounding of (q - z) * s, 1.7e-3 measured); another s tile or a dense bf16 weight rounds
+    (q - z) * s to bf16, ~2.3e-3 of error. "fp16:" paths name a tile and appear in bf16 plans only."""
+    exact_bf16 = {"x16", "x32", "x64", "w64x", "ws256", "ws128", "ws64", "ws64b2", "s16m", "s32m", "dequant_fp16",
+                  "auto"}
     for family, plans in getattr(dispatch, table).items():
         assert dispatch.parse_plan_spec(dispatch.format_plan_spec(plans)) == plans, family
         for dtype, plan in plans.items():

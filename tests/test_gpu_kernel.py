@@ -307,7 +307,8 @@ def test_tile_names_match_the_extension(kernel):
 def test_every_tile(kernel, tile, dtype_name, group_size):
     """Each tile on every M (one block row or several, split-K or not), padded N included; two
     calls equal bit for bit. Scaled tiles ("s", and the wgmma tiles but w64x and the ws ones) are fp16
-    only and refuse bf16 with a ValueError; "w" tiles run on sm_90 only and say so elsewhere."""
+    only and refuse bf16 with a ValueError, except s16m / s32m, which take bf16 through an exact
+    fp16 copy of x like the ws tiles; "w" tiles run on sm_90 only and say so elsewhere."""
     dtype = DTYPES[dtype_name]
     index = TILES.index(tile)
     if tile.startswith("w") and torch.cuda.get_device_capability() != (9, 0):
@@ -417,13 +418,14 @@ def test_ws_tile_bf16_activation_range(kernel, x_scale):
     assert not bool(torch.isfinite(y_inf[3]).all()), f"x*{x_scale}: the inf of row 3 vanished"
 
 
-@pytest.mark.parametrize("tile", ["ws256", "ws128", "ws64", "ws64b2"])
-def test_ws_tile_bf16_rows_scaled_apart(kernel, tile):
-    """The bf16 copy into fp16 is scaled per row (csrc/quick_act_scale.cu): rows 1e30 and 1e-30
-    apart in one call, and a row of zeros, each come back with its own relative error within the
-    budget (one power of two for the whole input would have pushed the small rows into fp16's
-    subnormals, or out of its range altogether)."""
-    if torch.cuda.get_device_capability() != (9, 0):
+@pytest.mark.parametrize("tile", ["ws256", "ws128", "ws64", "ws64b2", "s16m", "s32m"])
+def test_bf16_rows_scaled_apart(kernel, tile):
+    """The bf16 copy into fp16 (ws tiles, s16m, s32m) is scaled per row (csrc/quick_act_scale.cu):
+    rows 1e30 and 1e-30 apart in one call, and a row of zeros, each come back with its own relative
+    error within the budget (one power of two for the whole input would have pushed the small rows
+    into fp16's subnormals, or out of its range altogether). s16m / s32m at M = 150 run several
+    row blocks and split K."""
+    if tile.startswith("ws") and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip(f"{tile} runs on sm_90 only")
     index = TILES.index(tile)
     k, n, m = 1024, 320, 150

@@ -12,11 +12,13 @@ freeze it). The paths:
   tiles (fp16 only) put ``(q - z) * s`` into the fragments, one fp16 rounding per weight, and
   free the registers of the second accumulator set for taller tiles; ``s..m`` tiles are ``s``
   tiles with fewer dequantisation instructions (the "16x magic"; 4-6% faster than the plain ``s``
-  tiles at M <= 64 on the H100); ``w64`` / ``w128`` (fp16, sm_90 only) feed the same fragments to
+  tiles at M <= 64 on the H100), and ``s16m`` / ``s32m`` take bf16 too, through the exact fp16
+  copy of x described below for the ws tiles (bf16's tiles to M = 16 / 32 on the large layers,
+  ``s32m`` from 17 to 32 on the small ones); ``w64`` / ``w128`` (fp16, sm_90 only) feed the same fragments to
   Hopper's warpgroup MMA (wgmma) with 64 / 128 rows per block, ``w128n`` with half a tile per
   warp and 128 tokens per wgmma (the one plans use);
   ``w64x`` (fp16 and bf16, sm_90 only) feeds the exact fragments to wgmma with per-group fp32
-  scaling (bf16's tile from M = 17 to 32 on the large layers);
+  scaling (in no plan since session 11);
   ``ws256`` (sm_90 only) is the warp-specialised wgmma tile (a TMA producer warpgroup
   feeding two consumer warpgroups, 256 tokens per block): fp16's tile from M = 129 to 4096,
   and bf16's from M = 129 (257 on the small layers) on; ``ws128`` is the same tile with 128
@@ -45,9 +47,10 @@ in increasing M, the last one with ``None`` (any larger M). ``benchmarks/dispatc
 derives it from a kernel_bench.py result. On a GPU not in the table (or to try a plan without
 editing this file) set ``VLLM_QUICK_DISPATCH_PLAN``, e.g.
 ``float16=16:x16,64:s64,*:dequant;bfloat16=16:x16,*:x64`` (dtypes not named keep the table's plan);
-dispatch_table.py prints that string too. bf16 never takes ``"dequant"`` or an ``s`` tile: a
-dense bf16 weight rounds ``(q - z) * s`` to bf16, which costs ~2.3e-3 of relative error against
-the 2e-3 budget, while the ``x`` tiles keep the weights exact (layout.py).
+dispatch_table.py prints that string too. bf16 never takes ``"dequant"`` or an ``s`` tile with
+bf16 fragments: a dense bf16 weight rounds ``(q - z) * s`` to bf16, which costs ~2.3e-3 of
+relative error against the 2e-3 budget, while the ``x`` tiles keep the weights exact
+(layout.py) and ``s16m`` / ``s32m`` / the ws tiles round it once to fp16 (1.7e-3 measured).
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ Plan = tuple[tuple[int | None, str], ...]
 PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
         torch.float16: ((16, "s16m"), (32, "s32m"), (64, "ws64b2"), (128, "ws128"), (4096, "ws256"), (None, "dequant")),
-        torch.bfloat16: ((16, "x16"), (32, "w64x"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
+        torch.bfloat16: ((16, "s16m"), (32, "s32m"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
     },
 }
 # Session 11: the ws tiles' bf16 copy of x into fp16 is one kernel per call (per-row powers of
@@ -114,6 +117,11 @@ PLANS: dict[int, dict[torch.dtype, Plan]] = {
 # bf16 ws64b2 / w64x 1.10 / 1.12x cuBLAS at M = 32, 1.08 / 1.02 at 64 -> ws64b2 from 33 to 64;
 # small layers ws64 / w64x 0.70 / 0.47 at 64, ws128 / w64x 0.63 / 0.47 at 128, 0.58 / 0.52 at
 # 256 -> ws64 from 33 to 64, ws128 from 65 to 256.
+# Then s16m and s32m took bf16 the same way (H100, benchmarks/results/kernel_h100_s11_bf16_small_m_tiles.json,
+# bf16, 12 shapes): large layers s16m / x16 2.30 / 2.20x cuBLAS at M = 1, 1.95 / 1.94 at 16,
+# s32m / w64x 1.67 / 1.56 at 32 -> s16m to 16, s32m to 32; small layers s16m / x16 1.56 / 1.54
+# at 1, 1.34 / 1.36 at 16 (x16 stays: no copy of x), s32m / x16 1.08 / 0.93 at 32 -> s32m
+# from 17 to 32.
 # Small layers (K x N <= SMALL_LAYER_ELEMENTS, e.g. Llama-3-8B's o 4096x4096 and qkv 4096x6144)
 # have too few column blocks to fill 132 SMs with the wgmma tiles, and their dense fp16 copy is
 # small enough (32-48 MB) for dequantise + cuBLAS to compete from M = 65 (same sweep, the 2 small
@@ -139,7 +147,7 @@ SMALL_LAYER_ELEMENTS = 4096 * 6144
 SMALL_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
         torch.float16: ((16, "s16m"), (32, "s32m"), (64, "ws64"), (128, "ws128"), (4096, "ws256"), (None, "dequant")),
-        torch.bfloat16: ((32, "x16"), (64, "ws64"), (256, "ws128"), (None, "ws256")),
+        torch.bfloat16: ((16, "x16"), (32, "s32m"), (64, "ws64"), (256, "ws128"), (None, "ws256")),
     },
 }
 # Families not measured yet: the kernel's own choice everywhere (always correct, maybe not fastest).
