@@ -14,8 +14,9 @@
 #   ncustall  Nsight Compute stall reasons (WarpStateStats, SchedulerStats) of tiles x16 / s64 / s128
 #             at 4096x12288 fp16, M = 1, 16, 64, 256 (ncu_stall.ncu-rep, ncu_stall.txt; NCU_STALL_BACKENDS,
 #             NCU_STALL_M and NCU_STALL_SECTIONS (extra --section arguments) override)
-#   ncusource per-SASS-instruction stall samples (SourceCounters) of NCU_SOURCE_RUNS (backend@M, 4096x12288
-#             fp16: quick_ws256@1024 quick_s16m@1 quick_s16m@16): ncu_source.txt + gzipped source-page CSVs
+#   ncusource per-SASS-instruction stall samples (SourceCounters) of NCU_SOURCE_RUNS (backend@M or
+#             backend@M@KxN, fp16 g128, 4096x12288 unless named: quick_ws256@1024 quick_s16m@1
+#             quick_s16m@16): ncu_source.txt + gzipped source-page CSVs
 #   tiles     sweep of every kernel tile, dequant, the op, cuBLAS, awq_gemm, Marlin, Machete on the 12
 #             shapes, M = 1..512 (kernel_<gpu>_tiles.json/.md; TILE_BACKENDS, TILE_M, TILE_DTYPES
 #             (float16) and TILE_TARGET_MS override), then benchmarks/dispatch_table.py:
@@ -252,22 +253,24 @@ step_ncustall() {
     "$OUT/ncu_stall.txt" | head -n 250
 }
 
-# Per-instruction stall sampling (SourceCounters): one ncu report per "backend@M" in
-# NCU_SOURCE_RUNS (4096x12288 fp16 g128), its SASS source page as CSV (gzipped) and the
-# summary of benchmarks/ncu_source_summary.py.
+# Per-instruction stall sampling (SourceCounters): one ncu report per "backend@M[@KxN]" in
+# NCU_SOURCE_RUNS (fp16 g128, 4096x12288 unless named), its SASS source page as CSV (gzipped)
+# and the summary of benchmarks/ncu_source_summary.py.
 step_ncusource() {
-  local ncu run be m rep
+  local ncu run be m shape rep
   ncu=$(find_tool ncu) || { echo "ncu: not found"; return 1; }
   for run in ${NCU_SOURCE_RUNS:-quick_ws256@1024 quick_s16m@1 quick_s16m@16}; do
-    be=${run%@*}; m=${run#*@}; rep="/tmp/ncusrc_${be}_M$m"
+    IFS=@ read -r be m shape <<<"$run"
+    shape=${shape:-4096x12288}
+    rep="/tmp/ncusrc_${be}_M${m}_$shape"
     "$ncu" --profile-from-start off --clock-control none --launch-count 1 --section SourceCounters \
       --section WarpStateStats --import-source no -f -o "$rep" \
       "$PY" benchmarks/memcheck_cases.py --profile --iters 1 --backends "$be" \
-      --case "4096x12288:g128:M$m:float16" >/dev/null 2>&1 || { echo "ncu failed for $run"; continue; }
+      --case "$shape:g128:M$m:float16" >/dev/null 2>&1 || { echo "ncu failed for $run"; continue; }
     "$ncu" --import "$rep.ncu-rep" --page source --csv --print-source sass >"$rep.csv" 2>&1
     echo "### $run"
     "$PY" benchmarks/ncu_source_summary.py "$rep.csv" --top "${NCU_SOURCE_TOP:-30}" | tee -a "$OUT/ncu_source.txt"
-    gzip -c "$rep.csv" >"$OUT/ncusrc_${be}_M$m.csv.gz"
+    gzip -c "$rep.csv" >"$OUT/ncusrc_${be}_M${m}_$shape.csv.gz"
   done
 }
 
