@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "quick_act_scale.cuh"
 #include "quick_layout.cuh"
 #include "quick_ptx.cuh"
 
@@ -38,6 +39,13 @@ struct KernelParams {
   // y[i] gets acc * 2^-e_i.
   const unsigned* act_row_abs_max;
 };
+
+// bf16 calls through an fp16 tile: the factor 2^-e_row that undoes row `row`'s scaling into fp16
+// (quick_act_scale.cu), exact, from that row's max|x| bits. Rows past M (a tile's padding rows,
+// never stored) take the last row's.
+__device__ __forceinline__ float row_unscale(const KernelParams& p, int row) {
+  return __uint_as_float(pow2_bits(-fp16_shift_of_bf16(__ldg(p.act_row_abs_max + min(row, p.m - 1)))));
+}
 
 // A split's fp32 partial tile in shared memory for the cluster reduction: rows of the block's 256
 // columns, padded by 8 floats. Without the pad the eight rows an mma accumulator store touches at

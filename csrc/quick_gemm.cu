@@ -32,7 +32,6 @@
 #include <cstring>
 #include <type_traits>
 
-#include "quick_act_scale.cuh"
 #include "quick_common.cuh"
 #include "quick_fragments.cuh"
 #include "quick_gemm.h"
@@ -385,14 +384,13 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
     for (int r = 0; r < kAccRows; ++r) fence_registers(reinterpret_cast<float(&)[32]>(acc[r]));
   }
   if constexpr (!std::is_same_v<Out, T>) {
-    // Row r of x came scaled by 2^e_r: undo it, exactly, from that row's max|x| bits (rows past
-    // M: any row's, they are not stored). Accumulator [mi][nb][e]: row 16 mi + lane / 4 + 8 (e / 2).
+    // Row r of x came scaled by 2^e_r: undo it (row_unscale). Accumulator [mi][nb][e]: row
+    // 16 mi + lane / 4 + 8 (e / 2).
 #pragma unroll
     for (int mi = 0; mi < kWarpTilesM; ++mi)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int row = min(row0 + (warp_m * kWarpTilesM + mi) * 16 + lane / 4 + 8 * h, p.m - 1);
-        const float unscale = __uint_as_float(pow2_bits(-fp16_shift_of_bf16(__ldg(p.act_row_abs_max + row))));
+        const float unscale = row_unscale(p, row0 + (warp_m * kWarpTilesM + mi) * 16 + lane / 4 + 8 * h);
 #pragma unroll
         for (int nb = 0; nb < 8; ++nb) {
           acc[mi][nb][2 * h] *= unscale;

@@ -28,7 +28,6 @@
 
 #include <cuda.h>  // CUtensorMap (the map is built on the host, quick_gemm.cu)
 
-#include "quick_act_scale.cuh"
 #include "quick_common.cuh"
 #include "quick_fragments.cuh"
 #include "quick_ptx.cuh"
@@ -231,8 +230,8 @@ struct WsStageWords {
 // the whole stage lies in one group and its row is unpacked once per stage (no group tracking:
 // the producer copies the stage's row into every stage, so nothing is carried across stages).
 // Out: y's type. The tile always multiplies fp16 (its lean fragments are fp16 tricks); for bf16
-// calls (Out = bf16) x is the exact fp16 copy x * 2^e (quick_act_scale.cu) and the accumulators
-// are multiplied by 2^-e, exactly, before the bf16 output -- one rounding of (q - z) * s to fp16
+// calls (Out = bf16) x is the exact fp16 copy, row i times 2^e_i (quick_act_scale.cu), and the
+// accumulators of row i are multiplied by 2^-e_i, exactly, before the bf16 output -- one rounding of (q - z) * s to fp16
 // and one of y to bf16, as in ops.fp16_product_for_bf16 but without its passes over y.
 template <int kWGs, int kTokens, int kStages, bool kTwoGroups, typename Out, int kBlocksPerSm>
 __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
@@ -398,14 +397,13 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
     // n0 + 8 (e / 2), token t0 + 8 x + e % 2.
     auto& out = reinterpret_cast<float(&)[kTokens / 8][4]>(acc);
     if constexpr (!std::is_same_v<Out, __half>) {
-      // bf16 calls: row t of x came scaled by 2^e_t (quick_act_scale.cu); undo it per token,
-      // exactly, from that row's max|x| bits (rows past M: any row's, they are not stored).
+      // bf16 calls: row t of x came scaled by 2^e_t (quick_act_scale.cu); undo it per token
+      // (row_unscale).
 #pragma unroll
       for (int x = 0; x < kTokens / 8; ++x)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int row = min(row0 + 2 * (lane % 4) + 8 * x + h, p.m - 1);
-          const float unscale = __uint_as_float(pow2_bits(-fp16_shift_of_bf16(__ldg(p.act_row_abs_max + row))));
+          const float unscale = row_unscale(p, row0 + 2 * (lane % 4) + 8 * x + h);
           out[x][h] *= unscale;
           out[x][h + 2] *= unscale;
         }

@@ -431,7 +431,7 @@ def test_bf16_rows_scaled_apart(kernel, tile):
     k, n, m = 1024, 320, 150
     w = make_weight(k, n, 128)
     row_scale = torch.tensor([1e30, 1.0, 1e-30, 3e-5, 7e4], dtype=torch.float32).repeat(m // 5 + 1)[:m]
-    x = random_x((m, k), torch.float32, seed=zlib.crc32(f"rows/{tile}".encode())) * row_scale[:, None].cuda()
+    x = random_x((m, k), torch.float32, seed=zlib.crc32(f"rows/{tile}".encode())) * row_scale[:, None].to(DEVICE)
     x[17] = 0.0
     x = x.to(torch.bfloat16)
     y = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, n, index)
