@@ -166,6 +166,9 @@ step_memcheck() {
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$cs" --tool memcheck --error-exitcode 99 --print-limit 20 \
     "$PY" benchmarks/memcheck_cases.py
   rc1=$?
+  echo "--- memcheck, stream-K forced (VLLM_QUICK_WS_STREAMK=always)"
+  VLLM_QUICK_WS_STREAMK=always PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$cs" --tool memcheck --error-exitcode 99 \
+    --print-limit 20 "$PY" benchmarks/memcheck_cases.py --preset streamk || rc1=$?
   echo "--- racecheck"
   "$cs" --tool racecheck --error-exitcode 99 --print-limit 20 \
     "$PY" benchmarks/memcheck_cases.py --preset race

@@ -53,12 +53,21 @@ PRESETS = {
         "512x264:g128:M5:float16:bias",  # bias, padded N
         "1024x512:g128:M100:float16",  # fp16 mid M: the s64 tile (scaled fragments)
         "2048x320:g32:M40:float16",  # s32 tile, group 32, padded N, split-K
-        "2048x4160:g128:M1180:float16",  # ws256: 165 tiles, the last wave's 33 split along K
+        "2048x4160:g128:M1180:float16",  # ws256: 165 tiles, the last wave's 33 shared out along K
         "4096x8192:g128:M40:float16",  # ws64b2 (two blocks per SM), split K
         "2048x4096:g64:M50:float16:bias",  # ws64 on a small layer, bias
         "2048x4160:g128:M300:bfloat16",  # bf16 through ws256: the per-row fp16 copy of x (quick_act_scale.cu)
         "4096x8192:g128:M5:bfloat16",  # bf16 through s16m (the same copy), split K
         "4096x8192:g128:M24:bfloat16:bias",  # bf16 through s32m, bias
+    ],
+    # Run under VLLM_QUICK_WS_STREAMK=always (device_run.sh memcheck): the ws tiles' partial wave
+    # as one full wave of stream-K blocks, blocks ending one tile and starting the next.
+    "streamk": [
+        "2048x4160:g128:M1180:float16",  # ws256: 33 tiles on 132 blocks, 4-5 pieces a tile
+        "2048x4160:g32:M300:bfloat16",  # ws256, bf16, group 32, odd column tile count
+        "4096x4096:g128:M128:float16",  # ws128: 32 tiles of 64 stages
+        "4096x8192:g128:M40:float16",  # ws64b2: 64 tiles on 264 blocks
+        "2048x4096:g64:M50:float16:bias",  # ws64, bias through the reduction
     ],
     "race": [
         "256x128:g128:M16:float16",

@@ -316,9 +316,12 @@ TILE_VARIANTS = {
 }
 # The tiles whose split-K may run in a cluster (blocks of at most 64 rows) get the variants.
 VARIANT_TILES = ("x16", "x32", "x64", "s16m", "s32m", "s64m", "w64", "w64x")
-# The ws tiles split only the last wave's tiles along K (csrc/quick_tail_split.cuh); "t<s>"
-# forces s K ranges for that tail instead of the plan's estimate ("t1": every tile whole).
+# The ws tiles share out only the last wave's tiles along K (csrc/quick_stream_k.cuh); "t<s>"
+# forces s K ranges for each of them instead of the plan's estimate ("t1": every tile whole),
+# "sk" one full wave of stream-K blocks wherever a wave is partial, "nosk" the estimate without
+# stream-K (session 10's tail splits).
 WS_VARIANTS = {f"t{s}": {"VLLM_QUICK_WS_SPLITS": str(s)} for s in (1, 2, 3, 4, 6, 8)}
+WS_VARIANTS.update(sk={"VLLM_QUICK_WS_STREAMK": "always"}, nosk={"VLLM_QUICK_WS_STREAMK": "0"})
 WS_VARIANT_TILES = ("ws256", "ws128", "ws64", "ws64b2")
 TILE_VARIANTS.update(WS_VARIANTS)
 _VARIANTS_OF = {**{t: [v for v in TILE_VARIANTS if v not in WS_VARIANTS] for t in VARIANT_TILES},

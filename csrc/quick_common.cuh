@@ -30,9 +30,10 @@ struct KernelParams {
   int* counters;
   int m, k, n, size_n, group_size;
   int stages_per_split, splits;
-  // ws tiles (quick_tail_split.cuh, ws_block_work): blocks [0, dp_blocks) compute whole output
-  // tiles; the following blocks compute one of `splits` K ranges of the remaining tiles.
-  int dp_blocks;
+  // ws tiles (quick_stream_k.cuh, ws_block_work): blocks [0, dp_blocks) compute whole output
+  // tiles; the following sk_blocks blocks share out the K stages of the next sk_tiles tiles, a
+  // tile's pieces in max_pieces partial slots.
+  int dp_blocks, sk_tiles, sk_blocks, max_pieces;
   bool weights_evict_first;
   bool cluster_reduce;  // the splits of a tile form one cluster and reduce in shared memory
   // bf16 through an fp16 tile (GemmArgs::act_row_abs_max): row i of x holds x[i] * 2^e_i, and

@@ -589,7 +589,7 @@ struct WsConfig {
   static constexpr int kSmem = WsSmem<kWGs, kTokens, kStages>::kTotalBytes;
   static constexpr bool kClusterReduce = false;  // (256 tokens: no room for the partial tile)
   static constexpr bool kWgmma = true;
-  static constexpr bool kSplitsTail = true;  // K splits only the last wave's tiles (ws_block_work)
+  static constexpr bool kSplitsTail = true;  // stream-K over the last wave's tiles (ws_block_work)
   // Group size 32 (two group rows per stage) and every other group size: two kernels.
   static constexpr auto kernel = quick_gemm_ws_kernel<kWGs, kTokens, kStages, false, Out, kBlocksPerSm>;
   static constexpr auto kernel_two_groups = quick_gemm_ws_kernel<kWGs, kTokens, kStages, true, Out, kBlocksPerSm>;
@@ -611,7 +611,7 @@ struct WsConfig {
     static const bool two_groups_ready =
         cudaFuncSetAttribute(kernel_two_groups, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) == cudaSuccess;
     (void)two_groups_ready;
-    const dim3 grid(plan.blocks);  // whole tiles, then the split tail (ws_block_work)
+    const dim3 grid(plan.blocks);  // whole tiles, then the stream-K blocks (ws_block_work)
     if (params.group_size == 32)
       kernel_two_groups<<<grid, kThreads, kSmem, stream>>>(map, params);
     else
@@ -749,9 +749,20 @@ static int int_setting(const char* name, int lo, int hi, int fallback) {
 // (benchmarks/KERNEL_NOTES.md: at mid M the kernel wants more parallelism).
 static int max_splits_setting() { return int_setting("VLLM_QUICK_MAX_SPLITS", 1, 32, 8); }
 
-// VLLM_QUICK_WS_SPLITS=s (1-32): the ws tiles split their tail s ways instead of what
-// plan_tail_split() estimates (benchmarks and tests); 0 (unset or anything else): the estimate.
+// VLLM_QUICK_WS_SPLITS=s (1-32): the ws tiles split each tile of their last, partial wave into
+// s K ranges instead of what plan_ws_schedule() estimates (benchmarks and tests); 0 (unset or
+// anything else): the estimate.
 static int ws_splits_setting() { return int_setting("VLLM_QUICK_WS_SPLITS", 1, 32, 0); }
+
+// VLLM_QUICK_WS_STREAMK: "0" leaves stream-K over one full wave of blocks out of the estimate
+// (tail splits only, session 10's plans), "always" takes it wherever a wave is partial; unset,
+// the estimate decides (quick_stream_k.cuh). Read on every plan, like VLLM_QUICK_WS_SPLITS.
+static StreamK ws_streamk_setting() {
+  const char* v = std::getenv("VLLM_QUICK_WS_STREAMK");
+  if (v != nullptr && std::strcmp(v, "0") == 0) return StreamK::kNever;
+  if (v != nullptr && std::strcmp(v, "always") == 0) return StreamK::kAlways;
+  return StreamK::kAuto;
+}
 
 // VLLM_QUICK_CLUSTER_REDUCE: "0" turns the cluster split-K reduction off (the global-memory one
 // runs instead), "always" takes it wherever it can run; unset, plan() decides. A/B switches for
@@ -776,16 +787,20 @@ GemmPlan plan(const GemmProblem& pr, int device) {
     pl.grid_m = (pr.m + Cfg::kBlockM - 1) / Cfg::kBlockM;
     const int total_stages = pr.k / kStageK;
     if constexpr (Cfg::kSplitsTail) {
-      // Whole tiles, then the last wave's tiles split along K (quick_tail_split.cuh).
-      const TailSplit t = plan_tail_split(pl.grid_n * pl.grid_m, sm_count(device) * blocks_per_sm<Cfg>(),
-                                          Cfg::kBlockM, Cfg::kTilesN * kTileN, pr.k, total_stages,
-                                          max_splits_setting(), ws_splits_setting());
-      pl.splits = t.splits;
-      pl.stages_per_split = t.stages_per_split;
-      pl.dp_blocks = t.dp_blocks;
-      pl.blocks = t.blocks;
-      pl.partial_floats = static_cast<size_t>(t.tail_tiles) * t.splits * Cfg::kBlockM * Cfg::kTilesN * kTileN;
-      pl.counters = t.tail_tiles;
+      // Whole tiles, then stream-K over the last, partial wave (quick_stream_k.cuh).
+      const int tile_floats = Cfg::kBlockM * Cfg::kTilesN * kTileN;
+      const WsSchedule w = plan_ws_schedule(pl.grid_n * pl.grid_m, sm_count(device) * blocks_per_sm<Cfg>(),
+                                            Cfg::kBlockM, Cfg::kTilesN * kTileN, pr.k, max_splits_setting(),
+                                            ws_splits_setting(), ws_streamk_setting());
+      pl.dp_blocks = w.dp_blocks;
+      pl.sk_tiles = w.sk_tiles;
+      pl.sk_blocks = w.sk_blocks;
+      pl.max_pieces = w.max_pieces;
+      pl.splits = w.max_pieces;
+      pl.stages_per_split = w.sk_tiles > 0 ? (w.sk_tiles * total_stages + w.sk_blocks - 1) / w.sk_blocks : total_stages;
+      pl.blocks = w.blocks;
+      pl.partial_floats = static_cast<size_t>(w.sk_tiles) * (w.max_pieces - 1) * tile_floats;
+      pl.counters = w.sk_tiles;
       return pl;
     }
     // Split K until the grid fills the GPU once, with at most max_splits (8) splits: every split
@@ -842,6 +857,9 @@ cudaError_t run(const GemmProblem& pr, const GemmPlan& pl, const GemmArgs& a, cu
   kp.stages_per_split = pl.stages_per_split;
   kp.splits = pl.splits;
   kp.dp_blocks = pl.dp_blocks;
+  kp.sk_tiles = pl.sk_tiles;
+  kp.sk_blocks = pl.sk_blocks;
+  kp.max_pieces = pl.max_pieces;
   kp.cluster_reduce = pl.cluster_reduce;
   kp.act_row_abs_max = a.act_row_abs_max;
   // With one row of blocks along M every weight byte is read once: stream it past L2. With

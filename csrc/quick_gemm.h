@@ -52,7 +52,10 @@ struct GemmPlan {
   int stages_per_split;
   int grid_n, grid_m;  // blocks along N and M
   int blocks;          // thread blocks launched
-  int dp_blocks;       // ws tiles: blocks of whole tiles before the split tail (the rest: tail tiles x splits)
+  int dp_blocks;       // ws tiles: blocks of whole tiles (quick_stream_k.cuh); the other blocks are
+  int sk_tiles;        //   sk_blocks blocks sharing out the K stages of sk_tiles tiles, each cut
+  int sk_blocks;       //   into at most max_pieces pieces (splits = max_pieces for the ws tiles)
+  int max_pieces;
   bool cluster_reduce;     // sm_90: the splits of a tile form a cluster and reduce in shared memory
   int max_active_clusters; // such clusters the GPU holds at once (0 where not asked)
   size_t partial_floats;  // fp32 workspace for split-K partial sums (0 without a global reduction)

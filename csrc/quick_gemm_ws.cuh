@@ -23,7 +23,7 @@
 // c of the block (warp r of it: rows 16 r .. 16 r + 15, word r of every lane's 16 bytes:
 // quick_wgmma.cuh, kWords = 1) for the block's kTokens tokens; warpgroup kWGs is the producer.
 // The same kernel makes ws128 / ws64 (128 / 64 tokens) and ws64b2 (ws64, two blocks per SM:
-// kBlocksPerSm, WsRegisters); which tile and K range a block takes: quick_tail_split.cuh.
+// kBlocksPerSm, WsRegisters); which tiles and K ranges a block takes: quick_stream_k.cuh.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap (the map is built on the host, quick_gemm.cu)
@@ -31,7 +31,7 @@
 #include "quick_common.cuh"
 #include "quick_fragments.cuh"
 #include "quick_ptx.cuh"
-#include "quick_tail_split.cuh"
+#include "quick_stream_k.cuh"
 #include "quick_wgmma.cuh"
 
 namespace quick {
@@ -124,7 +124,9 @@ struct WsSmem {
   static constexpr int kZeroOffset = kScaleOffset + kMaxGroupRowsPerStage * kScaleRowBytes;
   static constexpr int kStageBytes = (kZeroOffset + kMaxGroupRowsPerStage * kZeroRowBytes + 1023) / 1024 * 1024;
   static constexpr int kBarrierOffset = kStages * kStageBytes;
-  static constexpr int kTotalBytes = kBarrierOffset + 2 * kStages * 8 + 1024;  // + alignment slack
+  static constexpr int kWorkOffset = kBarrierOffset + 2 * kStages * 8;  // the block's WsBlockWork
+  static constexpr int kTotalBytes = kWorkOffset + 64 + 1024;             // + alignment slack
+  static_assert(sizeof(WsBlockWork) <= 64, "the work fits its slot");
 };
 
 // Register budgets of the two roles (setmaxnreg, sm_90a). A block of 128 (kWGs + 1) threads,
@@ -216,6 +218,122 @@ __device__ __forceinline__ void copy_output_tile(const KernelParams& p, const un
   }
 }
 
+// What the consumers do with a segment's accumulators (out: the D fragments as kTokens / 2
+// floats out[x][e], x = 8 i + nb: output feature n0 + 8 (e / 2), token t0 + 8 x + e % 2), the
+// K loop done and its last stage released.
+//
+// A piece of a shared tile (quick_stream_k.cuh) other than its first (piece > 0) stores its fp32
+// accumulators to its partial slot and counts itself in on the tile's counter; that is all. The
+// first piece (piece 0, the K range from stage 0) owns the tile: it waits until the counter says
+// the other pieces are stored, adds them into its own registers in piece order (deterministic:
+// ((piece 0 + piece 1) + piece 2) ...) and leaves like a whole tile. No piece writes y twice and
+// the owner stores no partial of its own. Why the owner may wait: its other pieces are later
+// blocks' K ranges, and a piece > 0 never waits on anything, so (blocks start in index order)
+// they all finish; the first of them is a block's first segment, done early in its share, the
+// last a block's whole share or first segment. Session 12 first let the last piece to arrive sum
+// all of them through global memory (every piece stored, the sum read back 8 quads a round):
+// ~6 us after the K loops on ws128 at M = 128, which ate the balance's gain.
+// Partials are stored in fragment order, [quad x][consumer thread] float4s: each warp store and
+// load is 512 contiguous bytes, and the owner's thread t reads exactly what thread t stored.
+//
+// A whole tile (or the owner once summed): the block's last segment with no bias and y's rows
+// 16-byte aligned goes through the (by then idle) pipeline shared memory with 16-byte stores
+// (stage_output_fragments, then copy_output_tile); otherwise straight from the fragments
+// (store_output). Every consumer thread calls this (the barriers count all of them); warpgroups
+// whose columns lie past N store nothing.
+template <int kWGs, int kTokens, typename Out>
+__device__ __forceinline__ void ws_segment_epilogue(const KernelParams& p, unsigned char* smem,
+                                                    float (&out)[kTokens / 8][4], const WsBlockWork* work, int g,
+                                                    int grid_n, int n_tiles, int wg, int r, int lane) {
+  constexpr int kThreads = 128 * kWGs;  // the consumers: threads [0, kThreads) of the block
+  constexpr int kQuads = kTokens / 8;   // float4s of accumulators per thread
+  constexpr int kPartialQuads = kQuads * kThreads;
+  // Segment g's fields are read from shared memory where they are used, again after the
+  // barriers: kept in registers across the owner's sum, they spilled (ptxas may not reload a
+  // value across a barrier's memory clobber).
+  auto segment = [&]() -> const WsSegment& { return g == 0 ? work->first : work->second; };
+  int row0 = segment().tile / grid_n * kTokens, tile_n0 = segment().tile % grid_n * kWGs;
+  bool stores = wg < min(kWGs, n_tiles - tile_n0);
+  if constexpr (!std::is_same_v<Out, __half>) {
+    // bf16 calls: row t of x came scaled by 2^e_t (quick_act_scale.cu); undo it per token
+    // (row_unscale).
+#pragma unroll
+    for (int x = 0; x < kTokens / 8; ++x)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float unscale = row_unscale(p, row0 + 2 * (lane % 4) + 8 * x + h);
+        out[x][h] *= unscale;
+        out[x][h + 2] *= unscale;
+      }
+  }
+  if (const WsSegment& seg = segment(); seg.pieces > 1) {
+    // Slots of pieces 1 .. max_pieces - 1 of this tile, from slot_base on; this thread's float4s.
+    const size_t slot_base = static_cast<size_t>(seg.sk_tile) * (p.max_pieces - 1) * kPartialQuads + threadIdx.x;
+    if (seg.piece > 0) {
+      if (stores) {
+        float4* part = reinterpret_cast<float4*>(p.partials) + slot_base + (seg.piece - 1) * kPartialQuads;
+#pragma unroll
+        for (int x = 0; x < kQuads; ++x) __stcg(part + x * kThreads, make_float4(out[x][0], out[x][1], out[x][2], out[x][3]));
+      }
+      __threadfence();  // the partial visible device-wide before the counter says so
+      part_barrier<kThreads>();
+      if (threadIdx.x == 0) atomicAdd(p.counters + seg.sk_tile, 1);
+      return;
+    }
+    if (threadIdx.x == 0) {
+      volatile int* counter = p.counters + seg.sk_tile;
+      while (*counter < seg.pieces - 1) __nanosleep(100);
+      *counter = 0;  // every other piece has counted in: ready for the next launch / graph replay
+    }
+    part_barrier<kThreads>();
+    __threadfence();  // acquire side: see the other pieces' partials
+    if (stores) {
+      const float4* part = reinterpret_cast<const float4*>(p.partials) + slot_base;
+      // Four float4 loads in flight per thread at a time: more made ptxas spill on ws256 (bf16)
+      // and ws64b2, whose accumulators fill most of their registers.
+      constexpr int kChunk = 4;
+      for (int piece = 1; piece < seg.pieces; ++piece, part += kPartialQuads) {
+#pragma unroll
+        for (int x0 = 0; x0 < kQuads; x0 += kChunk) {
+          float4 v[kChunk];
+#pragma unroll
+          for (int j = 0; j < kChunk; ++j) v[j] = __ldcg(part + (x0 + j) * kThreads);
+#pragma unroll
+          for (int j = 0; j < kChunk; ++j) {
+            out[x0 + j][0] += v[j].x;
+            out[x0 + j][1] += v[j].y;
+            out[x0 + j][2] += v[j].z;
+            out[x0 + j][3] += v[j].w;
+          }
+        }
+      }
+    }
+  }
+  row0 = segment().tile / grid_n * kTokens, tile_n0 = segment().tile % grid_n * kWGs;
+  const int block_tiles = min(kWGs, n_tiles - tile_n0);
+  stores = wg < block_tiles;
+  const bool last_segment = g + 1 == work->count;
+  if (last_segment && p.bias == nullptr && p.size_n % 8 == 0 && (reinterpret_cast<uintptr_t>(p.y) & 15) == 0) {
+    // Both warpgroups' wgmmas must be done with the pipeline's shared memory before the output
+    // tile goes there (and the producer has nothing left to load into it).
+    part_barrier<kThreads>();
+    if (stores) stage_output_fragments<kWGs, kTokens, Out>(smem, out, wg, r, lane);
+    part_barrier<kThreads>();
+    copy_output_tile<kWGs, kTokens, Out>(p, smem, row0, tile_n0 * kTileN, block_tiles);
+    return;
+  }
+  if (stores) {
+    // Feature wg * 64 + c0 and token t0 of the block's tile, then as in stage_output_fragments.
+    const int c0 = wg * kTileN + 16 * r + lane / 4;
+    const int t0 = 2 * (lane % 4);
+#pragma unroll
+    for (int x = 0; x < kTokens / 8; ++x)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        store_output<Out>(p, row0 + t0 + 8 * x + e % 2, tile_n0 * kTileN + c0 + 8 * (e / 2), out[x][e]);
+  }
+}
+
 // What a consumer warp reads of one stage before its first wgmma: its four weight words (word r
 // of its lane's 16 bytes in each k-tile of its warpgroup's tile) and, per group row of the
 // stage, its zero word and its two scale words. Loaded one stage ahead, so the shared-memory
@@ -241,28 +359,30 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
   using Registers = WsRegisters<kWGs, kBlocksPerSm>;
   constexpr int kRows = kTokens / 64;  // accumulator as [kRows][8][4] floats (wgmma_step)
   constexpr int kGroupRows = kTwoGroups ? 2 : 1;
-  constexpr int kPartialCols = kWGs * kTileN;  // a split block's partial tile: [kTokens][kPartialCols]
-  constexpr int kPartialFloats = kTokens * kPartialCols;
   static_assert(kTokens * kWGs * kTileN * 2 <= Smem::kBarrierOffset, "the output tile must fit in the pipeline");
   extern __shared__ __align__(16) unsigned char smem_window[];
   unsigned char* smem = smem_window + ((1024 - (smem_u32(smem_window) & 1023)) & 1023);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + Smem::kBarrierOffset);
   uint64_t* empty = full + kStages;
+  // The block's segments live in shared memory, not registers: each role reads a segment where it
+  // starts and again where it ends, so nothing of it stays live across the K loop (ws256's
+  // consumers spilled with the two segments in registers).
+  WsBlockWork* work = reinterpret_cast<WsBlockWork*>(smem + Smem::kWorkOffset);
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int n_tiles = p.n / kTileN;
-  const WsBlockWork work = ws_block_work(blockIdx.x, p.dp_blocks, p.splits, p.stages_per_split, p.k / kStageK,
-                                         (n_tiles + kWGs - 1) / kWGs, kWGs, kTokens);
-  const int tile_n0 = work.tile_n0, row0 = work.row0;
-  const int block_tiles = min(kWGs, n_tiles - tile_n0);
-  const int stage_begin = work.stage_begin, stage_count = work.stage_count;
+  const int grid_n = (n_tiles + kWGs - 1) / kWGs;
+  // One or two segments (tile, K range) in order; the pipeline runs on across them
+  // (quick_stream_k.cuh).
+  auto segment = [&](int g) { return g == 0 ? work->first : work->second; };
 
   if (threadIdx.x == 0) {
+    *work = ws_block_work(blockIdx.x, p.dp_blocks, p.sk_tiles, p.sk_blocks, p.k / kStageK);
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
-      mbarrier_init(&full[s], 1);                   // the producer's arrive.expect_tx
-      mbarrier_init(&empty[s], 128 * block_tiles);  // every thread of every working consumer warpgroup
+      mbarrier_init(&full[s], 1);            // the producer's arrive.expect_tx
+      mbarrier_init(&empty[s], 128 * kWGs);  // every consumer thread (an idle warpgroup too)
     }
     fence_mbarrier_init();
   }
@@ -275,84 +395,89 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
       const uint64_t policy = p.weights_evict_first ? evict_first_policy() : evict_normal_policy();
       const uint64_t keep = evict_normal_policy();
       const size_t w_row = static_cast<size_t>(n_tiles) * Smem::kTileBytes;  // bytes per k-tile row
-      const unsigned char* w_src = reinterpret_cast<const unsigned char*>(p.qweight) +
-                                   static_cast<size_t>(stage_begin) * kStageKTiles * w_row +
-                                   static_cast<size_t>(tile_n0) * Smem::kTileBytes;
-      const unsigned char* s_src = reinterpret_cast<const unsigned char*>(p.scales) + tile_n0 * kTileN * 2;
-      const unsigned char* z_src = reinterpret_cast<const unsigned char*>(p.qzeros) + tile_n0 * kTileN / 2;
-      const uint32_t w_bytes = block_tiles * Smem::kTileBytes;
-      const uint32_t s_bytes = block_tiles * kTileN * 2, z_bytes = block_tiles * kTileN / 2;
-      const uint32_t stage_bytes = Smem::kActBytes + kStageKTiles * w_bytes + kGroupRows * (s_bytes + z_bytes);
-      int slot = 0;
+      int slot = 0, issued = 0;
       uint32_t phase = 0;
-      for (int s = 0; s < stage_count; ++s) {
-        // Slot reuse: wait for the consumers' release of the stage kStages earlier.
-        if (s >= kStages) mbarrier_wait(&empty[slot], phase ^ 1);
-        unsigned char* base = smem + slot * Smem::kStageBytes;
-        mbarrier_arrive_expect_tx(&full[slot], stage_bytes);
-        const int gs = stage_begin + s;
-        // Rows past M come back as zeros and still count as box bytes.
-        tma_load_2d(base, &act_map, gs * kStageK, row0, &full[slot]);
+#pragma unroll 1
+      for (int g = 0; g < work->count; ++g) {
+        const WsSegment seg = segment(g);
+        const int tile_n0 = seg.tile % grid_n * kWGs, row0 = seg.tile / grid_n * kTokens;
+        const int block_tiles = min(kWGs, n_tiles - tile_n0);
+        const unsigned char* w_src = reinterpret_cast<const unsigned char*>(p.qweight) +
+                                     static_cast<size_t>(seg.stage_begin) * kStageKTiles * w_row +
+                                     static_cast<size_t>(tile_n0) * Smem::kTileBytes;
+        const unsigned char* s_src = reinterpret_cast<const unsigned char*>(p.scales) + tile_n0 * kTileN * 2;
+        const unsigned char* z_src = reinterpret_cast<const unsigned char*>(p.qzeros) + tile_n0 * kTileN / 2;
+        const uint32_t w_bytes = block_tiles * Smem::kTileBytes;
+        const uint32_t s_bytes = block_tiles * kTileN * 2, z_bytes = block_tiles * kTileN / 2;
+        const uint32_t stage_bytes = Smem::kActBytes + kStageKTiles * w_bytes + kGroupRows * (s_bytes + z_bytes);
+        for (int s = 0; s < seg.stage_count; ++s, ++issued) {
+          // Slot reuse: wait for the consumers' release of the stage kStages earlier.
+          if (issued >= kStages) mbarrier_wait(&empty[slot], phase ^ 1);
+          unsigned char* base = smem + slot * Smem::kStageBytes;
+          mbarrier_arrive_expect_tx(&full[slot], stage_bytes);
+          const int gs = seg.stage_begin + s;
+          // Rows past M come back as zeros and still count as box bytes.
+          tma_load_2d(base, &act_map, gs * kStageK, row0, &full[slot]);
 #pragma unroll
-        for (int kt = 0; kt < kStageKTiles; ++kt)
-          bulk_load(base + Smem::kWeightOffset + kt * Smem::kWeightRowBytes, w_src + kt * w_row, w_bytes, &full[slot],
-                    policy);
-        w_src += kStageKTiles * w_row;
+          for (int kt = 0; kt < kStageKTiles; ++kt)
+            bulk_load(base + Smem::kWeightOffset + kt * Smem::kWeightRowBytes, w_src + kt * w_row, w_bytes,
+                      &full[slot], policy);
+          w_src += kStageKTiles * w_row;
 #pragma unroll
-        for (int r = 0; r < kGroupRows; ++r) {
-          const size_t group_row = kTwoGroups ? 2 * gs + r : gs * kStageK / p.group_size;
-          bulk_load(base + Smem::kScaleOffset + r * Smem::kScaleRowBytes, s_src + group_row * p.n * 2, s_bytes,
-                    &full[slot], keep);
-          bulk_load(base + Smem::kZeroOffset + r * Smem::kZeroRowBytes, z_src + group_row * p.n / 2, z_bytes,
-                    &full[slot], keep);
+          for (int r = 0; r < kGroupRows; ++r) {
+            const size_t group_row = kTwoGroups ? 2 * gs + r : gs * kStageK / p.group_size;
+            bulk_load(base + Smem::kScaleOffset + r * Smem::kScaleRowBytes, s_src + group_row * p.n * 2, s_bytes,
+                      &full[slot], keep);
+            bulk_load(base + Smem::kZeroOffset + r * Smem::kZeroRowBytes, z_src + group_row * p.n / 2, z_bytes,
+                      &full[slot], keep);
+          }
+          if (++slot == kStages) slot = 0, phase ^= 1;
         }
-        if (++slot == kStages) slot = 0, phase ^= 1;
       }
     }
     return;  // (the consumers' split-K reduction synchronises them alone: a named barrier)
   }
 
   // ---- Consumers: warpgroup wg, warp r of it (word r of each lane's 16 bytes). ----
+  // Every consumer warpgroup runs every stage, also one whose 64 columns lie past N (odd tile
+  // count, last column block): its wgmmas read stale shared memory and it stores nothing, but it
+  // keeps each stage's "empty" count at 128 kWGs whatever the segment's tile.
   setmaxnreg_inc<Registers::kConsumer>();
   const int wg = warp / 4, r = warp % 4;
-  // The output goes through shared memory with 16-byte stores (stage_output_fragments, then
-  // copy_output_tile) unless K is split (fp32 partials), there is a bias, or y's rows are not
-  // 16-byte aligned.
-  const bool fast_store = work.splits == 1 && p.bias == nullptr && p.size_n % 8 == 0 &&
-                          (reinterpret_cast<uintptr_t>(p.y) & 15) == 0;
-  if (wg < block_tiles) {
+  // This lane's word offsets inside a stage (bytes): weight word r of lane `lane` of tile wg in
+  // k-tile kt at kWeightOffset + (kt kWGs + wg) 512 + 16 lane + 4 r -- a 4-way bank conflict
+  // (lanes 8 apart share a bank), once per stage; the zero word of the lane's 8 columns; the
+  // 8 bytes of scale words 2 r, 2 r + 1 of its 32-byte scale row (unpack_word_params).
+  const unsigned char* my_words = smem + Smem::kWeightOffset + wg * Smem::kTileBytes + lane * 16 + r * 4;
+  const unsigned char* my_zero = smem + Smem::kZeroOffset + (wg * 8 + lane / 4) * 4;
+  const unsigned char* my_scales = smem + Smem::kScaleOffset + wg * kTileN * 2 + 32 * (lane / 8) + 8 * r;
+  auto load_stage = [&](int slot, WsStageWords& st) {
+    const int at = slot * Smem::kStageBytes;
+#pragma unroll
+    for (int kt = 0; kt < kStageKTiles; ++kt)
+      st.w[kt] = *reinterpret_cast<const uint32_t*>(my_words + at + kt * Smem::kWeightRowBytes);
+#pragma unroll
+    for (int gr = 0; gr < kGroupRows; ++gr) {
+      st.zero[gr] = *reinterpret_cast<const uint32_t*>(my_zero + at + gr * Smem::kZeroRowBytes);
+      st.scale[gr] = *reinterpret_cast<const uint2*>(my_scales + at + gr * Smem::kScaleRowBytes);
+    }
+  };
+  // The activation tile of slot 0 as a wgmma descriptor; a slot and a k-step only move its
+  // start address (bits 0-13, in 16-byte units: no carry out of them inside shared memory).
+  const uint64_t desc0 = sw128_kmajor_desc(smem_u32(smem));
+
+  WsStageWords cur, next;
+  int slot = 0, prev_slot = 0;
+  uint32_t phase = 0;
+  mbarrier_wait(&full[0], 0);
+  load_stage(0, cur);
+#pragma unroll 1
+  for (int g = 0; g < work->count; ++g) {
+    const int stage_count = segment(g).stage_count;
     float acc[kRows][8][4];
     zero_accumulators(acc);
 #pragma unroll
     for (int i = 0; i < kRows; ++i) fence_registers(reinterpret_cast<float(&)[32]>(acc[i]));
-
-    // This lane's word offsets inside a stage (bytes): weight word r of lane `lane` of tile wg in
-    // k-tile kt at kWeightOffset + (kt kWGs + wg) 512 + 16 lane + 4 r -- a 4-way bank conflict
-    // (lanes 8 apart share a bank), once per stage; the zero word of the lane's 8 columns; the
-    // 8 bytes of scale words 2 r, 2 r + 1 of its 32-byte scale row (unpack_word_params).
-    const unsigned char* my_words = smem + Smem::kWeightOffset + wg * Smem::kTileBytes + lane * 16 + r * 4;
-    const unsigned char* my_zero = smem + Smem::kZeroOffset + (wg * 8 + lane / 4) * 4;
-    const unsigned char* my_scales = smem + Smem::kScaleOffset + wg * kTileN * 2 + 32 * (lane / 8) + 8 * r;
-    auto load_stage = [&](int slot, WsStageWords& st) {
-      const int at = slot * Smem::kStageBytes;
-#pragma unroll
-      for (int kt = 0; kt < kStageKTiles; ++kt)
-        st.w[kt] = *reinterpret_cast<const uint32_t*>(my_words + at + kt * Smem::kWeightRowBytes);
-#pragma unroll
-      for (int gr = 0; gr < kGroupRows; ++gr) {
-        st.zero[gr] = *reinterpret_cast<const uint32_t*>(my_zero + at + gr * Smem::kZeroRowBytes);
-        st.scale[gr] = *reinterpret_cast<const uint2*>(my_scales + at + gr * Smem::kScaleRowBytes);
-      }
-    };
-    // The activation tile of slot 0 as a wgmma descriptor; a slot and a k-step only move its
-    // start address (bits 0-13, in 16-byte units: no carry out of them inside shared memory).
-    const uint64_t desc0 = sw128_kmajor_desc(smem_u32(smem));
-
-    WsStageWords cur, next;
-    int slot = 0, prev_slot = 0;
-    uint32_t phase = 0;
-    mbarrier_wait(&full[0], 0);
-    load_stage(0, cur);
     uint32_t zero[2], neg_zero16[2], scale[2];
     for (int s = 0; s < stage_count; ++s) {
       const int next_slot = slot + 1 == kStages ? 0 : slot + 1;
@@ -378,9 +503,9 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
         wgmma_step<T, 1, kTokens>(acc, a, desc + kt * (32 >> 4));
         // wgmma_step waited for all but this k-step's wgmma: the previous stage is read.
         if (kt == 0 && s > 0) mbarrier_arrive(&empty[prev_slot]);
-        // The next stage's words, while this stage's wgmmas run (the producer is kStages - 1
-        // stages ahead, so the wait rarely waits).
-        if (kt == 1 && s + 1 < stage_count) {
+        // The next stage's words (the next segment's first, after a segment's last), while this
+        // stage's wgmmas run (the producer is kStages - 1 stages ahead, so the wait rarely waits).
+        if (kt == 1 && (s + 1 < stage_count || g + 1 < work->count)) {
           mbarrier_wait(&full[next_slot], next_phase);
           load_stage(next_slot, next);
         }
@@ -393,62 +518,9 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
     wgmma_wait<0>();
 #pragma unroll
     for (int i = 0; i < kRows; ++i) fence_registers(reinterpret_cast<float(&)[32]>(acc[i]));
-    // D element [i][nb][e] (as kTokens / 2 floats out[x][e], x = 8 i + nb): output feature
-    // n0 + 8 (e / 2), token t0 + 8 x + e % 2.
-    auto& out = reinterpret_cast<float(&)[kTokens / 8][4]>(acc);
-    if constexpr (!std::is_same_v<Out, __half>) {
-      // bf16 calls: row t of x came scaled by 2^e_t (quick_act_scale.cu); undo it per token
-      // (row_unscale).
-#pragma unroll
-      for (int x = 0; x < kTokens / 8; ++x)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float unscale = row_unscale(p, row0 + 2 * (lane % 4) + 8 * x + h);
-          out[x][h] *= unscale;
-          out[x][h + 2] *= unscale;
-        }
-    }
-
-    if (fast_store) {
-      // Both warpgroups' wgmmas must be done with the pipeline's shared memory before the output
-      // tile goes there.
-      part_barrier<128 * kWGs>();
-      stage_output_fragments<kWGs, kTokens, Out>(smem, out, wg, r, lane);
-    } else {
-      // Feature wg * 64 + c0 and token t0 of the block's tile, then as in stage_output_fragments.
-      const int c0 = wg * kTileN + 16 * r + lane / 4;
-      const int t0 = 2 * (lane % 4);
-      if (work.splits == 1) {
-#pragma unroll
-        for (int x = 0; x < kTokens / 8; ++x)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            store_output<Out>(p, row0 + t0 + 8 * x + e % 2, tile_n0 * kTileN + c0 + 8 * (e / 2), out[x][e]);
-      } else {
-        float* part = p.partials + static_cast<size_t>(work.tail * work.splits + work.split) * kPartialFloats;
-        const int rows = min(kTokens, p.m - row0);
-#pragma unroll
-        for (int x = 0; x < kTokens / 8; ++x)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int t = t0 + 8 * x + e % 2;
-            if (t < rows) __stcg(part + t * kPartialCols + c0 + 8 * (e / 2), out[x][e]);
-          }
-      }
-    }
-  } else if (fast_store) {
-    part_barrier<128 * kWGs>();  // (an idle warpgroup: odd number of 64-column tiles)
-  }
-  if (fast_store) {
-    part_barrier<128 * kWGs>();
-    copy_output_tile<kWGs, kTokens, Out>(p, smem, row0, tile_n0 * kTileN, block_tiles);
-  }
-  if (work.splits > 1) {
-    const SplitTile st{p.partials + static_cast<size_t>(work.tail) * work.splits * kPartialFloats, kPartialFloats,
-                       kPartialCols, work.splits, p.counters + work.tail};
-    // 8 quads per thread in flight (held within the consumers' 104-232 registers without spills;
-    // the sm_80 build of this never-launched kernel keeps 1, within its launch-bound registers).
-    reduce_split_tile<Out, 128 * kWGs, QUICK_WGMMA ? 8 : 1>(p, st, row0, kTokens, tile_n0 * kTileN, block_tiles * kTileN);
+    mbarrier_arrive(&empty[prev_slot]);  // the segment's last stage is read too
+    ws_segment_epilogue<kWGs, kTokens, Out>(p, smem, reinterpret_cast<float(&)[kTokens / 8][4]>(acc), work, g, grid_n,
+                                            n_tiles, wg, r, lane);
   }
 }
 

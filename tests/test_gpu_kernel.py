@@ -362,13 +362,15 @@ def test_ws_tile_partial_blocks_and_split_k(kernel, monkeypatch, group_size, dty
 @pytest.mark.parametrize("tile", ["ws256", "ws128", "ws64", "ws64b2"])
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("group_size", [32, 128])
-def test_ws_tile_tail_split(kernel, monkeypatch, group_size, dtype_name, tile):
-    """The ws tiles compute the last wave's tiles as K ranges (csrc/quick_tail_split.cuh): with
-    e.g. 165 tiles on 132 SMs, 132 whole tiles and 33 tiles split 3 or 8 ways (VLLM_QUICK_WS_SPLITS),
-    the tail in the last, partial row block (rows >= M), an odd tile count (an idle warpgroup in
-    the last column block), with and without bias; and a call whose every tile is split. Each
-    matches the reference and a second call gives the same bits (the reduction sums in a fixed
-    order, and every counter was left at zero)."""
+def test_ws_tile_stream_k(kernel, monkeypatch, group_size, dtype_name, tile):
+    """The ws tiles compute the last, partial wave's tiles as pieces of K (csrc/quick_stream_k.cuh):
+    with e.g. 165 tiles on 132 SMs, 132 whole tiles and 33 tiles split 3 or 8 ways
+    (VLLM_QUICK_WS_SPLITS), or shared out by one full wave of stream-K blocks
+    (VLLM_QUICK_WS_STREAMK=always: blocks that end one tile and start the next), the tail in the
+    last, partial row block (rows >= M), an odd tile count (an idle warpgroup in the last column
+    block), with and without bias; and a call whose every tile is shared. Each matches the
+    reference and a second call gives the same bits (the reduction sums in a fixed order, and
+    every counter was left at zero)."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip(f"{tile} runs on sm_90 only")
     dtype = DTYPES[dtype_name]
@@ -383,15 +385,23 @@ def test_ws_tile_tail_split(kernel, monkeypatch, group_size, dtype_name, tile):
         x = random_x((m, k), dtype, seed=zlib.crc32(f"tail/{k}/{m}".encode()))
         bias = random_x((n,), dtype, seed=6)
         tiles = 33 * ((m + tokens - 1) // tokens)
-        for splits in ("1", "3", "8"):
+        tail = tiles % sms
+        for splits, streamk in (("1", "0"), ("3", "0"), ("8", "0"), ("", "always")):
             monkeypatch.setenv("VLLM_QUICK_WS_SPLITS", splits)
+            monkeypatch.setenv("VLLM_QUICK_WS_STREAMK", streamk)
             plan = kernel.plan(m, k, n, group_size, dtype == torch.bfloat16, index)
-            tail = tiles % sms if splits != "1" else 0
-            assert (plan["splits"], plan["dp_blocks"]) == (int(splits), tiles - tail), plan
+            if splits == "1":
+                assert (plan["sk_tiles"], plan["dp_blocks"]) == (0, tiles), plan
+            elif splits:
+                assert (plan["splits"], plan["sk_blocks"], plan["dp_blocks"]) == (int(splits), int(splits) * tail,
+                                                                                  tiles - tail), plan
+            else:
+                assert (plan["sk_blocks"], plan["dp_blocks"], plan["sk_tiles"]) == (sms, tiles - tail, tail), plan
             for b in (None, bias):
                 y = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, b, w.group, n, index)
                 ref = x.float() @ w.w32 + (0 if b is None else b.float())
-                what = f"{tile} {dtype_name} K={k} N={n} M={m} g={group_size} ws_splits={splits} bias={b is not None}"
+                what = (f"{tile} {dtype_name} K={k} N={n} M={m} g={group_size} ws_splits={splits} "
+                        f"streamk={streamk} bias={b is not None}")
                 check_output(y, ref, dtype, what)
                 again = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, b, w.group, n, index)
                 assert torch.equal(again, y), f"{what}: a second call differs"
