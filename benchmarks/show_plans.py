@@ -29,16 +29,17 @@ def main() -> None:
     ext = ops.kernel_extension()
     if ext is None:
         sys.exit("vllm_quick._C is not built (or there is no GPU)")
-    # whole tiles: the ws tiles' blocks before their split tail (quick_tail_split.cuh); the
-    # mma.sync and w tiles split every tile, so it is 0 for them
-    print("| shape | K x N | tile | M | blocks | whole tiles | splits | cluster | max clusters |")
-    print("|---|---|---|---:|---:|---:|---:|---|---:|")
+    # whole tiles: the ws tiles' blocks before their stream-K blocks (quick_stream_k.cuh), which
+    # share out sk tiles (splits: the most pieces of one); the mma.sync and w tiles split every
+    # tile, so whole tiles is 0 for them
+    print("| shape | K x N | tile | M | blocks | whole tiles | sk tiles | sk blocks | splits | cluster | max clusters |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
     for name, k, n in kernel_bench.SHAPES:
         for tile in args.tiles.split(","):
             for m in (int(v) for v in args.m.split(",")):
                 p = ext.plan(m, k, n, 128, args.bf16, vllm_kernels.KERNEL_TILES.index(tile))
-                print(f"| {name} | {k}x{n} | {tile} | {m} | {p['blocks']} | {p['dp_blocks']} | {p['splits']} | "
-                      f"{'yes' if p['cluster_reduce'] else 'no'} | {p['max_active_clusters']} |")
+                print(f"| {name} | {k}x{n} | {tile} | {m} | {p['blocks']} | {p['dp_blocks']} | {p['sk_tiles']} | "
+                      f"{p['sk_blocks']} | {p['splits']} | {'yes' if p['cluster_reduce'] else 'no'} | {p['max_active_clusters']} |")
 
 
 if __name__ == "__main__":

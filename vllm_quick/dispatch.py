@@ -25,7 +25,8 @@ freeze it). The paths:
   tokens per block, both dtypes' tile from M = 65 to 128 (on the small layers fp16's to 128,
   bf16's to 256), and ``ws64`` has 64 tokens (both dtypes' from M = 33 to 64 on the small
   layers); ``ws64b2`` is ws64 at two blocks per SM (both dtypes' from M = 33 to 64 on the large
-  layers). They split the last wave's tiles along K (csrc/quick_tail_split.cuh). Their
+  layers). They share out the last, partial wave's tiles along K (tail splits or a stream-K
+  wave, csrc/quick_stream_k.cuh). Their
   fragments are fp16, so a bf16 x goes in as an exact fp16 copy, row i times 2^e_i
   (csrc/quick_act_scale.cu), and the tile writes bf16 y[i] * 2^-e_i from its fp32 accumulators
   (one fp16 rounding of (q - z) * s, like dequant_fp16's dense weight);
@@ -128,7 +129,7 @@ PLANS: dict[int, dict[torch.dtype, Plan]] = {
 # layers: fp16 s32m 0.67 against w64x 0.60 at M = 64, dequant 0.51 against w64x 0.49 at M = 96;
 # bf16 x16 0.91 against w64x 0.81 at M = 32, w64x from M = 48); since session 9 ws128 beats it
 # from M = 65 to 256 (0.53-0.60 against 0.47-0.51, see above), still ~0.55x cuBLAS.
-# Session 10 (the ws tiles split the last wave's tiles along K, csrc/quick_tail_split.cuh; an
+# Session 10 (the ws tiles split the last wave's tiles along K, csrc/quick_stream_k.cuh; an
 # H200, benchmarks/results/kernel_h200_s10_plan_tiles.json, the 2 small layers, fp16): ws128 /
 # s32m 0.74 / 0.63 at M = 64 -> ws128 from M = 33; ws256 / ws128 0.67 / 0.59 at 192, 0.66 / 0.64
 # at 256 -> ws256 from M = 129. (Large layers and bf16 kept their plans: w64x 1.02 / 1.12 against
