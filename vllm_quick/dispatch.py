@@ -21,13 +21,11 @@ freeze it). The paths:
   scaling (in no plan since session 11);
   ``ws256`` (sm_90 only) is the warp-specialised wgmma tile (a TMA producer warpgroup
   feeding two consumer warpgroups, 256 tokens per block): fp16's tile from M = 129 to 4096,
-  and bf16's from M = 129 (257 on the small layers) on; ``ws128`` is the same tile with 128
-  tokens per block, both dtypes' tile from M = 65 to 128 (on the small layers fp16's to 128,
-  bf16's to 256), and ``ws64`` has 64 tokens (both dtypes' from M = 33 to 64 on the small
-  layers); ``ws64b2`` is ws64 at two blocks per SM (both dtypes' from M = 33 to 64 on the large
-  layers). They share out the last, partial wave's tiles along K (tail splits or a stream-K
-  wave, csrc/quick_stream_k.cuh). Their
-  fragments are fp16, so a bf16 x goes in as an exact fp16 copy, row i times 2^e_i
+  and bf16's from M = 129 on; ``ws128`` is the same tile with 128 tokens per block, both
+  dtypes' tile from M = 65 to 128, and ``ws64`` has 64 tokens (in no plan since session 12);
+  ``ws64b2`` is ws64 at two blocks per SM (both dtypes' from M = 33 to 64). They share out the
+  last, partial wave's tiles along K (tail splits or a stream-K wave, csrc/quick_stream_k.cuh).
+  Their fragments are fp16, so a bf16 x goes in as an exact fp16 copy, row i times 2^e_i
   (csrc/quick_act_scale.cu), and the tile writes bf16 y[i] * 2^-e_i from its fp32 accumulators
   (one fp16 rounding of (q - z) * s, like dequant_fp16's dense weight);
 * ``"auto"``: the kernel with its own built-in choice by M (families not measured yet);
@@ -144,11 +142,17 @@ PLANS: dict[int, dict[torch.dtype, Plan]] = {
 # 1.39 / 1.54 / 1.14 at 64, 0.99 / 0.78 / 0.92 at 96 (ws128 1.27) -> ws64b2 from M = 33 to 64 on
 # the large layers; bf16 ws64b2 1.40 against w64x 1.55 at 64, and on the small layers ws64b2
 # ties ws64 (0.99 / 1.01 at 64): both keep their plans.
+# Session 12: the ws tiles share out a partial wave by stream-K (csrc/quick_stream_k.cuh), which
+# pays most where a layer has few column blocks. H100, benchmarks/results/
+# kernel_h100_s12_small_layers_tiles.json, the 2 small layers, x cuBLAS at M = 48 / 64: fp16
+# ws64b2 1.24 / 1.21 against ws64 1.20 / 1.17, bf16 1.03 / 1.01 against 1.02 / 0.98 -> ws64b2
+# from M = 33 to 64 there too; bf16 ws256 0.63 / 0.68 / 0.73 against ws128 0.54 / 0.64 / 0.69 at
+# M = 160 / 192 / 256 -> ws256 from M = 129 (fp16 already).
 SMALL_LAYER_ELEMENTS = 4096 * 6144
 SMALL_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
-        torch.float16: ((16, "s16m"), (32, "s32m"), (64, "ws64"), (128, "ws128"), (4096, "ws256"), (None, "dequant")),
-        torch.bfloat16: ((16, "x16"), (32, "s32m"), (64, "ws64"), (256, "ws128"), (None, "ws256")),
+        torch.float16: ((16, "s16m"), (32, "s32m"), (64, "ws64b2"), (128, "ws128"), (4096, "ws256"), (None, "dequant")),
+        torch.bfloat16: ((16, "x16"), (32, "s32m"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
     },
 }
 # Families not measured yet: the kernel's own choice everywhere (always correct, maybe not fastest).
