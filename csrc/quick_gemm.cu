@@ -747,7 +747,7 @@ static int int_setting(const char* name, int lo, int hi, int fallback) {
 
 // The most K splits plan() makes: 8, or VLLM_QUICK_MAX_SPLITS (1-32) for tuning experiments
 // (benchmarks/KERNEL_NOTES.md: at mid M the kernel wants more parallelism).
-static int max_splits_setting() { return int_setting("VLLM_QUICK_MAX_SPLITS", 1, 32, 8); }
+static int max_splits_setting(int fallback = 8) { return int_setting("VLLM_QUICK_MAX_SPLITS", 1, 32, fallback); }
 
 // VLLM_QUICK_WS_SPLITS=s (1-32): the ws tiles split each tile of their last, partial wave into
 // s K ranges instead of what plan_ws_schedule() estimates (benchmarks and tests); 0 (unset or
@@ -807,9 +807,15 @@ GemmPlan plan(const GemmProblem& pr, int device) {
     // costs M x N x 4 bytes of partials to write and re-read. E.g. N = 4096, M = 1 on 132 SMs
     // holding 4 blocks each: 16 column blocks, 528 / 16 = 33 -> 8 splits of 8 stages (512 rows).
     // (Up to 22 splits were tried first: at M = 16 the reduction then cost more than it saved.)
-    const int max_splits = max_splits_setting();
     const int capacity = sm_count(device) * blocks_per_sm<Cfg>();
     const int mn_blocks = pl.grid_n * pl.grid_m;
+    // Long K (>= 128 stages) and few column blocks (8 splits give at most 1.5 blocks per SM):
+    // up to 16 splits, each still >= 8 stages. H100, session 12 (results/
+    // kernel_h100_s12_split16_tiles.md, s16m / s32m at M = 1-32): the "down" layers 11008 /
+    // 13824 / 14336 x 4096-5120 (16-20 column blocks) ran 1.0-1.3x faster with 16, while
+    // 28672 x 8192 (32) and 8192 x 10240 (40) lost up to 1.4x and 4096-deep layers lost too.
+    const bool long_narrow = !Cfg::kWgmma && total_stages >= 128 && mn_blocks * 8 * 2 <= 3 * sm_count(device);
+    const int max_splits = max_splits_setting(long_narrow ? 16 : 8);
     const int limit = std::max(1, std::min(total_stages / 2, max_splits));
     const int splits = std::max(1, std::min(capacity / std::max(mn_blocks, 1), limit));
     pl.stages_per_split = (total_stages + splits - 1) / splits;

@@ -469,6 +469,30 @@ def test_max_splits_setting_keeps_results(kernel, monkeypatch, max_splits):
         check_output(y, x.float() @ w.w32, torch.float16, f"VLLM_QUICK_MAX_SPLITS={max_splits} {tile} K={k} M={m}")
 
 
+def test_long_narrow_layers_split_16_ways(kernel, monkeypatch):
+    """plan() splits a long-K layer with few column blocks up to 16 ways (session 12: the "down"
+    layers), not a wider or shorter one, and VLLM_QUICK_MAX_SPLITS still rules when set; the 16
+    splits match the reference for s16m / s32m in both dtypes."""
+    monkeypatch.delenv("VLLM_QUICK_MAX_SPLITS", raising=False)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if sms < 128:
+        pytest.skip("the rule is sized for GPUs of 128+ SMs")
+    s16m, s32m = TILES.index("s16m"), TILES.index("s32m")
+    assert kernel.plan(16, 11008, 4096, 128, False, s16m)["splits"] == 16
+    assert kernel.plan(16, 28672, 8192, 128, False, s16m)["splits"] == 8  # 32 column blocks
+    assert kernel.plan(16, 4096, 4096, 128, False, s16m)["splits"] == 8  # 64 stages
+    monkeypatch.setenv("VLLM_QUICK_MAX_SPLITS", "4")
+    assert kernel.plan(16, 11008, 4096, 128, False, s16m)["splits"] == 4
+    monkeypatch.delenv("VLLM_QUICK_MAX_SPLITS")
+    k, n = 11008, 4096
+    w = make_weight(k, n, 128)
+    for dtype in (torch.float16, torch.bfloat16):
+        for index, m in ((s16m, 16), (s32m, 32), (s16m, 1)):
+            x = random_x((m, k), dtype, seed=zlib.crc32(f"split16/{m}".encode()))
+            y = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, n, index)
+            check_output(y, x.float() @ w.w32, dtype, f"{TILES[index]} {dtype} K={k} N={n} M={m} 16 splits")
+
+
 # Tiles whose split-K may reduce in a thread-block cluster (blocks of at most 64 rows), with an M
 # each at which a 4096 x 4096 layer is split.
 CLUSTER_CASES = [("s16m", 1), ("s16m", 16), ("x16", 7), ("s32m", 32), ("x32", 33), ("s64m", 64), ("x64", 64)]
