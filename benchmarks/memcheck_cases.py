@@ -59,6 +59,8 @@ PRESETS = {
         "2048x4160:g128:M300:bfloat16",  # bf16 through ws256: the per-row fp16 copy of x (quick_act_scale.cu)
         "4096x8192:g128:M5:bfloat16",  # bf16 through s16m (the same copy), split K
         "4096x8192:g128:M24:bfloat16:bias",  # bf16 through s32m, bias
+        "5120x15360:g128:M100:float16",  # a large layer: ws128w4 (four consumer warpgroups)
+        "5120x15360:g32:M72:bfloat16:bias",  # ws128w4, bf16, group 32, bias
     ],
     # Run under VLLM_QUICK_WS_STREAMK=always (device_run.sh memcheck): the ws tiles' partial wave
     # as one full wave of stream-K blocks, blocks ending one tile and starting the next.
@@ -68,6 +70,7 @@ PRESETS = {
         "4096x4096:g128:M128:float16",  # ws128: 32 tiles of 64 stages
         "4096x8192:g128:M40:float16",  # ws64b2: 64 tiles on 264 blocks
         "2048x4096:g64:M50:float16:bias",  # ws64, bias through the reduction
+        "5120x15360:g128:M100:float16",  # ws128w4: 60 tiles of 256 columns on 132 blocks
     ],
     "race": [
         "256x128:g128:M16:float16",

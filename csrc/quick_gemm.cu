@@ -644,6 +644,10 @@ struct WsConfig {
 //   ws64: 64 tokens per block (m64n64k16) and 12 stages of 13 KB, for decode-sized M (session 10);
 //     ws64b2: two such blocks per SM (8 stages each, consumers at 104 registers): at M <= 64 a
 //     ws64 block waits on its k-step chain, not on the tensor cores or on issue slots.
+//   ws128w4: ws128 with four consumer warpgroups, i.e. 256-column blocks (7 stages of 26 KB,
+//     consumers at 112 registers): a ws128 block also waits on its k-step chain (the same time
+//     at M = 64 and 128, session 12), and four warpgroups per SM keep the tensor cores twice as
+//     busy; on layers with little work per block the fewer, wider tiles lose (session 12).
 // A tile the activation type does not support (the other scaled tiles for bf16) falls back to x64.
 template <typename T, typename F>
 auto with_tile(int tile, F&& f) {
@@ -667,6 +671,7 @@ auto with_tile(int tile, F&& f) {
     case kTileWS128: return f.template operator()<WsConfig<2, 128, 8, T>>();
     case kTileWS64: return f.template operator()<WsConfig<2, 64, 12, T>>();
     case kTileWS64B2: return f.template operator()<WsConfig<2, 64, 8, T, 2>>();
+    case kTileWS128W4: return f.template operator()<WsConfig<4, 128, 7, T>>();
     default: break;
   }
   return f.template operator()<Config<T, 2, 2, false, 1>>();  // kTileX64
@@ -687,12 +692,12 @@ int sm_count(int device) {
 
 }  // namespace
 
-static bool is_ws_tile(int tile) { return tile >= kTileWS256 && tile <= kTileWS64B2; }
+static bool is_ws_tile(int tile) { return tile >= kTileWS256 && tile <= kTileWS128W4; }
 
 const char* tile_name(int tile) {
   static const char* const kNames[kTileCount] = {"x16", "x32", "x64", "s16", "s32", "s64", "s128",
                                                  "s16m", "s32m", "s64m", "w64", "w128", "w128n", "w64x",
-                                                 "ws256", "ws128", "ws64", "ws64b2"};
+                                                 "ws256", "ws128", "ws64", "ws64b2", "ws128w4"};
   return tile >= 0 && tile < kTileCount ? kNames[tile] : "auto";
 }
 

@@ -24,6 +24,7 @@ enum Tile : int {
   kTileWS128,                                        // ws256 with 128 tokens per block (and more stages)
   kTileWS64,                                         // ws256 with 64 tokens per block (decode-sized M)
   kTileWS64B2,                                       // ws64, two blocks per SM
+  kTileWS128W4,                                      // ws128 with four consumer warpgroups (256 columns)
   kTileCount
 };
 const char* tile_name(int tile);                // "x16", ..., "auto" for anything else

@@ -137,16 +137,19 @@ struct WsSmem {
 // setmaxnreg.inc wait forever (session 9: 64 / 224 hung the kernel). With 168 each (session 6's
 // one producer warp) the consumers kept their 128 accumulators and little else: ptxas recomputed
 // shared-memory addresses, slots and group tests every stage (ncu: ~60 instructions per wgmma).
-// Two blocks per SM (ws64b2: 80 at launch) leave the producer 24, setmaxnreg's minimum.
+// Two blocks per SM (ws64b2: 80 at launch) leave the producer 24, setmaxnreg's minimum; so do four
+// consumer warpgroups (ws128w4: 96 at launch, consumers 112 -- with 40 left to the producer they
+// got 104 and spilled).
 template <int kWGs, int kBlocksPerSm>
 struct WsRegisters {
   static constexpr int kAtLaunch = 65536 / (128 * (kWGs + 1) * kBlocksPerSm) / 8 * 8;
-  static constexpr int kProducer = kBlocksPerSm == 1 ? 40 : 24;
+  static constexpr int kProducer = kBlocksPerSm == 1 && kWGs < 4 ? 40 : 24;
   static constexpr int kConsumer = ((kWGs + 1) * kAtLaunch - kProducer) / kWGs / 8 * 8;
   static_assert(kWGs * kConsumer + kProducer <= (kWGs + 1) * kAtLaunch, "setmaxnreg would wait forever");
   static_assert(kConsumer <= 256 && kProducer >= 24, "setmaxnreg's range");
 };
-static_assert(WsRegisters<2, 1>::kConsumer == 232 && WsRegisters<2, 2>::kConsumer == 104, "the budgets named above");
+static_assert(WsRegisters<2, 1>::kConsumer == 232 && WsRegisters<2, 2>::kConsumer == 104 && WsRegisters<4, 1>::kConsumer == 112,
+              "the budgets named above");
 
 template <int kRegisters>
 __device__ __forceinline__ void setmaxnreg_inc() {

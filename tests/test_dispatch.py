@@ -26,7 +26,8 @@ def test_choose_follows_the_table(monkeypatch):
 
 def test_small_layers_take_their_own_plan(monkeypatch):
     """A layer of K x N <= SMALL_LAYER_ELEMENTS follows SMALL_LAYER_PLANS where the family has one
-    for the dtype; larger layers, unknown sizes and other dtypes follow PLANS."""
+    for the dtype, one of K x N >= LARGE_LAYER_ELEMENTS LARGE_LAYER_PLANS; layers in between,
+    unknown sizes and other dtypes follow PLANS."""
     monkeypatch.setattr(dispatch, "_major", lambda device: 9)
     monkeypatch.setattr(dispatch, "_env_plans", {})
     monkeypatch.setitem(dispatch.PLANS, 9, {torch.float16: ((16, "x16"), (None, "w128n")),
@@ -40,6 +41,12 @@ def test_small_layers_take_their_own_plan(monkeypatch):
     assert dispatch.choose(256, torch.float16, dev) == "w128n"
     assert dispatch.choose(256, torch.bfloat16, dev, weight_elements=small) == "x64"
     assert dispatch.choose_path(256, torch.float16, dev, weight_elements=small) == "dequant"
+    # Large layers follow LARGE_LAYER_PLANS; between the two sizes, PLANS.
+    monkeypatch.setitem(dispatch.LARGE_LAYER_PLANS, 9, {torch.float16: ((None, "ws128w4"),)})
+    big = dispatch.LARGE_LAYER_ELEMENTS
+    assert dispatch.choose(100, torch.float16, dev, weight_elements=big) == "ws128w4"
+    assert dispatch.choose(100, torch.float16, dev, weight_elements=big - 1) == "w128n"
+    assert dispatch.choose(100, torch.bfloat16, dev, weight_elements=big) == "x64"
 
 
 def test_unmeasured_gpu_family_lets_the_kernel_choose(monkeypatch):
@@ -179,22 +186,24 @@ def test_describe_says_what_runs(monkeypatch):
     monkeypatch.setattr(dispatch, "_env_plans", {})
     monkeypatch.setitem(dispatch.PLANS, 9, {torch.float16: ((16, "s16"), (128, "s64"), (None, "dequant"))})
     monkeypatch.setitem(dispatch.SMALL_LAYER_PLANS, 9, {torch.float16: ((64, "s32m"), (None, "dequant"))})
+    monkeypatch.setitem(dispatch.LARGE_LAYER_PLANS, 9, {torch.float16: ((128, "ws128w4"), (None, "dequant"))})
     text = dispatch.describe(torch.float16, dev)
     assert text == ("NVIDIA H100 80GB HBM3 (sm9x), float16: M 1-16: tile s16; M 17-128: tile s64; "
                     "M >= 129: dequantise + cuBLAS; layers of K x N <= 25165824: M 1-64: tile s32m; "
-                    "M >= 65: dequantise + cuBLAS (measured)")
+                    "M >= 65: dequantise + cuBLAS; layers of K x N >= 78643200: M 1-128: tile ws128w4; "
+                    "M >= 129: dequantise + cuBLAS (measured)")
     monkeypatch.setattr(dispatch, "_major", lambda device: 8)
     assert dispatch.describe(torch.float16, dev).endswith("M >= 1: the kernel's own tile choice (not measured on this GPU family)")
 
 
-@pytest.mark.parametrize("table", ["PLANS", "SMALL_LAYER_PLANS"])
+@pytest.mark.parametrize("table", ["PLANS", "SMALL_LAYER_PLANS", "LARGE_LAYER_PLANS"])
 def test_shipped_plans_are_well_formed(table):
     """Each shipped plan round-trips through the env spec parser (which checks increasing M and a
     final '*'), and bf16 plans name only paths within the 2e-3 budget: the exact tiles (x, w64x)
     and dequant_fp16 / "fp16:<tile>" / the ws tiles / s16m / s32m (x in as an exact fp16 copy: one
     fp16 rounding of (q - z) * s, 1.7e-3 measured); another s tile or a dense bf16 weight rounds
     (q - z) * s to bf16, ~2.3e-3 of error. "fp16:" paths name a tile and appear in bf16 plans only."""
-    exact_bf16 = {"x16", "x32", "x64", "w64x", "ws256", "ws128", "ws64", "ws64b2", "s16m", "s32m", "dequant_fp16",
+    exact_bf16 = {"x16", "x32", "x64", "w64x", "ws256", "ws128", "ws64", "ws64b2", "ws128w4", "s16m", "s32m", "dequant_fp16",
                   "auto"}
     for family, plans in getattr(dispatch, table).items():
         assert dispatch.parse_plan_spec(dispatch.format_plan_spec(plans)) == plans, family

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import zlib
 from dataclasses import dataclass
 
@@ -332,7 +333,7 @@ def test_every_tile(kernel, tile, dtype_name, group_size):
             assert torch.equal(y, ops.kernel_gemm(*args)), f"tile {tile} M={m}: two calls differ"
 
 
-@pytest.mark.parametrize("tile", ["ws256", "ws128", "ws64", "ws64b2"])
+@pytest.mark.parametrize("tile", ["ws256", "ws128", "ws64", "ws64b2", "ws128w4"])
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("group_size", [32, 64, 128, -1])
 def test_ws_tile_partial_blocks_and_split_k(kernel, monkeypatch, group_size, dtype_name, tile):
@@ -359,7 +360,7 @@ def test_ws_tile_partial_blocks_and_split_k(kernel, monkeypatch, group_size, dty
                              f"splits<={splits} bias={b is not None}")
 
 
-@pytest.mark.parametrize("tile", ["ws256", "ws128", "ws64", "ws64b2"])
+@pytest.mark.parametrize("tile", ["ws256", "ws128", "ws64", "ws64b2", "ws128w4"])
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("group_size", [32, 128])
 def test_ws_tile_stream_k(kernel, monkeypatch, group_size, dtype_name, tile):
@@ -375,16 +376,17 @@ def test_ws_tile_stream_k(kernel, monkeypatch, group_size, dtype_name, tile):
         pytest.skip(f"{tile} runs on sm_90 only")
     dtype = DTYPES[dtype_name]
     index = TILES.index(tile)
-    tokens = int(tile[2:].split("b")[0])
+    tokens = int(re.match(r"ws(\d+)", tile)[1])
     # blocks the GPU holds at once: one per SM, two for ws64b2
     sms = torch.cuda.get_device_properties(0).multi_processor_count * (2 if tile.endswith("b2") else 1)
-    n = 64 * 65  # 33 column blocks, the last with one 64-column tile
-    row_blocks = sms // 33 + 1  # e.g. 165 tiles on 132 SMs: 132 whole, 33 split
+    n = 64 * 65  # 33 column blocks of 128 (17 of 256 for ws128w4), the last with one 64-column tile
+    column_blocks = 17 if tile.endswith("w4") else 33
+    row_blocks = sms // column_blocks + 1  # e.g. 165 tiles on 132 SMs: 132 whole, 33 split
     for k, m in ((1024, row_blocks * tokens - 40), (1024, 2 * tokens - 3)):
         w = make_weight(k, n, group_size)
         x = random_x((m, k), dtype, seed=zlib.crc32(f"tail/{k}/{m}".encode()))
         bias = random_x((n,), dtype, seed=6)
-        tiles = 33 * ((m + tokens - 1) // tokens)
+        tiles = column_blocks * ((m + tokens - 1) // tokens)
         tail = tiles % sms
         for splits, streamk in (("1", "0"), ("3", "0"), ("8", "0"), ("", "always")):
             monkeypatch.setenv("VLLM_QUICK_WS_SPLITS", splits)
@@ -396,7 +398,9 @@ def test_ws_tile_stream_k(kernel, monkeypatch, group_size, dtype_name, tile):
                 assert (plan["splits"], plan["sk_blocks"], plan["dp_blocks"]) == (int(splits), int(splits) * tail,
                                                                                   tiles - tail), plan
             else:
-                assert (plan["sk_blocks"], plan["dp_blocks"], plan["sk_tiles"]) == (sms, tiles - tail, tail), plan
+                # one full wave, or fewer blocks where a share would drop below two stages
+                one_wave = min(sms, tail * (k // 64) // 2)
+                assert (plan["sk_blocks"], plan["dp_blocks"], plan["sk_tiles"]) == (one_wave, tiles - tail, tail), plan
             for b in (None, bias):
                 y = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, b, w.group, n, index)
                 ref = x.float() @ w.w32 + (0 if b is None else b.float())
@@ -428,7 +432,7 @@ def test_ws_tile_bf16_activation_range(kernel, x_scale):
     assert not bool(torch.isfinite(y_inf[3]).all()), f"x*{x_scale}: the inf of row 3 vanished"
 
 
-@pytest.mark.parametrize("tile", ["ws256", "ws128", "ws64", "ws64b2", "s16m", "s32m"])
+@pytest.mark.parametrize("tile", ["ws256", "ws128", "ws64", "ws64b2", "ws128w4", "s16m", "s32m"])
 def test_bf16_rows_scaled_apart(kernel, tile):
     """The bf16 copy into fp16 (ws tiles, s16m, s32m) is scaled per row (csrc/quick_act_scale.cu):
     rows 1e30 and 1e-30 apart in one call, and a row of zeros, each come back with its own relative

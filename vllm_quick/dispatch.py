@@ -5,7 +5,7 @@ freeze it). The paths:
 
 * a **kernel tile** (``"x16"``, ``"x32"``, ``"x64"``, ``"s16"``, ``"s32"``, ``"s64"``,
   ``"s128"``, ``"s16m"``, ``"s32m"``, ``"s64m"``, ``"w64"``, ``"w128"``, ``"w128n"``, ``"w64x"``,
-  ``"ws256"``, ``"ws128"``, ``"ws64"``, ``"ws64b2"``;
+  ``"ws256"``, ``"ws128"``, ``"ws64"``, ``"ws64b2"``, ``"ws128w4"``;
   ``vllm_quick._C.TILES``, described in csrc/quick_gemm.cu, ``with_tile``): the QUICK kernel
   streaming int4 weights, with that many rows per thread block. ``x`` tiles keep the exact
   integers ``q - z`` in the mma fragments and scale per group in fp32 (fp16 and bf16); ``s``
@@ -23,7 +23,9 @@ freeze it). The paths:
   feeding two consumer warpgroups, 256 tokens per block): fp16's tile from M = 129 to 4096,
   and bf16's from M = 129 on; ``ws128`` is the same tile with 128 tokens per block, both
   dtypes' tile from M = 65 to 128, and ``ws64`` has 64 tokens (in no plan since session 12);
-  ``ws64b2`` is ws64 at two blocks per SM (both dtypes' from M = 33 to 64). They share out the
+  ``ws64b2`` is ws64 at two blocks per SM (both dtypes' from M = 33 to 64); ``ws128w4`` is ws128
+  with four consumer warpgroups over 256 columns (both dtypes' from M = 65 to 128 on the large
+  layers, K x N >= LARGE_LAYER_ELEMENTS). They share out the
   last, partial wave's tiles along K (tail splits or a stream-K wave, csrc/quick_stream_k.cuh).
   Their fragments are fp16, so a bf16 x goes in as an exact fp16 copy, row i times 2^e_i
   (csrc/quick_act_scale.cu), and the tile writes bf16 y[i] * 2^-e_i from its fp32 accumulators
@@ -155,6 +157,21 @@ SMALL_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
         torch.bfloat16: ((16, "x16"), (32, "s32m"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
     },
 }
+# Large layers (K x N >= LARGE_LAYER_ELEMENTS: Llama-2-13B's qkv 5120x15360 and up, e.g. the MLP
+# gate_up projections) have enough work per block for ws128w4, ws128 with four consumer
+# warpgroups over 256 columns (a ws128 block waits on its k-step chain; four warpgroups per SM
+# hide twice as much of it). Session 12, H100, benchmarks/results/kernel_h100_s12_ws128w4_tiles.json,
+# ws128 time / ws128w4 time at M = 80 / 96 / 112 / 128, geomean of the 6 large layers: fp16 1.16 /
+# 1.16 / 1.12 / 1.12 (every layer 1.03-1.32), bf16 1.16 / 1.13 / 1.11 / 1.08 (0.99-1.29); below the
+# threshold it ties or loses (13824x5120 0.97-1.04, 4096x12288 0.90-1.07). From M = 129 ws256 stays
+# ahead (ws128w4 1.14-1.23x its time), and at M <= 64 ws64b2 (1.18-1.23x).
+LARGE_LAYER_ELEMENTS = 5120 * 15360
+LARGE_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
+    9: {
+        torch.float16: ((16, "s16m"), (32, "s32m"), (64, "ws64b2"), (128, "ws128w4"), (4096, "ws256"), (None, "dequant")),
+        torch.bfloat16: ((16, "s16m"), (32, "s32m"), (64, "ws64b2"), (128, "ws128w4"), (None, "ws256")),
+    },
+}
 # Families not measured yet: the kernel's own choice everywhere (always correct, maybe not fastest).
 DEFAULT_PLAN: Plan = ((None, "auto"),)
 
@@ -203,17 +220,20 @@ _env_plans: dict[torch.dtype, Plan] | None = None
 
 def plan_for(dtype: torch.dtype, device: torch.device, weight_elements: int | None = None) -> Plan:
     """The plan for ``dtype`` on ``device``; ``weight_elements`` (K x N of the layer) selects the
-    small-layer plan where there is one. A plan from the environment applies to every layer."""
+    small- or large-layer plan where there is one. A plan from the environment applies to every
+    layer."""
     global _env_plans
     if _env_plans is None:
         _env_plans = parse_plan_spec(os.environ.get(PLAN_ENV, ""))
     if dtype in _env_plans:
         return _env_plans[dtype]
     major = _major(device)
-    if weight_elements is not None and weight_elements <= SMALL_LAYER_ELEMENTS:
-        small = SMALL_LAYER_PLANS.get(major, {}).get(dtype)
-        if small is not None:
-            return small
+    if weight_elements is not None:
+        by_size = (SMALL_LAYER_PLANS if weight_elements <= SMALL_LAYER_ELEMENTS
+                   else LARGE_LAYER_PLANS if weight_elements >= LARGE_LAYER_ELEMENTS else {})
+        sized = by_size.get(major, {}).get(dtype)
+        if sized is not None:
+            return sized
     return PLANS.get(major, {}).get(dtype, DEFAULT_PLAN)
 
 
@@ -247,6 +267,9 @@ def describe(dtype: torch.dtype, device: torch.device) -> str:
     small = None if from_env else SMALL_LAYER_PLANS.get(_major(device), {}).get(dtype)
     if small is not None:
         text += f"; layers of K x N <= {SMALL_LAYER_ELEMENTS}: " + _describe_plan(small)
+    large = None if from_env else LARGE_LAYER_PLANS.get(_major(device), {}).get(dtype)
+    if large is not None:
+        text += f"; layers of K x N >= {LARGE_LAYER_ELEMENTS}: " + _describe_plan(large)
     return text + f" ({source})"
 
 
