@@ -121,82 +121,47 @@ __device__ __forceinline__ void part_barrier() {
   }
 }
 
-// Where the split partials of one output tile live: element (row0 + i, col0 + j) of split sp at
-// base[sp * split_stride + i * row_stride + j], and the tile's arrival counter.
-struct SplitTile {
-  const float* base;
-  size_t split_stride;
-  int row_stride;
-  int splits;
-  int* counter;
-};
-
-template <typename T, int kThreads = 0, int kBatch = 1>
-__device__ __forceinline__ void reduce_split_tile(const KernelParams& p, const SplitTile& st, int row0, int block_rows,
-                                                  int col0, int cols) {
+// The mma.sync tiles' global split-K reduction: partials [split][m][n] of the whole output, one
+// counter per block of the (grid_n, grid_m, splits) grid. Each split stores its partial tile and
+// counts in; the last to arrive sums the tile in split order (deterministic) and writes y.
+template <typename T, int kThreads = 0>
+__device__ __forceinline__ void reduce_split_k(const KernelParams& p, int row0, int block_rows, int col0, int cols) {
   __threadfence();  // partials visible device-wide before the counter says so
   part_barrier<kThreads>();
   __shared__ int is_last;
   const int tid = threadIdx.x;
-  int* counter = st.counter;
-  if (tid == 0) is_last = atomicAdd(counter, 1) == st.splits - 1;
+  int* counter = p.counters + blockIdx.y * gridDim.x + blockIdx.x;
+  if (tid == 0) is_last = atomicAdd(counter, 1) == p.splits - 1;
   part_barrier<kThreads>();
   if (!is_last) return;
   __threadfence();  // acquire side: see the other splits' partials
-  // The whole block reduces the tile, four columns per thread and several splits' loads in
-  // flight at once. (A first version let each thread reduce its own accumulator fragment: for
-  // M = 1 only 4 lanes had rows, and their ~180 dependent L2 loads took ~25 us.)
-  // kBatch quads per thread at a time, each split's kBatch loads issued together, two splits
-  // per round (kBatch > 1), or one quad and eight splits per round (kBatch = 1). The ws tiles
-  // reduce 256 x 128 tiles: with one quad per iteration a thread waited a full L2 round trip per
-  // quad (32 of them, ~30 us on the H200, session 10 -- longer than a quarter of a 13824-deep K
-  // loop), so they take kBatch = 8. The mma.sync tiles keep kBatch = 1: at M = 1 a thread has one
-  // quad, and kBatch = 4 made its 8 splits 4 round trips instead of 1 (6% slower at M = 1).
+  // The whole block reduces the tile, four columns (one quad) per thread per iteration, eight
+  // splits' loads in flight at once. (A first version let each thread reduce its own accumulator
+  // fragment: for M = 1 only 4 lanes had rows, and their ~180 dependent L2 loads took ~25 us.
+  // Several quads per thread in flight made M = 1 -- one quad per thread, 8 splits -- 4 round
+  // trips instead of 1: 6% slower, session 10. The ws tiles reduce their own way:
+  // ws_segment_epilogue in quick_gemm_ws.cuh.)
+  const float* base = p.partials + static_cast<size_t>(row0) * p.n + col0;
+  const size_t split_stride = static_cast<size_t>(p.m) * p.n;
   const int rows = min(block_rows, p.m - row0);
   const int quads = cols / 4, items = rows * quads;
   const int stride = kThreads > 0 ? kThreads : blockDim.x;
-  for (int first = tid; first < items; first += kBatch * stride) {
-    const float* src[kBatch];
-    float4 sum[kBatch];
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int idx = min(first + u * stride, items - 1);  // (past the end: a repeat, not stored)
-      src[u] = st.base + static_cast<size_t>(idx / quads) * st.row_stride + (idx % quads) * 4;
-      sum[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int idx = tid; idx < items; idx += stride) {
+    const float* src = base + static_cast<size_t>(idx / quads) * p.n + (idx % quads) * 4;
+    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+    for (int sp = 0; sp < p.splits; ++sp) {  // fixed order per element: deterministic
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(src + sp * split_stride));
+      sum.x += v.x;
+      sum.y += v.y;
+      sum.z += v.z;
+      sum.w += v.w;
     }
-#pragma unroll(kBatch > 1 ? 2 : 8)
-    for (int sp = 0; sp < st.splits; ++sp) {  // fixed order per element: deterministic
-      float4 v[kBatch];
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) v[u] = __ldcg(reinterpret_cast<const float4*>(src[u] + sp * st.split_stride));
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        sum[u].x += v[u].x;
-        sum[u].y += v[u].y;
-        sum[u].z += v[u].z;
-        sum[u].w += v[u].w;
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int idx = first + u * stride;
-      if (idx < items) {
-        const int row = row0 + idx / quads, col = col0 + (idx % quads) * 4;
-        store_pair<T>(p, row, col, sum[u].x, sum[u].y);
-        store_pair<T>(p, row, col + 2, sum[u].z, sum[u].w);
-      }
-    }
+    const int row = row0 + idx / quads, col = col0 + (idx % quads) * 4;
+    store_pair<T>(p, row, col, sum.x, sum.y);
+    store_pair<T>(p, row, col + 2, sum.z, sum.w);
   }
   if (tid == 0) *counter = 0;  // ready for the next launch / graph replay
-}
-
-// The mma.sync tiles' layout: partials [split][m][n] of the whole output, one counter per block
-// of the (grid_n, grid_m, splits) grid.
-template <typename T, int kThreads = 0>
-__device__ __forceinline__ void reduce_split_k(const KernelParams& p, int row0, int block_rows, int col0, int cols) {
-  const SplitTile st{p.partials + static_cast<size_t>(row0) * p.n + col0, static_cast<size_t>(p.m) * p.n, p.n,
-                     p.splits, p.counters + blockIdx.y * gridDim.x + blockIdx.x};
-  reduce_split_tile<T, kThreads>(p, st, row0, block_rows, col0, cols);
 }
 
 // Split-K inside a thread-block cluster (sm_90): the p.splits CTAs of one output tile are one

@@ -541,7 +541,7 @@ struct Config {
   static constexpr int kBlockM = 16 * kWarpTilesM * kWarpsM;
   static constexpr int kTilesN = kBlockTiles;  // 64-column tiles per block
   static constexpr bool kWgmma = kWgWords > 0;
-  static constexpr bool kSplitsTail = false;  // K splits every tile: grid (grid_n, grid_m, splits)
+  static constexpr bool kStreamK = false;  // K splits every tile: grid (grid_n, grid_m, splits)
   static constexpr int kSmem = SmemLayout<kBlockM, kWgmma>::kTotalBytes;
   static constexpr bool kClusterReduce = SmemLayout<kBlockM, kWgmma>::kHoldsPartialTile;
   static constexpr auto kernel =
@@ -589,7 +589,7 @@ struct WsConfig {
   static constexpr int kSmem = WsSmem<kWGs, kTokens, kStages>::kTotalBytes;
   static constexpr bool kClusterReduce = false;  // (256 tokens: no room for the partial tile)
   static constexpr bool kWgmma = true;
-  static constexpr bool kSplitsTail = true;  // stream-K over the last wave's tiles (ws_block_work)
+  static constexpr bool kStreamK = true;  // stream-K over the last wave's tiles (ws_block_work)
   // Group size 32 (two group rows per stage) and every other group size: two kernels.
   static constexpr auto kernel = quick_gemm_ws_kernel<kWGs, kTokens, kStages, false, Out, kBlocksPerSm>;
   static constexpr auto kernel_two_groups = quick_gemm_ws_kernel<kWGs, kTokens, kStages, true, Out, kBlocksPerSm>;
@@ -791,7 +791,7 @@ GemmPlan plan(const GemmProblem& pr, int device) {
     pl.grid_n = (pr.n / kTileN + Cfg::kTilesN - 1) / Cfg::kTilesN;
     pl.grid_m = (pr.m + Cfg::kBlockM - 1) / Cfg::kBlockM;
     const int total_stages = pr.k / kStageK;
-    if constexpr (Cfg::kSplitsTail) {
+    if constexpr (Cfg::kStreamK) {
       // Whole tiles, then stream-K over the last, partial wave (quick_stream_k.cuh).
       const int tile_floats = Cfg::kBlockM * Cfg::kTilesN * kTileN;
       const WsSchedule w = plan_ws_schedule(pl.grid_n * pl.grid_m, sm_count(device) * blocks_per_sm<Cfg>(),
