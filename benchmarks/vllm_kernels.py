@@ -313,6 +313,8 @@ TILE_VARIANTS = {
     "gk": {"VLLM_QUICK_CLUSTER_REDUCE": "0"},  # split-K through global memory, not a cluster (sm_90)
     "ca": {"VLLM_QUICK_CLUSTER_REDUCE": "always"},  # clusters wherever they can run (see plan())
     "sp16": {"VLLM_QUICK_MAX_SPLITS": "16"},   # up to 16 K splits instead of 8
+    "sp4": {"VLLM_QUICK_MAX_SPLITS": "4"},     # at most 4 K splits (less fp32 partial traffic)
+    "sp6": {"VLLM_QUICK_MAX_SPLITS": "6"},
 }
 # The tiles whose split-K may run in a cluster (blocks of at most 64 rows) get the variants.
 VARIANT_TILES = ("x16", "x32", "x64", "s16m", "s32m", "s64m", "w64", "w64x")

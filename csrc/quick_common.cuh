@@ -103,15 +103,9 @@ __device__ __forceinline__ void zero_accumulators(float (&acc)[kRows][8][4]) {
       for (int e = 0; e < 4; ++e) acc[i][nb][e] = 0.f;
 }
 
-// Split-K, called by every thread of the block once it has stored its share of this split's fp32
-// partial tile (rows [row0, row0 + block_rows), columns [col0, col0 + cols)): the last split to
-// finish (an atomic counter per output tile) sums the partials in split order (deterministic)
-// and writes y, then resets the counter, so the counters stay zero between launches and
-// CUDA-graph replays. kThreads > 0: only threads 0..kThreads-1 take part (the ws tiles, whose
-// producer warpgroup has left), synchronised by part_barrier instead of __syncthreads.
-//
 // part_barrier<kThreads>: __syncthreads() for kThreads == 0, else named barrier 1 over the block's
-// first kThreads threads (a multiple of 32), for code the rest of the block does not reach.
+// first kThreads threads (a multiple of 32), for code the rest of the block does not reach (the ws
+// tiles, whose producer warpgroup has left).
 template <int kThreads>
 __device__ __forceinline__ void part_barrier() {
   if constexpr (kThreads == 0) {
@@ -121,45 +115,89 @@ __device__ __forceinline__ void part_barrier() {
   }
 }
 
-// The mma.sync tiles' global split-K reduction: partials [split][m][n] of the whole output, one
-// counter per block of the (grid_n, grid_m, splits) grid. Each split stores its partial tile and
-// counts in; the last to arrive sums the tile in split order (deterministic) and writes y.
-template <typename T, int kThreads = 0>
+// The mma.sync tiles' global split-K reduction, called by every thread of the block once it has
+// stored its share of this split's fp32 partial tile (rows [row0, row0 + block_rows), columns
+// [col0, col0 + cols)) into partials [split][m][n]: one counter per block of the (grid_n, grid_m,
+// splits) grid; the last split to count in sums the tile in split order (deterministic) and
+// writes y, then resets the counter, so the counters stay zero between launches and CUDA-graph
+// replays.
+//
+// Two things keep its latency down (session 13, ncu source counters of s16m at M = 16 on
+// 4096 x 22016, 6 splits: a third of the warps' samples sat here, every FADD waiting on L2):
+//  - release and acquire by thread 0 alone, around the block barrier (the pattern of cooperative
+//    groups' grid sync: bar.sync orders the other threads' stores before thread 0's fence, which
+//    is cumulative), instead of a fence in every thread;
+//  - every load a thread needs for its next kReduceItems quads of the tile issued before the
+//    first add, each into its own registers. The first version summed `for sp: sum += load(sp)`
+//    with a runtime trip count: ptxas loaded every split into the same register, i.e. one L2
+//    round trip per split per quad, 48 in a row at M = 16 with 6 splits.
+// H100 A/B in one run (results/kernel_h100_s13_reduce_tiles.md): s16m on 4096 x 22016 (6 splits)
+// at M = 16 38.1 -> 29.5 us; geomean of the 12 shapes 1.03x at M = 8-32 for s16m and x16, s32m
+// unchanged; 0.98x at M = 1, where that run still loaded a padding quad twice (now predicated off).
+constexpr int kReduceSplitsInFlight = 8;  // splits loaded at once (more are summed in chunks)
+constexpr int kReduceItems = 2;           // quads per thread per round trip: 16 float4 in flight
+
+__device__ __forceinline__ void add_f4(float4& sum, const float4& v) {
+  sum.x += v.x;
+  sum.y += v.y;
+  sum.z += v.z;
+  sum.w += v.w;
+}
+
+template <typename T>
 __device__ __forceinline__ void reduce_split_k(const KernelParams& p, int row0, int block_rows, int col0, int cols) {
-  __threadfence();  // partials visible device-wide before the counter says so
-  part_barrier<kThreads>();
   __shared__ int is_last;
   const int tid = threadIdx.x;
   int* counter = p.counters + blockIdx.y * gridDim.x + blockIdx.x;
-  if (tid == 0) is_last = atomicAdd(counter, 1) == p.splits - 1;
-  part_barrier<kThreads>();
+  __syncthreads();  // every thread's partial stores come before thread 0's release
+  if (tid == 0) {
+    __threadfence();  // release: the block's partials, device-wide, before the count
+    const bool last = atomicAdd(counter, 1) == p.splits - 1;
+    if (last) __threadfence();  // acquire: the other splits' partials
+    is_last = last;
+  }
+  __syncthreads();
   if (!is_last) return;
-  __threadfence();  // acquire side: see the other splits' partials
-  // The whole block reduces the tile, four columns (one quad) per thread per iteration, eight
-  // splits' loads in flight at once. (A first version let each thread reduce its own accumulator
-  // fragment: for M = 1 only 4 lanes had rows, and their ~180 dependent L2 loads took ~25 us.
-  // Several quads per thread in flight made M = 1 -- one quad per thread, 8 splits -- 4 round
-  // trips instead of 1: 6% slower, session 10. The ws tiles reduce their own way:
-  // ws_segment_epilogue in quick_gemm_ws.cuh.)
+  // The whole block reduces the tile, four columns (one quad) per item. (A first version let each
+  // thread reduce its own accumulator fragment: for M = 1 only 4 lanes had rows, and their ~180
+  // dependent L2 loads took ~25 us.)
   const float* base = p.partials + static_cast<size_t>(row0) * p.n + col0;
   const size_t split_stride = static_cast<size_t>(p.m) * p.n;
   const int rows = min(block_rows, p.m - row0);
   const int quads = cols / 4, items = rows * quads;
-  const int stride = kThreads > 0 ? kThreads : blockDim.x;
-  for (int idx = tid; idx < items; idx += stride) {
-    const float* src = base + static_cast<size_t>(idx / quads) * p.n + (idx % quads) * 4;
-    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 8
-    for (int sp = 0; sp < p.splits; ++sp) {  // fixed order per element: deterministic
-      const float4 v = __ldcg(reinterpret_cast<const float4*>(src + sp * split_stride));
-      sum.x += v.x;
-      sum.y += v.y;
-      sum.z += v.z;
-      sum.w += v.w;
+  const int stride = blockDim.x;
+  for (int first = tid; first < items; first += kReduceItems * stride) {
+    const float* src[kReduceItems];
+    float4 sum[kReduceItems];
+#pragma unroll
+    for (int i = 0; i < kReduceItems; ++i) {
+      const int idx = min(first + i * stride, items - 1);  // (past the end: not loaded, not stored)
+      src[i] = base + static_cast<size_t>(idx / quads) * p.n + (idx % quads) * 4;
+      sum[i] = make_float4(0.f, 0.f, 0.f, 0.f);
     }
-    const int row = row0 + idx / quads, col = col0 + (idx % quads) * 4;
-    store_pair<T>(p, row, col, sum.x, sum.y);
-    store_pair<T>(p, row, col + 2, sum.z, sum.w);
+    for (int sp0 = 0; sp0 < p.splits; sp0 += kReduceSplitsInFlight) {
+      float4 v[kReduceItems][kReduceSplitsInFlight];
+#pragma unroll
+      for (int i = 0; i < kReduceItems; ++i)
+#pragma unroll
+        for (int j = 0; j < kReduceSplitsInFlight; ++j)
+          if (sp0 + j < p.splits && first + i * stride < items)
+            v[i][j] = __ldcg(reinterpret_cast<const float4*>(src[i] + (sp0 + j) * split_stride));
+#pragma unroll
+      for (int i = 0; i < kReduceItems; ++i)
+#pragma unroll
+        for (int j = 0; j < kReduceSplitsInFlight; ++j)  // split order per element: deterministic
+          if (sp0 + j < p.splits && first + i * stride < items) add_f4(sum[i], v[i][j]);
+    }
+#pragma unroll
+    for (int i = 0; i < kReduceItems; ++i) {
+      const int idx = first + i * stride;
+      if (idx < items) {
+        const int row = row0 + idx / quads, col = col0 + (idx % quads) * 4;
+        store_pair<T>(p, row, col, sum[i].x, sum[i].y);
+        store_pair<T>(p, row, col + 2, sum[i].z, sum[i].w);
+      }
+    }
   }
   if (tid == 0) *counter = 0;  // ready for the next launch / graph replay
 }
@@ -192,12 +230,7 @@ __device__ __forceinline__ void reduce_split_k_in_cluster(const KernelParams& p,
     float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
     for (int sp = 0; sp < kMaxClusterSplits; ++sp) {  // fixed order: deterministic
-      if (sp < p.splits) {
-        sum.x += v[sp].x;
-        sum.y += v[sp].y;
-        sum.z += v[sp].z;
-        sum.w += v[sp].w;
-      }
+      if (sp < p.splits) add_f4(sum, v[sp]);
     }
     store_pair<T>(p, row0 + r, col0 + c, sum.x, sum.y);
     store_pair<T>(p, row0 + r, col0 + c + 2, sum.z, sum.w);
