@@ -35,6 +35,7 @@ struct KernelParams {
   // tile's pieces in max_pieces partial slots.
   int dp_blocks, sk_tiles, sk_blocks, max_pieces;
   bool weights_evict_first;
+  bool split_major;     // mma.sync tiles, global split-K: grid (splits, grid_n, grid_m), see split_block
   bool cluster_reduce;  // the splits of a tile form one cluster and reduce in shared memory
   // bf16 through an fp16 tile (GemmArgs::act_row_abs_max): row i of x holds x[i] * 2^e_i, and
   // y[i] gets acc * 2^-e_i.
@@ -115,27 +116,39 @@ __device__ __forceinline__ void part_barrier() {
   }
 }
 
-// The mma.sync tiles' global split-K reduction, called by every thread of the block once it has
-// stored its share of this split's fp32 partial tile (rows [row0, row0 + block_rows), columns
-// [col0, col0 + cols)) into partials [split][m][n]: one counter per block of the (grid_n, grid_m,
-// splits) grid; the last split to count in sums the tile in split order (deterministic) and
-// writes y, then resets the counter, so the counters stay zero between launches and CUDA-graph
-// replays.
+// The mma.sync tiles' global split-K reduction, called by every thread of every split of an
+// output tile (rows [row0, row0 + block_rows), columns [col0, col0 + cols)) once it has stored
+// its share of its fp32 partial tile into partials [split][m][n]. Every split counts in on the
+// tile's counter. Then, in one of two ways, the tile's quads (four columns each) are summed over
+// the splits in split order (deterministic: the same sums, bit for bit, whoever adds them) and y
+// is written:
+//  - p.split_major (session 13): every split waits until all have counted in, then sums its own
+//    slice of the tile (a contiguous 1 / splits of its quads); a second count, taken past the
+//    wait, lets the last split reset the counter. The splits may wait for each other because
+//    plan() launches at most one wave (splits x tiles <= the GPU's block slots) and the grid is
+//    then split-major (split_block: a tile's splits are consecutive blocks, and blocks start in
+//    index order), so even if another kernel holds some SMs the blocks that run form whole tiles
+//    first and free their slots for the rest;
+//  - otherwise the last split to count in sums the whole tile alone and resets the counter. run()
+//    keeps this where a tile has too few rows for the slices to pay (M < kSliceMinRows), and it
+//    is the only way for the wgmma tiles of quick_gemm_kernel (w64 / w128 / w128n / w64x, in no
+//    plan since sessions 9-11: w128n's registers have no room for the other; kSplitMajor = false).
+// H100, session 13, A/B in one run against the last split alone (results/
+// kernel_h100_s13_slices_final_tiles.md, this code): s16m / x16 1.02-1.03x at M = 4, 1.06-1.07x
+// at M = 8 (up to 1.26x on the "down" layers), 1.02x at 16, 1.02-1.03x at 32; s32m 1.02-1.04x at
+// M = 8-32, 1.40x on 4096 x 12288 at M = 32 (geomeans of 12 shapes, fp16; bf16 alike). Slices at
+// every M (results/kernel_h100_s13_slices_tiles.md) lost 3-4% at M = 1, where one split sums the
+// tile's 64 quads in one round trip anyway and the wait only adds latency: hence kSliceMinRows.
 //
-// Two things keep its latency down (session 13, ncu source counters of s16m at M = 16 on
-// 4096 x 22016, 6 splits: a third of the warps' samples sat here, every FADD waiting on L2):
-//  - release and acquire by thread 0 alone, around the block barrier (the pattern of cooperative
-//    groups' grid sync: bar.sync orders the other threads' stores before thread 0's fence, which
-//    is cumulative), instead of a fence in every thread;
-//  - every load a thread needs for its next kReduceItems quads of the tile issued before the
-//    first add, each into its own registers. The first version summed `for sp: sum += load(sp)`
-//    with a runtime trip count: ptxas loaded every split into the same register, i.e. one L2
-//    round trip per split per quad, 48 in a row at M = 16 with 6 splits.
-// H100 A/B in one run (results/kernel_h100_s13_reduce_tiles.md): s16m on 4096 x 22016 (6 splits)
-// at M = 16 38.1 -> 29.5 us; geomean of the 12 shapes 1.03x at M = 8-32 for s16m and x16, s32m
-// unchanged; 0.98x at M = 1, where that run still loaded a padding quad twice (now predicated off).
+// Both: release and acquire are thread 0's around the block barrier (the pattern of cooperative
+// groups' grid sync: bar.sync orders the other threads' stores before thread 0's fence, which is
+// cumulative), and a thread has every load of its next kReduceItems quads in flight before the
+// first add, each into its own registers. (Found with ncu source counters of s16m at M = 16 on
+// 4096 x 22016, 6 splits, where a third of the warps' samples sat in the reduction: the first
+// version summed `for sp: sum += load(sp)` with a runtime trip count, and ptxas loaded every
+// split into one register, one L2 round trip each.)
 constexpr int kReduceSplitsInFlight = 8;  // splits loaded at once (more are summed in chunks)
-constexpr int kReduceItems = 2;           // quads per thread per round trip: 16 float4 in flight
+constexpr int kSliceMinRows = 4;          // rows of a tile from which run() takes the slices
 
 __device__ __forceinline__ void add_f4(float4& sum, const float4& v) {
   sum.x += v.x;
@@ -144,34 +157,63 @@ __device__ __forceinline__ void add_f4(float4& sum, const float4& v) {
   sum.w += v.w;
 }
 
-template <typename T>
-__device__ __forceinline__ void reduce_split_k(const KernelParams& p, int row0, int block_rows, int col0, int cols) {
-  __shared__ int is_last;
+// Which split, column block and row block a block computes: grids are (grid_n, grid_m, splits),
+// or split-major (splits, grid_n, grid_m) with p.split_major, so that a tile's splits are
+// consecutive blocks (blocks start in index order, x fastest). (A first version flattened
+// splits x grid_n into x and divided: the division's registers made w128n spill.)
+struct SplitBlock {
+  int split, col_block, row_block;
+};
+template <bool kSplitMajor>  // false: never split-major (the wgmma tiles, see reduce_split_k)
+__device__ __forceinline__ SplitBlock split_block(const KernelParams& p) {
+  if (kSplitMajor && p.split_major)
+    return {static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y), static_cast<int>(blockIdx.z)};
+  return {static_cast<int>(blockIdx.z), static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y)};
+}
+
+// kReduceItems: quads per thread per round trip (2 for the 32-row tiles, whose slice is 2 quads
+// per thread at M = 32 with 8 splits; more registers made the 16-row tiles, capped at 128, spill).
+template <typename T, int kReduceItems, bool kSplitMajor>
+__device__ __forceinline__ void reduce_split_k(const KernelParams& p, int split, int* counter, int row0,
+                                               int block_rows, int col0, int cols) {
   const int tid = threadIdx.x;
-  int* counter = p.counters + blockIdx.y * gridDim.x + blockIdx.x;
-  __syncthreads();  // every thread's partial stores come before thread 0's release
+  __shared__ int reduces;  // 0: nothing (a split that is not the last), 1: its slice, 2: the whole tile
+  int count_out = 0;       // thread 0, slices: what the second count returned
+  __syncthreads();         // every thread's partial stores come before thread 0's release
   if (tid == 0) {
-    __threadfence();  // release: the block's partials, device-wide, before the count
-    const bool last = atomicAdd(counter, 1) == p.splits - 1;
-    if (last) __threadfence();  // acquire: the other splits' partials
-    is_last = last;
+    __threadfence();  // release: this split's partial, device-wide, before its count
+    const int arrived = atomicAdd(counter, 1);
+    if (kSplitMajor && p.split_major) {
+      while (*reinterpret_cast<volatile int*>(counter) < p.splits) __nanosleep(32);
+      __threadfence();  // acquire: the other splits' partials
+      // Past the wait: count out (the result is first needed at the end, so the atomic's round
+      // trip overlaps the slice); the last of the 2 x splits counts resets the counter.
+      count_out = atomicAdd(counter, 1);
+      reduces = 1;
+    } else {
+      reduces = arrived == p.splits - 1 ? 2 : 0;
+      if (reduces) {
+        __threadfence();  // acquire: the other splits' partials
+        *counter = 0;     // every split has counted in: ready for the next launch / graph replay
+      }
+    }
   }
   __syncthreads();
-  if (!is_last) return;
-  // The whole block reduces the tile, four columns (one quad) per item. (A first version let each
-  // thread reduce its own accumulator fragment: for M = 1 only 4 lanes had rows, and their ~180
-  // dependent L2 loads took ~25 us.)
+  if (reduces == 0) return;
   const float* base = p.partials + static_cast<size_t>(row0) * p.n + col0;
   const size_t split_stride = static_cast<size_t>(p.m) * p.n;
   const int rows = min(block_rows, p.m - row0);
   const int quads = cols / 4, items = rows * quads;
+  const int per_slice = reduces == 2 ? items : (items + p.splits - 1) / p.splits;
+  const int slice = reduces == 2 ? 0 : split;
+  const int end = min(items, (slice + 1) * per_slice);
   const int stride = blockDim.x;
-  for (int first = tid; first < items; first += kReduceItems * stride) {
+  for (int first = slice * per_slice + tid; first < end; first += kReduceItems * stride) {
     const float* src[kReduceItems];
     float4 sum[kReduceItems];
 #pragma unroll
     for (int i = 0; i < kReduceItems; ++i) {
-      const int idx = min(first + i * stride, items - 1);  // (past the end: not loaded, not stored)
+      const int idx = min(first + i * stride, end - 1);  // (past the end: not loaded, not stored)
       src[i] = base + static_cast<size_t>(idx / quads) * p.n + (idx % quads) * 4;
       sum[i] = make_float4(0.f, 0.f, 0.f, 0.f);
     }
@@ -181,25 +223,26 @@ __device__ __forceinline__ void reduce_split_k(const KernelParams& p, int row0, 
       for (int i = 0; i < kReduceItems; ++i)
 #pragma unroll
         for (int j = 0; j < kReduceSplitsInFlight; ++j)
-          if (sp0 + j < p.splits && first + i * stride < items)
+          if (sp0 + j < p.splits && first + i * stride < end)
             v[i][j] = __ldcg(reinterpret_cast<const float4*>(src[i] + (sp0 + j) * split_stride));
 #pragma unroll
       for (int i = 0; i < kReduceItems; ++i)
 #pragma unroll
         for (int j = 0; j < kReduceSplitsInFlight; ++j)  // split order per element: deterministic
-          if (sp0 + j < p.splits && first + i * stride < items) add_f4(sum[i], v[i][j]);
+          if (sp0 + j < p.splits && first + i * stride < end) add_f4(sum[i], v[i][j]);
     }
 #pragma unroll
     for (int i = 0; i < kReduceItems; ++i) {
       const int idx = first + i * stride;
-      if (idx < items) {
+      if (idx < end) {
         const int row = row0 + idx / quads, col = col0 + (idx % quads) * 4;
         store_pair<T>(p, row, col, sum[i].x, sum[i].y);
         store_pair<T>(p, row, col + 2, sum[i].z, sum[i].w);
       }
     }
   }
-  if (tid == 0) *counter = 0;  // ready for the next launch / graph replay
+  // Every split has read the counter past its wait once all 2 x splits counts are in.
+  if (kSplitMajor && tid == 0 && reduces == 1 && count_out == 2 * p.splits - 1) *counter = 0;
 }
 
 // Split-K inside a thread-block cluster (sm_90): the p.splits CTAs of one output tile are one

@@ -19,9 +19,11 @@
 // Work split: a thread block computes block_m rows x 256 columns (4 warps along N, one 64-column
 // tile each, and 1, 2 or 4 warps along M; the wgmma tiles cut it as quick_wgmma.cuh says) over a
 // range of K in stages of 64. When M is small the (M, N) grid cannot fill the GPU, so K is split
-// too (split-K): every split writes an fp32 partial tile, and the last split to finish (an atomic
-// counter per output tile) sums the partials in split order (deterministic) and writes y. The counter is reset by that block, so the counters
-// stay zero between launches and CUDA-graph replays.
+// too (split-K): every split writes an fp32 partial tile and counts in on an atomic counter per
+// output tile; then the splits each sum a slice of the tile over the partials, in split order
+// (deterministic), or, for tiles of 1-3 rows, the last split to count in sums all of it
+// (reduce_split_k in quick_common.cuh). The counters are left at zero for the next launch and
+// CUDA-graph replay.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -126,11 +128,12 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
   const int first_word = kWgWords == 2 ? 2 * (warp % 2) : 0;
 
   const int n_tiles = p.n / kTileN;
-  const int tile_n0 = blockIdx.x * kBlockTiles;                 // first 64-column tile of the block
+  const SplitBlock sb = split_block<!kWgmma>(p);
+  const int tile_n0 = sb.col_block * kBlockTiles;               // first 64-column tile of the block
   const int block_tiles = min(kBlockTiles, n_tiles - tile_n0);  // tiles this block really has
-  const int row0 = blockIdx.y * kBlockM;
+  const int row0 = sb.row_block * kBlockM;
   const int total_stages = p.k / kStageK;
-  const int stage_begin = blockIdx.z * p.stages_per_split;
+  const int stage_begin = sb.split * p.stages_per_split;
   const int stage_count = min(total_stages - stage_begin, p.stages_per_split);
 
   const T* x = static_cast<const T*>(p.x);
@@ -451,7 +454,8 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
 
   // Otherwise y directly (one split), or this split's fp32 partial tile and the reduction by the
   // last split to finish.
-  float* part = p.partials + static_cast<size_t>(blockIdx.z) * p.m * p.n;
+  const SplitBlock eb = split_block<!kWgmma>(p);
+  float* part = p.partials + static_cast<size_t>(eb.split) * p.m * p.n;
   if (warp_active) {
     if constexpr (kWgmma) {
       for_each_element(
@@ -466,7 +470,9 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
     }
   }
   if (p.splits == 1) return;
-  reduce_split_k<Out>(p, row0, kBlockM, col0, block_tiles * kTileN);
+  const int grid_n = (n_tiles + kBlockTiles - 1) / kBlockTiles;
+  reduce_split_k<Out, kBlockM == 32 ? 2 : 1, !kWgmma>(p, eb.split, p.counters + eb.row_block * grid_n + eb.col_block, row0, kBlockM, col0,
+                      block_tiles * kTileN);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -550,7 +556,9 @@ struct Config {
   static cudaError_t launch(const GemmPlan& plan, const KernelParams& params, cudaStream_t stream) {
     if (!std::is_same_v<Out, T> && params.act_row_abs_max == nullptr) return cudaErrorInvalidValue;
     blocks_per_sm<Config>();  // raises the dynamic shared-memory limit once
-    dim3 grid(plan.grid_n, plan.grid_m, plan.splits);
+    // Global split-K: split-major (the splits of a tile are consecutive blocks, reduce_split_k).
+    const dim3 grid = params.split_major ? dim3(plan.splits, plan.grid_n, plan.grid_m)
+                                         : dim3(plan.grid_n, plan.grid_m, plan.splits);
     if (!params.cluster_reduce) {
       kernel<<<grid, kThreads, kSmem, stream>>>(params);
       return cudaGetLastError();
@@ -872,6 +880,11 @@ cudaError_t run(const GemmProblem& pr, const GemmPlan& pl, const GemmArgs& a, cu
   kp.sk_blocks = pl.sk_blocks;
   kp.max_pieces = pl.max_pieces;
   kp.cluster_reduce = pl.cluster_reduce;
+  // Global split-K of the mma.sync tiles: every split sums a slice (split-major grid) once a tile
+  // has kSliceMinRows rows; the last split alone below that, and for the wgmma tiles
+  // (reduce_split_k).
+  kp.split_major = resolve_tile(pr) < kTileW64 && pl.splits > 1 && !pl.cluster_reduce &&
+                   std::min(pr.m, pl.block_m) >= kSliceMinRows;
   kp.act_row_abs_max = a.act_row_abs_max;
   // With one row of blocks along M every weight byte is read once: stream it past L2. With
   // several, neighbouring row blocks re-read the same tiles, so let L2 keep them.

@@ -497,6 +497,37 @@ def test_long_narrow_layers_split_16_ways(kernel, monkeypatch):
             check_output(y, x.float() @ w.w32, dtype, f"{TILES[index]} {dtype} K={k} N={n} M={m} 16 splits")
 
 
+@pytest.mark.parametrize("tile", ["s16m", "s32m", "x16", "x32", "s64m"])
+def test_global_split_k_every_split_reduces_a_slice(kernel, monkeypatch, tile):
+    """The mma.sync tiles' global split-K (session 13, reduce_split_k in csrc/quick_common.cuh):
+    a split-major grid whose splits wait for each other, then each sums its own slice of the
+    tile. Across split counts that do and do not divide the tile's quads (3, 6, 8, 16 splits; 16
+    splits of a 64-column tile at M = 1 leave one quad per split), a last row block with padding
+    rows and a last column block with one 64-column tile: every result matches the reference,
+    a second identical call gives the same bits, and calls with new inputs in between stay right
+    (each launch must leave its counters at zero for the next)."""
+    monkeypatch.setenv("VLLM_QUICK_CLUSTER_REDUCE", "0")
+    index = TILES.index(tile)
+    dtypes = [torch.float16] + ([] if tile in vllm_kernels.FP16_ONLY_TILES else [torch.bfloat16])
+    for k, n in ((4096, 64 * 65), (2048, 64)):
+        w = make_weight(k, n, 128)
+        for max_splits in ("3", "6", "8", "16"):
+            monkeypatch.setenv("VLLM_QUICK_MAX_SPLITS", max_splits)
+            for dtype in dtypes:
+                for m in (1, 17, 40):
+                    plan = kernel.plan(m, k, n, 128, dtype == torch.bfloat16, index)
+                    what = f"{tile} {dtype} K={k} N={n} M={m} splits={plan['splits']}"
+                    assert plan["splits"] > 1 and not plan["cluster_reduce"], what
+                    x = random_x((m, k), dtype, seed=zlib.crc32(f"slices/{what}".encode()))
+                    y = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, n, index)
+                    check_output(y, x.float() @ w.w32, dtype, what)
+                    other = random_x((m, k), dtype, seed=zlib.crc32(f"slices/other/{what}".encode()))
+                    y_other = ops.kernel_gemm(other, w.qweight, w.qzeros, w.scales, None, w.group, n, index)
+                    check_output(y_other, other.float() @ w.w32, dtype, f"{what} (new inputs)")
+                    again = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, n, index)
+                    assert torch.equal(again, y), f"{what}: a second call differs"
+
+
 # Tiles whose split-K may reduce in a thread-block cluster (blocks of at most 64 rows), with an M
 # each at which a 4096 x 4096 layer is split.
 CLUSTER_CASES = [("s16m", 1), ("s16m", 16), ("x16", 7), ("s32m", 32), ("x32", 33), ("s64m", 64), ("x64", 64)]
