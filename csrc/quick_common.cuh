@@ -129,7 +129,7 @@ __device__ __forceinline__ void part_barrier() {
 //    then split-major (split_block: a tile's splits are consecutive blocks, and blocks start in
 //    index order), so even if another kernel holds some SMs the blocks that run form whole tiles
 //    first and free their slots for the rest;
-//  - otherwise the last split to count in sums the whole tile alone and resets the counter. run()
+//  - otherwise the last split to count in sums the whole tile alone and resets the counter. plan()
 //    keeps this where a tile has too few rows for the slices to pay (M < kSliceMinRows), and it
 //    is the only way for the wgmma tiles of quick_gemm_kernel (w64 / w128 / w128n / w64x, in no
 //    plan since sessions 9-11: w128n's registers have no room for the other; kSplitMajor = false).
@@ -148,7 +148,7 @@ __device__ __forceinline__ void part_barrier() {
 // version summed `for sp: sum += load(sp)` with a runtime trip count, and ptxas loaded every
 // split into one register, one L2 round trip each.)
 constexpr int kReduceSplitsInFlight = 8;  // splits loaded at once (more are summed in chunks)
-constexpr int kSliceMinRows = 4;          // rows of a tile from which run() takes the slices
+constexpr int kSliceMinRows = 4;          // rows of a tile from which plan() takes the slices
 
 __device__ __forceinline__ void add_f4(float4& sum, const float4& v) {
   sum.x += v.x;

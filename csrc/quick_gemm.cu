@@ -452,10 +452,9 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
     }
   }
 
-  // Otherwise y directly (one split), or this split's fp32 partial tile and the reduction by the
-  // last split to finish.
-  const SplitBlock eb = split_block<!kWgmma>(p);
-  float* part = p.partials + static_cast<size_t>(eb.split) * p.m * p.n;
+  // Otherwise y directly (one split), or this split's fp32 partial tile and the reduction
+  // (reduce_split_k).
+  float* part = p.partials + static_cast<size_t>(sb.split) * p.m * p.n;
   if (warp_active) {
     if constexpr (kWgmma) {
       for_each_element(
@@ -471,8 +470,8 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsM, kMinBlocks)
   }
   if (p.splits == 1) return;
   const int grid_n = (n_tiles + kBlockTiles - 1) / kBlockTiles;
-  reduce_split_k<Out, kBlockM == 32 ? 2 : 1, !kWgmma>(p, eb.split, p.counters + eb.row_block * grid_n + eb.col_block, row0, kBlockM, col0,
-                      block_tiles * kTileN);
+  reduce_split_k<Out, kBlockM == 32 ? 2 : 1, !kWgmma>(p, sb.split, p.counters + sb.row_block * grid_n + sb.col_block,
+                                                      row0, kBlockM, col0, block_tiles * kTileN);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -851,6 +850,10 @@ GemmPlan plan(const GemmProblem& pr, int device) {
       pl.cluster_reduce = pl.max_active_clusters > 0 && (cluster == ClusterSetting::kAlways || (fits && pays));
     }
     const bool global_reduce = pl.splits > 1 && !pl.cluster_reduce;
+    // Global split-K of the mma.sync tiles: every split sums a slice (split-major grid) once a tile
+    // has kSliceMinRows rows; the last split alone below that, and for the wgmma tiles
+    // (reduce_split_k).
+    pl.split_major = global_reduce && !Cfg::kWgmma && std::min(pr.m, Cfg::kBlockM) >= kSliceMinRows;
     pl.partial_floats = global_reduce ? static_cast<size_t>(pl.splits) * pr.m * pr.n : 0;
     pl.counters = global_reduce ? mn_blocks : 0;
     pl.blocks = mn_blocks * pl.splits;
@@ -880,11 +883,7 @@ cudaError_t run(const GemmProblem& pr, const GemmPlan& pl, const GemmArgs& a, cu
   kp.sk_blocks = pl.sk_blocks;
   kp.max_pieces = pl.max_pieces;
   kp.cluster_reduce = pl.cluster_reduce;
-  // Global split-K of the mma.sync tiles: every split sums a slice (split-major grid) once a tile
-  // has kSliceMinRows rows; the last split alone below that, and for the wgmma tiles
-  // (reduce_split_k).
-  kp.split_major = resolve_tile(pr) < kTileW64 && pl.splits > 1 && !pl.cluster_reduce &&
-                   std::min(pr.m, pl.block_m) >= kSliceMinRows;
+  kp.split_major = pl.split_major;
   kp.act_row_abs_max = a.act_row_abs_max;
   // With one row of blocks along M every weight byte is read once: stream it past L2. With
   // several, neighbouring row blocks re-read the same tiles, so let L2 keep them.
