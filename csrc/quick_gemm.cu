@@ -655,6 +655,13 @@ struct WsConfig {
 //     consumers at 112 registers): a ws128 block also waits on its k-step chain (the same time
 //     at M = 64 and 128, session 12), and four warpgroups per SM keep the tensor cores twice as
 //     busy; on layers with little work per block the fewer, wider tiles lose (session 12).
+//   ws16 / ws8 (session 14): the ws producer (TMA, mbarriers, stream-K) feeding mma.sync
+//     consumers for small M: 16 / 8 tokens per block, each warp's 16 features of the wgmma A
+//     fragments times the tokens as m16n8k16 products, B by ldmatrix from the TMA tile, exact
+//     q - z with fp32 group scaling (quick_gemm_ws.cuh); 2 consumer warpgroups (128 columns),
+//     10 stages of 7 KB, 3 blocks per SM (consumers at 72 registers). Stream-K over one full wave
+//     by default: every block gets the same number of K stages, whatever the layer's shape.
+//     ws16b2: ws16 at two blocks per SM (14 stages, consumers at 104 registers).
 // A tile the activation type does not support (the other scaled tiles for bf16) falls back to x64.
 template <typename T, typename F>
 auto with_tile(int tile, F&& f) {
@@ -679,6 +686,9 @@ auto with_tile(int tile, F&& f) {
     case kTileWS64: return f.template operator()<WsConfig<2, 64, 12, T>>();
     case kTileWS64B2: return f.template operator()<WsConfig<2, 64, 8, T, 2>>();
     case kTileWS128W4: return f.template operator()<WsConfig<4, 128, 7, T>>();
+    case kTileWS16: return f.template operator()<WsConfig<2, 16, 10, T, 3>>();
+    case kTileWS8: return f.template operator()<WsConfig<2, 8, 10, T, 3>>();
+    case kTileWS16B2: return f.template operator()<WsConfig<2, 16, 14, T, 2>>();
     default: break;
   }
   return f.template operator()<Config<T, 2, 2, false, 1>>();  // kTileX64
@@ -699,12 +709,13 @@ int sm_count(int device) {
 
 }  // namespace
 
-static bool is_ws_tile(int tile) { return tile >= kTileWS256 && tile <= kTileWS128W4; }
+static bool is_ws_tile(int tile) { return tile >= kTileWS256 && tile <= kTileWS16B2; }
 
 const char* tile_name(int tile) {
   static const char* const kNames[kTileCount] = {"x16", "x32", "x64", "s16", "s32", "s64", "s128",
                                                  "s16m", "s32m", "s64m", "w64", "w128", "w128n", "w64x",
-                                                 "ws256", "ws128", "ws64", "ws64b2", "ws128w4"};
+                                                 "ws256", "ws128", "ws64", "ws64b2", "ws128w4",
+                                                 "ws16", "ws8", "ws16b2"};
   return tile >= 0 && tile < kTileCount ? kNames[tile] : "auto";
 }
 
@@ -801,9 +812,13 @@ GemmPlan plan(const GemmProblem& pr, int device) {
     if constexpr (Cfg::kStreamK) {
       // Whole tiles, then stream-K over the last, partial wave (quick_stream_k.cuh).
       const int tile_floats = Cfg::kBlockM * Cfg::kTilesN * kTileN;
+      // ws16 / ws8 take stream-K over one full wave unless told otherwise: at small M a tile is
+      // mostly streaming weights, and the estimate's per-tile cost is fitted to the wgmma tiles.
+      const StreamK streamk = Cfg::kBlockM < 64 && ws_streamk_setting() == StreamK::kAuto ? StreamK::kAlways
+                                                                                           : ws_streamk_setting();
       const WsSchedule w = plan_ws_schedule(pl.grid_n * pl.grid_m, sm_count(device) * blocks_per_sm<Cfg>(),
                                             Cfg::kBlockM, Cfg::kTilesN * kTileN, pr.k, max_splits_setting(),
-                                            ws_splits_setting(), ws_streamk_setting());
+                                            ws_splits_setting(), streamk);
       pl.dp_blocks = w.dp_blocks;
       pl.sk_tiles = w.sk_tiles;
       pl.sk_blocks = w.sk_blocks;

@@ -25,6 +25,9 @@ enum Tile : int {
   kTileWS64,                                         // ws256 with 64 tokens per block (decode-sized M)
   kTileWS64B2,                                       // ws64, two blocks per SM
   kTileWS128W4,                                      // ws128 with four consumer warpgroups (256 columns)
+  kTileWS16, kTileWS8,                               // the ws producer feeding mma.sync consumers, 16 / 8
+                                                     // tokens, three blocks per SM (small M)
+  kTileWS16B2,                                       // ws16 at two blocks per SM (104 registers)
   kTileCount
 };
 const char* tile_name(int tile);                // "x16", ..., "auto" for anything else

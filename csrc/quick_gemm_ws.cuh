@@ -293,21 +293,31 @@ __device__ __forceinline__ void ws_segment_epilogue(const KernelParams& p, unsig
     if (stores) {
       const float4* part = reinterpret_cast<const float4*>(p.partials) + slot_base;
       // Four float4 loads in flight per thread at a time: more made ptxas spill on ws256 (bf16)
-      // and ws64b2, whose accumulators fill most of their registers.
-      constexpr int kChunk = 4;
-      for (int piece = 1; piece < seg.pieces; ++piece, part += kPartialQuads) {
+      // and ws64b2, whose accumulators fill most of their registers. A thread of ws16 / ws8 has
+      // only 2 / 1 float4s per piece but a tile of many pieces (a small-M call shares every tile
+      // among several blocks): kBatch pieces' loads go out together, 8 float4s in flight.
+      constexpr int kChunk = kQuads < 4 ? kQuads : 4;
+      constexpr int kBatch = kQuads < 4 ? 8 / kQuads : 1;
+      for (int piece = 1; piece < seg.pieces; piece += kBatch) {
 #pragma unroll
         for (int x0 = 0; x0 < kQuads; x0 += kChunk) {
-          float4 v[kChunk];
+          float4 v[kBatch][kChunk];
 #pragma unroll
-          for (int j = 0; j < kChunk; ++j) v[j] = __ldcg(part + (x0 + j) * kThreads);
+          for (int b = 0; b < kBatch; ++b)
 #pragma unroll
-          for (int j = 0; j < kChunk; ++j) {
-            out[x0 + j][0] += v[j].x;
-            out[x0 + j][1] += v[j].y;
-            out[x0 + j][2] += v[j].z;
-            out[x0 + j][3] += v[j].w;
-          }
+            for (int j = 0; j < kChunk; ++j)
+              if (kBatch == 1 || piece + b < seg.pieces)
+                v[b][j] = __ldcg(part + static_cast<size_t>(piece - 1 + b) * kPartialQuads + (x0 + j) * kThreads);
+#pragma unroll
+          for (int b = 0; b < kBatch; ++b)  // piece order: the sum is deterministic
+#pragma unroll
+            for (int j = 0; j < kChunk; ++j)
+              if (kBatch == 1 || piece + b < seg.pieces) {
+                out[x0 + j][0] += v[b][j].x;
+                out[x0 + j][1] += v[b][j].y;
+                out[x0 + j][2] += v[b][j].z;
+                out[x0 + j][3] += v[b][j].w;
+              }
         }
       }
     }
@@ -316,14 +326,17 @@ __device__ __forceinline__ void ws_segment_epilogue(const KernelParams& p, unsig
   const int block_tiles = min(kWGs, n_tiles - tile_n0);
   stores = wg < block_tiles;
   const bool last_segment = g + 1 == work->count;
-  if (last_segment && p.bias == nullptr && p.size_n % 8 == 0 && (reinterpret_cast<uintptr_t>(p.y) & 15) == 0) {
-    // Both warpgroups' wgmmas must be done with the pipeline's shared memory before the output
-    // tile goes there (and the producer has nothing left to load into it).
-    part_barrier<kThreads>();
-    if (stores) stage_output_fragments<kWGs, kTokens, Out>(smem, out, wg, r, lane);
-    part_barrier<kThreads>();
-    copy_output_tile<kWGs, kTokens, Out>(p, smem, row0, tile_n0 * kTileN, block_tiles);
-    return;
+  // (ws8's one token group has no pair of 8x8 matrices to stage: it stores from the fragments.)
+  if constexpr (kTokens >= 16) {
+    if (last_segment && p.bias == nullptr && p.size_n % 8 == 0 && (reinterpret_cast<uintptr_t>(p.y) & 15) == 0) {
+      // Both warpgroups' wgmmas must be done with the pipeline's shared memory before the output
+      // tile goes there (and the producer has nothing left to load into it).
+      part_barrier<kThreads>();
+      if (stores) stage_output_fragments<kWGs, kTokens, Out>(smem, out, wg, r, lane);
+      part_barrier<kThreads>();
+      copy_output_tile<kWGs, kTokens, Out>(p, smem, row0, tile_n0 * kTileN, block_tiles);
+      return;
+    }
   }
   if (stores) {
     // Feature wg * 64 + c0 and token t0 of the block's tile, then as in stage_output_fragments.
@@ -357,10 +370,17 @@ struct WsStageWords {
 template <int kWGs, int kTokens, int kStages, bool kTwoGroups, typename Out, int kBlocksPerSm>
 __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
     quick_gemm_ws_kernel(const __grid_constant__ CUtensorMap act_map, const KernelParams p) {
+#if !QUICK_WGMMA
+  // Only the sm_90a build has a body: mbarriers, TMA and setmaxnreg exist there alone, and the
+  // ws tiles are refused elsewhere (tile_runs_on).
+  __trap();
+#else
   using T = __half;  // what the fragments and wgmmas hold
   using Smem = WsSmem<kWGs, kTokens, kStages>;
   using Registers = WsRegisters<kWGs, kBlocksPerSm>;
-  constexpr int kRows = kTokens / 64;  // accumulator as [kRows][8][4] floats (wgmma_step)
+  // ws16 / ws8 (fewer than 64 tokens): mma.sync consumers instead of wgmma (the K loop below).
+  constexpr bool kMmaSync = kTokens < 64;
+  constexpr int kRows = kMmaSync ? 1 : kTokens / 64;  // accumulator as [kRows][8][4] floats (wgmma_step)
   constexpr int kGroupRows = kTwoGroups ? 2 : 1;
   static_assert(kTokens * kWGs * kTileN * 2 <= Smem::kBarrierOffset, "the output tile must fit in the pipeline");
   extern __shared__ __align__(16) unsigned char smem_window[];
@@ -472,59 +492,162 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
   WsStageWords cur, next;
   int slot = 0, prev_slot = 0;
   uint32_t phase = 0;
-  mbarrier_wait(&full[0], 0);
-  load_stage(0, cur);
+  if constexpr (!kMmaSync) {
+    mbarrier_wait(&full[0], 0);
+    load_stage(0, cur);
+  }
 #pragma unroll 1
   for (int g = 0; g < work->count; ++g) {
     const int stage_count = segment(g).stage_count;
-    float acc[kRows][8][4];
-    zero_accumulators(acc);
+    if constexpr (kMmaSync) {
+      // ---- ws16 / ws8: mma.sync consumers. ----
+      // Warp r of warpgroup wg dequantises the same A fragments as the wgmma tiles (its 16
+      // features of tile wg, one weight word per k-step) and multiplies them by the block's
+      // tokens as kTokens / 8 m16n8k16 products, B = x^T (8 tokens x 16 k) loaded by ldmatrix
+      // straight from the TMA's 128-byte-swizzled activation tile: x is K-major, so an 8x8
+      // matrix of 8 token rows and 8 k is a B fragment half as it stands, and chunk c of row t
+      // sitting at c ^ (t % 8) puts a matrix's 8 rows in 8 different bank groups. The D fragment
+      // of token group i is the wgmma D layout restricted to one warp (rows 16 r + lane / 4
+      // (+ 8), tokens 8 i + 2 (lane % 4) + {0, 1}), so the epilogue, the stream-K partials and
+      // the output staging are the wgmma tiles'.
+      // The fragments hold the exact q - z (small integers in fp16): a group's products sum in
+      // `group` and join `acc` times the two features' fp32 scales when the group ends -- no
+      // HMUL2 per weight (the scaled fragments' 4 a word) and no fp16 rounding of (q - z) s.
+      constexpr int kMatsPerStep = kTokens / 4;  // 8x8 matrices of B per k-step: token groups x 2
+      constexpr int kLoadedMats = kMatsPerStep > 4 ? kMatsPerStep : 4;  // ldmatrix.x4 at a time
+      float acc[kTokens / 8][4], group[kTokens / 8][4];
 #pragma unroll
-    for (int i = 0; i < kRows; ++i) fence_registers(reinterpret_cast<float(&)[32]>(acc[i]));
-    uint32_t zero[2], neg_zero16[2], scale[2];
-    for (int s = 0; s < stage_count; ++s) {
-      const int next_slot = slot + 1 == kStages ? 0 : slot + 1;
-      const uint32_t next_phase = next_slot == 0 ? phase ^ 1 : phase;
-      const uint64_t desc = desc0 + static_cast<uint32_t>(slot * (Smem::kStageBytes >> 4));
+      for (int i = 0; i < kTokens / 8; ++i)
 #pragma unroll
-      for (int kt = 0; kt < kStageKTiles; ++kt) {
-        if (kt == 0 || (kTwoGroups && kt == 2)) {
-          const int gr = kt / 2 * (kTwoGroups ? 1 : 0);
-          unpack_word_zeros<T, 1, true>(cur.zero[gr], r, zero, neg_zero16);
-          scale[0] = lane_scale_pair(cur.scale[gr].x, lane);
-          scale[1] = lane_scale_pair(cur.scale[gr].y, lane);
-        }
-        const uint32_t w[1] = {cur.w[kt]};
-        uint32_t a[1][4];
-        dequant_a_fragments<T, 1, true, true>(w, zero, neg_zero16, scale, a);
-        // One wgmma per k-step, then wait for the previous one. (Session 6 also tried a stage's
-        // four wgmmas as one commit group: 1.4-1.5x slower at 128 and 192 tokens, and wrong at
-        // both -- see KERNEL_NOTES.md. Session 11: waiting for all but the last two or three
-        // k-steps makes ptxas serialise every wgmma (C7513: the dequantisation writes A
-        // registers inside the wgmma pipeline), and two accumulator sets taken in turn gained
-        // little -- KERNEL_NOTES.md.)
-        wgmma_step<T, 1, kTokens>(acc, a, desc + kt * (32 >> 4));
-        // wgmma_step waited for all but this k-step's wgmma: the previous stage is read.
-        if (kt == 0 && s > 0) mbarrier_arrive(&empty[prev_slot]);
-        // The next stage's words (the next segment's first, after a segment's last), while this
-        // stage's wgmmas run (the producer is kStages - 1 stages ahead, so the wait rarely waits).
-        if (kt == 1 && (s + 1 < stage_count || g + 1 < work->count)) {
-          mbarrier_wait(&full[next_slot], next_phase);
-          load_stage(next_slot, next);
-        }
+        for (int e = 0; e < 4; ++e) acc[i][e] = group[i][e] = 0.f;
+      const int group_stages = p.group_size / kStageK;  // group size >= 64 (else kTwoGroups)
+      int group_left = group_stages - segment(g).stage_begin % group_stages;  // stages to the group's end
+      uint32_t zero[2], neg_zero16[2];
+      float scale_lo = 0.f, scale_hi = 0.f;  // this lane's features 16 r + lane / 4 and + 8
+      // Per x4 load of a k-step (ws32 has two), k-step 0's byte offset of this lane's row.
+      int ldmatrix_offset[kMatsPerStep > 4 ? kMatsPerStep / 4 : 1];
+#pragma unroll
+      for (int q = 0; q < (kMatsPerStep > 4 ? kMatsPerStep / 4 : 1); ++q) {
+        const int l = (4 * q + lane / 8) % kMatsPerStep;  // ws8: lanes 16-31 address k-step 1
+        const int token = 8 * (l / 2) + lane % 8, chunk = (4 * q + lane / 8) / kMatsPerStep * 2 + l % 2;
+        ldmatrix_offset[q] = token * 128 + ((chunk ^ (lane % 8)) * 16);
       }
-      cur = next;
-      prev_slot = slot;
-      slot = next_slot;
-      phase = next_phase;
-    }
-    wgmma_wait<0>();
+      auto flush_group = [&]() {
 #pragma unroll
-    for (int i = 0; i < kRows; ++i) fence_registers(reinterpret_cast<float(&)[32]>(acc[i]));
-    mbarrier_arrive(&empty[prev_slot]);  // the segment's last stage is read too
-    ws_segment_epilogue<kWGs, kTokens, Out>(p, smem, reinterpret_cast<float(&)[kTokens / 8][4]>(acc), work, g, grid_n,
-                                            n_tiles, wg, r, lane);
+        for (int i = 0; i < kTokens / 8; ++i) {
+          acc[i][0] = fmaf(scale_lo, group[i][0], acc[i][0]);
+          acc[i][1] = fmaf(scale_lo, group[i][1], acc[i][1]);
+          acc[i][2] = fmaf(scale_hi, group[i][2], acc[i][2]);
+          acc[i][3] = fmaf(scale_hi, group[i][3], acc[i][3]);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) group[i][e] = 0.f;
+        }
+      };
+#pragma unroll 1
+      for (int s = 0; s < stage_count; ++s) {
+        // The stage's words are read where it starts (not a stage ahead, as the wgmma consumers
+        // do: at 72 registers the second set spilled); with 24 consumer warps per SM the
+        // shared-memory latency is other warps' issue time.
+        mbarrier_wait(&full[slot], phase);
+        WsStageWords st;
+        load_stage(slot, st);
+        const unsigned char* act = smem + slot * Smem::kStageBytes;
+        uint32_t b[kLoadedMats];
+#pragma unroll
+        for (int kt = 0; kt < kStageKTiles; ++kt) {
+          if (kt == 0 || (kTwoGroups && kt == 2)) {
+            const int gr = kt / 2 * (kTwoGroups ? 1 : 0);
+            unpack_word_zeros<T, 1, true>(st.zero[gr], r, zero, neg_zero16);
+            scale_lo = __half2float(__ushort_as_half(static_cast<unsigned short>(lane_scale_pair(st.scale[gr].x, lane))));
+            scale_hi = __half2float(__ushort_as_half(static_cast<unsigned short>(lane_scale_pair(st.scale[gr].y, lane))));
+          }
+          // B of this k-step: matrix l (token group l / 2, k chunk 2 kt + l % 2) is matrix
+          // kt kMatsPerStep + l of the stage, loaded four at a time (ws8: two k-steps' worth).
+          if ((kt * kMatsPerStep) % kLoadedMats == 0) {
+#pragma unroll
+            for (int q = 0; q < kLoadedMats / 4; ++q) {
+              // Lane L addresses row L % 8 of matrix 4 q + L / 8: token 8 (l / 2) + L % 8, k chunk
+              // c = 2 k-step + l % 2 at c ^ (L % 8). As 2 k-step is even, that is the lane's chunk
+              // for k-step 0 XOR 2 k-step: one LOP on a per-lane offset (ldmatrix_offset).
+              const int mat = kt * kMatsPerStep + 4 * q;  // + lane / 8
+              const int step = mat / kMatsPerStep;        // the k-step of this x4 (ws8: of its first half)
+              uint32_t r4[4];
+              ldmatrix_x4(r4, act + (ldmatrix_offset[(mat % kMatsPerStep) / 4] ^ (step << 5)));
+#pragma unroll
+              for (int i = 0; i < 4; ++i) b[4 * q + i] = r4[i];
+            }
+            // The stage's last ldmatrix is issued: the slot goes back to the producer (the
+            // arrive, a release, orders the reads before it).
+            if (kt * kMatsPerStep + kLoadedMats >= kStageKTiles * kMatsPerStep) mbarrier_arrive(&empty[slot]);
+          }
+          const uint32_t w[1] = {st.w[kt]};
+          uint32_t a[1][4];
+          const uint32_t no_scale[2] = {0u, 0u};
+          dequant_a_fragments<T, 1, false, true>(w, zero, neg_zero16, no_scale, a);
+          const int at = (kt * kMatsPerStep) % kLoadedMats;
+#pragma unroll
+          for (int i = 0; i < kTokens / 8; ++i) Act<T>::mma(group[i], a[0], b[at + 2 * i], b[at + 2 * i + 1]);
+          if (kTwoGroups && (kt == 1 || kt == 3)) flush_group();
+        }
+        if (!kTwoGroups && --group_left == 0) {
+          flush_group();
+          group_left = group_stages;
+        }
+        if (++slot == kStages) slot = 0, phase ^= 1;
+      }
+      if (!kTwoGroups) flush_group();  // the segment ends inside a group (or on its end: adds 0)
+      ws_segment_epilogue<kWGs, kTokens, Out>(p, smem, acc, work, g, grid_n, n_tiles, wg, r, lane);
+    } else {
+      float acc[kRows][8][4];
+      zero_accumulators(acc);
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) fence_registers(reinterpret_cast<float(&)[32]>(acc[i]));
+      uint32_t zero[2], neg_zero16[2], scale[2];
+      for (int s = 0; s < stage_count; ++s) {
+        const int next_slot = slot + 1 == kStages ? 0 : slot + 1;
+        const uint32_t next_phase = next_slot == 0 ? phase ^ 1 : phase;
+        const uint64_t desc = desc0 + static_cast<uint32_t>(slot * (Smem::kStageBytes >> 4));
+#pragma unroll
+        for (int kt = 0; kt < kStageKTiles; ++kt) {
+          if (kt == 0 || (kTwoGroups && kt == 2)) {
+            const int gr = kt / 2 * (kTwoGroups ? 1 : 0);
+            unpack_word_zeros<T, 1, true>(cur.zero[gr], r, zero, neg_zero16);
+            scale[0] = lane_scale_pair(cur.scale[gr].x, lane);
+            scale[1] = lane_scale_pair(cur.scale[gr].y, lane);
+          }
+          const uint32_t w[1] = {cur.w[kt]};
+          uint32_t a[1][4];
+          dequant_a_fragments<T, 1, true, true>(w, zero, neg_zero16, scale, a);
+          // One wgmma per k-step, then wait for the previous one. (Session 6 also tried a stage's
+          // four wgmmas as one commit group: 1.4-1.5x slower at 128 and 192 tokens, and wrong at
+          // both -- see KERNEL_NOTES.md. Session 11: waiting for all but the last two or three
+          // k-steps makes ptxas serialise every wgmma (C7513: the dequantisation writes A
+          // registers inside the wgmma pipeline), and two accumulator sets taken in turn gained
+          // little -- KERNEL_NOTES.md.)
+          wgmma_step<T, 1, kTokens>(acc, a, desc + kt * (32 >> 4));
+          // wgmma_step waited for all but this k-step's wgmma: the previous stage is read.
+          if (kt == 0 && s > 0) mbarrier_arrive(&empty[prev_slot]);
+          // The next stage's words (the next segment's first, after a segment's last), while this
+          // stage's wgmmas run (the producer is kStages - 1 stages ahead, so the wait rarely waits).
+          if (kt == 1 && (s + 1 < stage_count || g + 1 < work->count)) {
+            mbarrier_wait(&full[next_slot], next_phase);
+            load_stage(next_slot, next);
+          }
+        }
+        cur = next;
+        prev_slot = slot;
+        slot = next_slot;
+        phase = next_phase;
+      }
+      wgmma_wait<0>();
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) fence_registers(reinterpret_cast<float(&)[32]>(acc[i]));
+      mbarrier_arrive(&empty[prev_slot]);  // the segment's last stage is read too
+      ws_segment_epilogue<kWGs, kTokens, Out>(p, smem, reinterpret_cast<float(&)[kTokens / 8][4]>(acc), work, g,
+                                              grid_n, n_tiles, wg, r, lane);
+    }
   }
+#endif
 }
 
 }  // namespace

@@ -333,7 +333,12 @@ def test_every_tile(kernel, tile, dtype_name, group_size):
             assert torch.equal(y, ops.kernel_gemm(*args)), f"tile {tile} M={m}: two calls differ"
 
 
-@pytest.mark.parametrize("tile", ["ws256", "ws128", "ws64", "ws64b2", "ws128w4"])
+WS_TILES = ["ws256", "ws128", "ws64", "ws64b2", "ws128w4", "ws16", "ws8", "ws16b2"]
+# Blocks of a ws tile an SM holds at once (WsConfig's kBlocksPerSm in csrc/quick_gemm.cu).
+WS_BLOCKS_PER_SM = {"ws64b2": 2, "ws16": 3, "ws8": 3, "ws16b2": 2}
+
+
+@pytest.mark.parametrize("tile", WS_TILES)
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("group_size", [32, 64, 128, -1])
 def test_ws_tile_partial_blocks_and_split_k(kernel, monkeypatch, group_size, dtype_name, tile):
@@ -360,7 +365,7 @@ def test_ws_tile_partial_blocks_and_split_k(kernel, monkeypatch, group_size, dty
                              f"splits<={splits} bias={b is not None}")
 
 
-@pytest.mark.parametrize("tile", ["ws256", "ws128", "ws64", "ws64b2", "ws128w4"])
+@pytest.mark.parametrize("tile", WS_TILES)
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("group_size", [32, 128])
 def test_ws_tile_stream_k(kernel, monkeypatch, group_size, dtype_name, tile):
@@ -377,8 +382,8 @@ def test_ws_tile_stream_k(kernel, monkeypatch, group_size, dtype_name, tile):
     dtype = DTYPES[dtype_name]
     index = TILES.index(tile)
     tokens = int(re.match(r"ws(\d+)", tile)[1])
-    # blocks the GPU holds at once: one per SM, two for ws64b2
-    sms = torch.cuda.get_device_properties(0).multi_processor_count * (2 if tile.endswith("b2") else 1)
+    # blocks the GPU holds at once: one per SM, more for ws64b2 and the mma.sync ws tiles
+    sms = torch.cuda.get_device_properties(0).multi_processor_count * WS_BLOCKS_PER_SM.get(tile, 1)
     n = 64 * 65  # 33 column blocks of 128 (17 of 256 for ws128w4), the last with one 64-column tile
     column_blocks = 17 if tile.endswith("w4") else 33
     row_blocks = sms // column_blocks + 1  # e.g. 165 tiles on 132 SMs: 132 whole, 33 split
@@ -432,7 +437,7 @@ def test_ws_tile_bf16_activation_range(kernel, x_scale):
     assert not bool(torch.isfinite(y_inf[3]).all()), f"x*{x_scale}: the inf of row 3 vanished"
 
 
-@pytest.mark.parametrize("tile", ["ws256", "ws128", "ws64", "ws64b2", "ws128w4", "s16m", "s32m"])
+@pytest.mark.parametrize("tile", WS_TILES + ["s16m", "s32m"])
 def test_bf16_rows_scaled_apart(kernel, tile):
     """The bf16 copy into fp16 (ws tiles, s16m, s32m) is scaled per row (csrc/quick_act_scale.cu):
     rows 1e30 and 1e-30 apart in one call, and a row of zeros, each come back with its own relative
