@@ -661,7 +661,8 @@ struct WsConfig {
 //     q - z with fp32 group scaling (quick_gemm_ws.cuh); 2 consumer warpgroups (128 columns),
 //     10 stages of 7 KB, 3 blocks per SM (consumers at 72 registers). Stream-K over one full wave
 //     by default: every block gets the same number of K stages, whatever the layer's shape.
-//     ws16b2: ws16 at two blocks per SM (14 stages, consumers at 104 registers).
+//     ws16b2: ws16 at two blocks per SM (14 stages, consumers at 104 registers); ws32b2 the same
+//     with 32 tokens (12 stages of 9 KB).
 // A tile the activation type does not support (the other scaled tiles for bf16) falls back to x64.
 template <typename T, typename F>
 auto with_tile(int tile, F&& f) {
@@ -689,6 +690,7 @@ auto with_tile(int tile, F&& f) {
     case kTileWS16: return f.template operator()<WsConfig<2, 16, 10, T, 3>>();
     case kTileWS8: return f.template operator()<WsConfig<2, 8, 10, T, 3>>();
     case kTileWS16B2: return f.template operator()<WsConfig<2, 16, 14, T, 2>>();
+    case kTileWS32B2: return f.template operator()<WsConfig<2, 32, 12, T, 2>>();
     default: break;
   }
   return f.template operator()<Config<T, 2, 2, false, 1>>();  // kTileX64
@@ -709,13 +711,13 @@ int sm_count(int device) {
 
 }  // namespace
 
-static bool is_ws_tile(int tile) { return tile >= kTileWS256 && tile <= kTileWS16B2; }
+static bool is_ws_tile(int tile) { return tile >= kTileWS256 && tile <= kTileWS32B2; }
 
 const char* tile_name(int tile) {
   static const char* const kNames[kTileCount] = {"x16", "x32", "x64", "s16", "s32", "s64", "s128",
                                                  "s16m", "s32m", "s64m", "w64", "w128", "w128n", "w64x",
                                                  "ws256", "ws128", "ws64", "ws64b2", "ws128w4",
-                                                 "ws16", "ws8", "ws16b2"};
+                                                 "ws16", "ws8", "ws16b2", "ws32b2"};
   return tile >= 0 && tile < kTileCount ? kNames[tile] : "auto";
 }
 

@@ -28,6 +28,7 @@ enum Tile : int {
   kTileWS16, kTileWS8,                               // the ws producer feeding mma.sync consumers, 16 / 8
                                                      // tokens, three blocks per SM (small M)
   kTileWS16B2,                                       // ws16 at two blocks per SM (104 registers)
+  kTileWS32B2,                                       // the same with 32 tokens, two blocks per SM
   kTileCount
 };
 const char* tile_name(int tile);                // "x16", ..., "auto" for anything else

@@ -295,9 +295,10 @@ __device__ __forceinline__ void ws_segment_epilogue(const KernelParams& p, unsig
       // Four float4 loads in flight per thread at a time: more made ptxas spill on ws256 (bf16)
       // and ws64b2, whose accumulators fill most of their registers. A thread of ws16 / ws8 has
       // only 2 / 1 float4s per piece but a tile of many pieces (a small-M call shares every tile
-      // among several blocks): kBatch pieces' loads go out together, 8 float4s in flight.
+      // among several blocks): kBatch pieces' loads go out together, 8 float4s in flight for ws8
+      // and 4 for ws16 (8 spilled at its 72 registers).
       constexpr int kChunk = kQuads < 4 ? kQuads : 4;
-      constexpr int kBatch = kQuads < 4 ? 8 / kQuads : 1;
+      constexpr int kBatch = kQuads == 1 ? 8 : kQuads < 4 ? 4 / kQuads : 1;
       for (int piece = 1; piece < seg.pieces; piece += kBatch) {
 #pragma unroll
         for (int x0 = 0; x0 < kQuads; x0 += kChunk) {

@@ -5,7 +5,7 @@ freeze it). The paths:
 
 * a **kernel tile** (``"x16"``, ``"x32"``, ``"x64"``, ``"s16"``, ``"s32"``, ``"s64"``,
   ``"s128"``, ``"s16m"``, ``"s32m"``, ``"s64m"``, ``"w64"``, ``"w128"``, ``"w128n"``, ``"w64x"``,
-  ``"ws256"``, ``"ws128"``, ``"ws64"``, ``"ws64b2"``, ``"ws128w4"``;
+  ``"ws256"``, ``"ws128"``, ``"ws64"``, ``"ws64b2"``, ``"ws128w4"``, ``"ws16"``, ``"ws8"``, ``"ws16b2"``, ``"ws32b2"``;
   ``vllm_quick._C.TILES``, described in csrc/quick_gemm.cu, ``with_tile``): the QUICK kernel
   streaming int4 weights, with that many rows per thread block. ``x`` tiles keep the exact
   integers ``q - z`` in the mma fragments and scale per group in fp32 (fp16 and bf16); ``s``
@@ -27,13 +27,17 @@ freeze it). The paths:
   with four consumer warpgroups over 256 columns (both dtypes' from M = 65 to 128 on the large
   layers, K x N >= LARGE_LAYER_ELEMENTS). They share out the
   last, partial wave's tiles along K (tail splits or a stream-K wave, csrc/quick_stream_k.cuh).
+  ``ws8`` / ``ws16`` / ``ws16b2`` (session 14) are the same producer feeding ``mma.sync``
+  consumers for small M (8 / 16 tokens per block, three blocks per SM, ``ws16b2`` two), with the
+  exact ``q - z`` in the fragments and each group scaled in fp32: every block streams the same
+  number of K stages (stream-K over one full wave), so no split-K rule per shape;
   Their fragments are fp16, so a bf16 x goes in as an exact fp16 copy, row i times 2^e_i
   (csrc/quick_act_scale.cu), and the tile writes bf16 y[i] * 2^-e_i from its fp32 accumulators
   (one fp16 rounding of (q - z) * s, like dequant_fp16's dense weight);
 * ``"auto"``: the kernel with its own built-in choice by M (families not measured yet);
 * ``"dequant"``: dequantise the layer once into a dense matrix (csrc/quick_dequant.cu) and call
-  cuBLAS; wins once the GEMM is bound by arithmetic (large M, prefill), where cuBLAS's Hopper
-  (wgmma) kernels beat ours: fp16 beyond M = 4096;
+  cuBLAS; it won once the GEMM was bound by arithmetic (large M, prefill) before ws256 caught up:
+  in no plan since session 14 (ws256 ahead at M = 2048-8192);
 * ``"dequant_fp16"`` (bf16 activations): the same with an fp16 dense weight, the activations and
   the product scaled by a power of two into fp16's range and back exactly
   (``ops.fp16_matmul_for_bf16``; the dense fp16 weight rounds (q - z) * s once to fp16, 1.7e-3 of
@@ -105,10 +109,18 @@ Plan = tuple[tuple[int | None, str], ...]
 #   time relative to the best path, geomean of the 12 shapes, w64x / dequant_fp16: M = 512
 #   1.02 / 1.24, 1024 1.06 / 1.07, 4096 1.17 / 1.01 -> dequant_fp16 beyond 1024 (large layers;
 #   on the small ones the two tie at 4096: 0.53x cuBLAS each).
+# Session 14 (H100, benchmarks/results/kernel_h100_s14_ws_small_tiles.json, 12 shapes, M = 1-32,
+# fp16 and bf16 alike): time over the best of s16m / s32m / ws8 / ws16 / ws16b2, geomean per
+# layer class. Mid layers ws8 1.00-1.01 (s16m 1.03-1.07) at M = 1-8, ws16b2 1.00 (s16m 1.15) at
+# 16; large layers ws8 1.00-1.01 (s16m 1.04-1.09) at 1-8, ws16 1.02-1.03 (s16m 1.05) at 16; small
+# layers s16m 1.00 (ws8 1.03) at M = 1-2, ws8 1.00-1.01 at 4-8, ws16b2 1.00 (s16m 1.08) at 16;
+# s32m stays from 17 to 32 (ws16 1.10-1.53 there). Beyond M = 4096 fp16 takes ws256 as bf16 does
+# (kernel_h100_s14_large_m.json, the 8B layers: ws256 0.98 / 0.95 / 1.01x cuBLAS at M = 8192
+# against dequant's 0.89 / 0.94 / 0.91; 1.00 / 1.01 / 1.04 against 0.93 / 0.99 / 0.96 at 4096).
 PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
-        torch.float16: ((16, "s16m"), (32, "s32m"), (64, "ws64b2"), (128, "ws128"), (4096, "ws256"), (None, "dequant")),
-        torch.bfloat16: ((16, "s16m"), (32, "s32m"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
+        torch.float16: ((8, "ws8"), (16, "ws16b2"), (32, "s32m"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
+        torch.bfloat16: ((8, "ws8"), (16, "ws16b2"), (32, "s32m"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
     },
 }
 # Session 11: the ws tiles' bf16 copy of x into fp16 is one kernel per call (per-row powers of
@@ -153,8 +165,10 @@ PLANS: dict[int, dict[torch.dtype, Plan]] = {
 SMALL_LAYER_ELEMENTS = 4096 * 6144
 SMALL_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
-        torch.float16: ((16, "s16m"), (32, "s32m"), (64, "ws64b2"), (128, "ws128"), (4096, "ws256"), (None, "dequant")),
-        torch.bfloat16: ((16, "x16"), (32, "s32m"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
+        torch.float16: ((2, "s16m"), (8, "ws8"), (16, "ws16b2"), (32, "s32m"), (64, "ws64b2"), (128, "ws128"),
+                        (None, "ws256")),
+        torch.bfloat16: ((2, "x16"), (8, "ws8"), (16, "ws16b2"), (32, "s32m"), (64, "ws64b2"), (128, "ws128"),
+                         (None, "ws256")),
     },
 }
 # Large layers (K x N >= LARGE_LAYER_ELEMENTS: Llama-2-13B's qkv 5120x15360 and up, e.g. the MLP
@@ -168,8 +182,8 @@ SMALL_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
 LARGE_LAYER_ELEMENTS = 5120 * 15360
 LARGE_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
-        torch.float16: ((16, "s16m"), (32, "s32m"), (64, "ws64b2"), (128, "ws128w4"), (4096, "ws256"), (None, "dequant")),
-        torch.bfloat16: ((16, "s16m"), (32, "s32m"), (64, "ws64b2"), (128, "ws128w4"), (None, "ws256")),
+        torch.float16: ((8, "ws8"), (16, "ws16"), (32, "s32m"), (64, "ws64b2"), (128, "ws128w4"), (None, "ws256")),
+        torch.bfloat16: ((8, "ws8"), (16, "ws16"), (32, "s32m"), (64, "ws64b2"), (128, "ws128w4"), (None, "ws256")),
     },
 }
 # Families not measured yet: the kernel's own choice everywhere (always correct, maybe not fastest).
