@@ -387,7 +387,9 @@ def test_ws_tile_stream_k(kernel, monkeypatch, group_size, dtype_name, tile):
     n = 64 * 65  # 33 column blocks of 128 (17 of 256 for ws128w4), the last with one 64-column tile
     column_blocks = 17 if tile.endswith("w4") else 33
     row_blocks = sms // column_blocks + 1  # e.g. 165 tiles on 132 SMs: 132 whole, 33 split
-    for k, m in ((1024, row_blocks * tokens - 40), (1024, 2 * tokens - 3)):
+    # the last row block partial (rows >= M), never empty: 40 rows short, half a block for the small tiles
+    short = 40 if tokens > 40 else tokens // 2
+    for k, m in ((1024, row_blocks * tokens - short), (1024, 2 * tokens - 3)):
         w = make_weight(k, n, group_size)
         x = random_x((m, k), dtype, seed=zlib.crc32(f"tail/{k}/{m}".encode()))
         bias = random_x((n,), dtype, seed=6)

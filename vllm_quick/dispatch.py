@@ -114,13 +114,16 @@ Plan = tuple[tuple[int | None, str], ...]
 # layer class. Mid layers ws8 1.00-1.01 (s16m 1.03-1.07) at M = 1-8, ws16b2 1.00 (s16m 1.15) at
 # 16; large layers ws8 1.00-1.01 (s16m 1.04-1.09) at 1-8, ws16 1.02-1.03 (s16m 1.05) at 16; small
 # layers s16m 1.00 (ws8 1.03) at M = 1-2, ws8 1.00-1.01 at 4-8, ws16b2 1.00 (s16m 1.08) at 16;
-# s32m stays from 17 to 32 (ws16 1.10-1.53 there). Beyond M = 4096 fp16 takes ws256 as bf16 does
+# From 17 to 32 (kernel_h100_s14_ws32_tiles.json, a second run that also repeated M = 1-16): ws32b2
+# (32 tokens, two blocks per SM) 1.00-1.01 against s32m 1.03-1.08 on the small layers and 1.00-1.04
+# against 1.02-1.08 on the mid ones; the large layers keep s32m (ws32b2 1.03-1.11 there). Beyond
+# M = 4096 fp16 takes ws256 as bf16 does
 # (kernel_h100_s14_large_m.json, the 8B layers: ws256 0.98 / 0.95 / 1.01x cuBLAS at M = 8192
 # against dequant's 0.89 / 0.94 / 0.91; 1.00 / 1.01 / 1.04 against 0.93 / 0.99 / 0.96 at 4096).
 PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
-        torch.float16: ((8, "ws8"), (16, "ws16b2"), (32, "s32m"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
-        torch.bfloat16: ((8, "ws8"), (16, "ws16b2"), (32, "s32m"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
+        torch.float16: ((8, "ws8"), (16, "ws16b2"), (32, "ws32b2"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
+        torch.bfloat16: ((8, "ws8"), (16, "ws16b2"), (32, "ws32b2"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
     },
 }
 # Session 11: the ws tiles' bf16 copy of x into fp16 is one kernel per call (per-row powers of
@@ -165,9 +168,9 @@ PLANS: dict[int, dict[torch.dtype, Plan]] = {
 SMALL_LAYER_ELEMENTS = 4096 * 6144
 SMALL_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
-        torch.float16: ((2, "s16m"), (8, "ws8"), (16, "ws16b2"), (32, "s32m"), (64, "ws64b2"), (128, "ws128"),
+        torch.float16: ((2, "s16m"), (8, "ws8"), (16, "ws16b2"), (32, "ws32b2"), (64, "ws64b2"), (128, "ws128"),
                         (None, "ws256")),
-        torch.bfloat16: ((2, "x16"), (8, "ws8"), (16, "ws16b2"), (32, "s32m"), (64, "ws64b2"), (128, "ws128"),
+        torch.bfloat16: ((2, "x16"), (8, "ws8"), (16, "ws16b2"), (32, "ws32b2"), (64, "ws64b2"), (128, "ws128"),
                          (None, "ws256")),
     },
 }
