@@ -588,7 +588,7 @@ EncodeTiledFn tensor_map_encoder() {
 // [m, k] fp16, k fastest, read in boxes of 64 k x kTokens rows with the 128-byte swizzle that
 // the wgmma descriptor expects (sw128_kmajor_desc); rows past m read as zeros. Out: y's type
 // (bf16 calls give the fp16 copy of x and its per-row scales, GemmArgs::act_row_abs_max).
-template <int kWGs, int kTokens, int kStages, typename Out, int kBlocksPerSm = 1>
+template <int kWGs, int kTokens, int kStages, typename Out, int kBlocksPerSm = 1, bool kGroupOnce = true>
 struct WsConfig {
   static constexpr int kThreads = 128 * (kWGs + 1);  // consumer warpgroups + the producer warpgroup
   static constexpr int kBlockM = kTokens;
@@ -598,8 +598,9 @@ struct WsConfig {
   static constexpr bool kWgmma = true;
   static constexpr bool kStreamK = true;  // stream-K over the last wave's tiles (ws_block_work)
   // Group size 32 (two group rows per stage) and every other group size: two kernels.
-  static constexpr auto kernel = quick_gemm_ws_kernel<kWGs, kTokens, kStages, false, Out, kBlocksPerSm>;
-  static constexpr auto kernel_two_groups = quick_gemm_ws_kernel<kWGs, kTokens, kStages, true, Out, kBlocksPerSm>;
+  static constexpr auto kernel = quick_gemm_ws_kernel<kWGs, kTokens, kStages, false, Out, kBlocksPerSm, kGroupOnce>;
+  static constexpr auto kernel_two_groups =
+      quick_gemm_ws_kernel<kWGs, kTokens, kStages, true, Out, kBlocksPerSm, kGroupOnce>;
 
   static cudaError_t launch(const GemmPlan& plan, const KernelParams& params, cudaStream_t stream) {
     const EncodeTiledFn encode = tensor_map_encoder();
@@ -691,6 +692,8 @@ auto with_tile(int tile, F&& f) {
     case kTileWS8: return f.template operator()<WsConfig<2, 8, 10, T, 3>>();
     case kTileWS16B2: return f.template operator()<WsConfig<2, 16, 14, T, 2>>();
     case kTileWS32B2: return f.template operator()<WsConfig<2, 32, 12, T, 2>>();
+    case kTileWS8R: return f.template operator()<WsConfig<2, 8, 10, T, 3, false>>();   // TEMPORARY (A/B)
+    case kTileWS16R: return f.template operator()<WsConfig<2, 16, 10, T, 3, false>>();  // TEMPORARY (A/B)
     default: break;
   }
   return f.template operator()<Config<T, 2, 2, false, 1>>();  // kTileX64
@@ -711,13 +714,13 @@ int sm_count(int device) {
 
 }  // namespace
 
-static bool is_ws_tile(int tile) { return tile >= kTileWS256 && tile <= kTileWS32B2; }
+static bool is_ws_tile(int tile) { return tile >= kTileWS256 && tile <= kTileWS16R; }
 
 const char* tile_name(int tile) {
   static const char* const kNames[kTileCount] = {"x16", "x32", "x64", "s16", "s32", "s64", "s128",
                                                  "s16m", "s32m", "s64m", "w64", "w128", "w128n", "w64x",
                                                  "ws256", "ws128", "ws64", "ws64b2", "ws128w4",
-                                                 "ws16", "ws8", "ws16b2", "ws32b2"};
+                                                 "ws16", "ws8", "ws16b2", "ws32b2", "ws8r", "ws16r"};
   return tile >= 0 && tile < kTileCount ? kNames[tile] : "auto";
 }
 

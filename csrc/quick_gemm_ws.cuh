@@ -368,7 +368,9 @@ struct WsStageWords {
 // calls (Out = bf16) x is the exact fp16 copy, row i times 2^e_i (quick_act_scale.cu), and the
 // accumulators of row i are multiplied by 2^-e_i, exactly, before the bf16 output -- one rounding of (q - z) * s to fp16
 // and one of y to bf16, as in ops.fp16_product_for_bf16 but without its passes over y.
-template <int kWGs, int kTokens, int kStages, bool kTwoGroups, typename Out, int kBlocksPerSm>
+// kGroupOnce (the mma.sync consumers): a group's zeros and scales are read and unpacked at the
+// group's first stage only, not every stage (TEMPORARY switch for the session 14 A/B).
+template <int kWGs, int kTokens, int kStages, bool kTwoGroups, typename Out, int kBlocksPerSm, bool kGroupOnce = true>
 __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
     quick_gemm_ws_kernel(const __grid_constant__ CUtensorMap act_map, const KernelParams p) {
 #if !QUICK_WGMMA
@@ -523,6 +525,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
         for (int e = 0; e < 4; ++e) acc[i][e] = group[i][e] = 0.f;
       const int group_stages = p.group_size / kStageK;  // group size >= 64 (else kTwoGroups)
       int group_left = group_stages - segment(g).stage_begin % group_stages;  // stages to the group's end
+      bool group_fresh = true;  // the segment's first stage unpacks its group whatever its position
       uint32_t zero[2], neg_zero16[2];
       float scale_lo = 0.f, scale_hi = 0.f;  // this lane's features 16 r + lane / 4 and + 8
       // Per x4 load of a k-step (ws32 has two), k-step 0's byte offset of this lane's row.
@@ -550,17 +553,26 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
         // do: at 72 registers the second set spilled); with 24 consumer warps per SM the
         // shared-memory latency is other warps' issue time.
         mbarrier_wait(&full[slot], phase);
-        WsStageWords st;
-        load_stage(slot, st);
-        const unsigned char* act = smem + slot * Smem::kStageBytes;
+        const int at_slot = slot * Smem::kStageBytes;
+        uint32_t words[kStageKTiles];
+#pragma unroll
+        for (int kt = 0; kt < kStageKTiles; ++kt)
+          words[kt] = *reinterpret_cast<const uint32_t*>(my_words + at_slot + kt * Smem::kWeightRowBytes);
+        // A group of 128 or more spans several stages, each carrying a copy of its row: only the
+        // group's first stage (or the segment's) unpacks it (kGroupOnce).
+        const bool new_group = kTwoGroups || !kGroupOnce || group_fresh || group_left == group_stages;
+        group_fresh = false;
+        const unsigned char* act = smem + at_slot;
         uint32_t b[kLoadedMats];
 #pragma unroll
         for (int kt = 0; kt < kStageKTiles; ++kt) {
-          if (kt == 0 || (kTwoGroups && kt == 2)) {
+          if ((kt == 0 && new_group) || (kTwoGroups && kt == 2)) {
             const int gr = kt / 2 * (kTwoGroups ? 1 : 0);
-            unpack_word_zeros<T, 1, true>(st.zero[gr], r, zero, neg_zero16);
-            scale_lo = __half2float(__ushort_as_half(static_cast<unsigned short>(lane_scale_pair(st.scale[gr].x, lane))));
-            scale_hi = __half2float(__ushort_as_half(static_cast<unsigned short>(lane_scale_pair(st.scale[gr].y, lane))));
+            const uint32_t zero_word = *reinterpret_cast<const uint32_t*>(my_zero + at_slot + gr * Smem::kZeroRowBytes);
+            const uint2 scale_words = *reinterpret_cast<const uint2*>(my_scales + at_slot + gr * Smem::kScaleRowBytes);
+            unpack_word_zeros<T, 1, true>(zero_word, r, zero, neg_zero16);
+            scale_lo = __half2float(__ushort_as_half(static_cast<unsigned short>(lane_scale_pair(scale_words.x, lane))));
+            scale_hi = __half2float(__ushort_as_half(static_cast<unsigned short>(lane_scale_pair(scale_words.y, lane))));
           }
           // B of this k-step: matrix l (token group l / 2, k chunk 2 kt + l % 2) is matrix
           // kt kMatsPerStep + l of the stage, loaded four at a time (ws8: two k-steps' worth).
@@ -581,7 +593,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
             // arrive, a release, orders the reads before it).
             if (kt * kMatsPerStep + kLoadedMats >= kStageKTiles * kMatsPerStep) mbarrier_arrive(&empty[slot]);
           }
-          const uint32_t w[1] = {st.w[kt]};
+          const uint32_t w[1] = {words[kt]};
           uint32_t a[1][4];
           const uint32_t no_scale[2] = {0u, 0u};
           dequant_a_fragments<T, 1, false, true>(w, zero, neg_zero16, no_scale, a);
