@@ -588,7 +588,7 @@ EncodeTiledFn tensor_map_encoder() {
 // [m, k] fp16, k fastest, read in boxes of 64 k x kTokens rows with the 128-byte swizzle that
 // the wgmma descriptor expects (sw128_kmajor_desc); rows past m read as zeros. Out: y's type
 // (bf16 calls give the fp16 copy of x and its per-row scales, GemmArgs::act_row_abs_max).
-template <int kWGs, int kTokens, int kStages, typename Out, int kBlocksPerSm = 1, bool kGroupOnce = true>
+template <int kWGs, int kTokens, int kStages, typename Out, int kBlocksPerSm = 1>
 struct WsConfig {
   static constexpr int kThreads = 128 * (kWGs + 1);  // consumer warpgroups + the producer warpgroup
   static constexpr int kBlockM = kTokens;
@@ -598,9 +598,8 @@ struct WsConfig {
   static constexpr bool kWgmma = true;
   static constexpr bool kStreamK = true;  // stream-K over the last wave's tiles (ws_block_work)
   // Group size 32 (two group rows per stage) and every other group size: two kernels.
-  static constexpr auto kernel = quick_gemm_ws_kernel<kWGs, kTokens, kStages, false, Out, kBlocksPerSm, kGroupOnce>;
-  static constexpr auto kernel_two_groups =
-      quick_gemm_ws_kernel<kWGs, kTokens, kStages, true, Out, kBlocksPerSm, kGroupOnce>;
+  static constexpr auto kernel = quick_gemm_ws_kernel<kWGs, kTokens, kStages, false, Out, kBlocksPerSm>;
+  static constexpr auto kernel_two_groups = quick_gemm_ws_kernel<kWGs, kTokens, kStages, true, Out, kBlocksPerSm>;
 
   static cudaError_t launch(const GemmPlan& plan, const KernelParams& params, cudaStream_t stream) {
     const EncodeTiledFn encode = tensor_map_encoder();
@@ -692,8 +691,6 @@ auto with_tile(int tile, F&& f) {
     case kTileWS8: return f.template operator()<WsConfig<2, 8, 10, T, 3>>();
     case kTileWS16B2: return f.template operator()<WsConfig<2, 16, 14, T, 2>>();
     case kTileWS32B2: return f.template operator()<WsConfig<2, 32, 12, T, 2>>();
-    case kTileWS8R: return f.template operator()<WsConfig<2, 8, 10, T, 3, false>>();   // TEMPORARY (A/B)
-    case kTileWS16R: return f.template operator()<WsConfig<2, 16, 10, T, 3, false>>();  // TEMPORARY (A/B)
     default: break;
   }
   return f.template operator()<Config<T, 2, 2, false, 1>>();  // kTileX64
@@ -714,13 +711,13 @@ int sm_count(int device) {
 
 }  // namespace
 
-static bool is_ws_tile(int tile) { return tile >= kTileWS256 && tile <= kTileWS16R; }
+static bool is_ws_tile(int tile) { return tile >= kTileWS256 && tile <= kTileWS32B2; }
 
 const char* tile_name(int tile) {
   static const char* const kNames[kTileCount] = {"x16", "x32", "x64", "s16", "s32", "s64", "s128",
                                                  "s16m", "s32m", "s64m", "w64", "w128", "w128n", "w64x",
                                                  "ws256", "ws128", "ws64", "ws64b2", "ws128w4",
-                                                 "ws16", "ws8", "ws16b2", "ws32b2", "ws8r", "ws16r"};
+                                                 "ws16", "ws8", "ws16b2", "ws32b2"};
   return tile >= 0 && tile < kTileCount ? kNames[tile] : "auto";
 }
 
@@ -817,13 +814,22 @@ GemmPlan plan(const GemmProblem& pr, int device) {
     if constexpr (Cfg::kStreamK) {
       // Whole tiles, then stream-K over the last, partial wave (quick_stream_k.cuh).
       const int tile_floats = Cfg::kBlockM * Cfg::kTilesN * kTileN;
-      // ws16 / ws8 take stream-K over one full wave unless told otherwise: at small M a tile is
-      // mostly streaming weights, and the estimate's per-tile cost is fitted to the wgmma tiles.
-      const StreamK streamk = Cfg::kBlockM < 64 && ws_streamk_setting() == StreamK::kAuto ? StreamK::kAlways
-                                                                                           : ws_streamk_setting();
-      const WsSchedule w = plan_ws_schedule(pl.grid_n * pl.grid_m, sm_count(device) * blocks_per_sm<Cfg>(),
-                                            Cfg::kBlockM, Cfg::kTilesN * kTileN, pr.k, max_splits_setting(),
-                                            ws_splits_setting(), streamk);
+      const int tiles = pl.grid_n * pl.grid_m, slots = sm_count(device) * blocks_per_sm<Cfg>();
+      StreamK streamk = ws_streamk_setting();
+      int forced_splits = ws_splits_setting();
+      if (Cfg::kBlockM < 64 && streamk == StreamK::kAuto && forced_splits == 0) {
+        // ws8 / ws16 / ws16b2 / ws32b2 (small M: a tile is mostly streaming weights; the estimate
+        // is fitted to the wgmma tiles): each tile of the partial wave in as many K ranges as the
+        // free block slots allow, at most 8; stream-K over one full wave where fewer than two
+        // slots per tile are free. Session 14 (results/kernel_h100_s14_small_splits_tiles.md):
+        // on 4096 x 4096 (32 tiles, 396 slots) 8 ranges a tile took 8.9 us against 9.7 for one
+        // full wave (396 blocks of ~5 stages, up to 14 pieces a tile for its owner to add).
+        const int tail = tiles % slots;
+        if (tail > 0 && slots / tail >= 2) forced_splits = std::min(8, slots / tail);
+        else streamk = StreamK::kAlways;
+      }
+      const WsSchedule w = plan_ws_schedule(tiles, slots, Cfg::kBlockM, Cfg::kTilesN * kTileN, pr.k,
+                                            max_splits_setting(), forced_splits, streamk);
       pl.dp_blocks = w.dp_blocks;
       pl.sk_tiles = w.sk_tiles;
       pl.sk_blocks = w.sk_blocks;

@@ -29,7 +29,6 @@ enum Tile : int {
                                                      // tokens, three blocks per SM (small M)
   kTileWS16B2,                                       // ws16 at two blocks per SM (104 registers)
   kTileWS32B2,                                       // the same with 32 tokens, two blocks per SM
-  kTileWS8R, kTileWS16R,                             // TEMPORARY (A/B): ws8 / ws16 unpacking every stage
   kTileCount
 };
 const char* tile_name(int tile);                // "x16", ..., "auto" for anything else
