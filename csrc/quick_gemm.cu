@@ -818,25 +818,10 @@ GemmPlan plan(const GemmProblem& pr, int device) {
       StreamK streamk = ws_streamk_setting();
       int forced_splits = ws_splits_setting();
       if (Cfg::kBlockM < 64 && streamk == StreamK::kAuto && forced_splits == 0) {
-        // ws8 / ws16 / ws16b2 / ws32b2 (small M: a tile is mostly streaming weights; the estimate
-        // is fitted to the wgmma tiles). The partial wave's tiles either split into s = min(8,
-        // slots / tail) K ranges each (one segment per block, s pieces per tile), or are shared
-        // out by one full stream-K wave (every slot busy, but up to slots / tail + 2 pieces per
-        // tile and blocks that switch tiles). Session 14, H100, both forced on the 12 shapes and
-        // the four tiles (results/kernel_h100_s14_sched_tiles.md): the split won where a wave's
-        // share is tiny (4096 x 4096, ws8: 5 stages a block, 9.0 against 9.6 us at M = 1) or where
-        // its blocks nearly fill the GPU and stay short (4096 x 12288, ws8: 384 of 396 slots,
-        // 16-stage blocks, 15.1 against 16.3); stream-K won where the split leaves slots idle
-        // (11008 x 4096, ws8: 256 of 396, 15.8 against 14.9) and on long shares (28672 x 8192,
-        // ws8: 72 stages a block, 52.2 against 50.0). The rule below comes within 3% of the faster
-        // of the two on 191 of those 192 cases (4 tiles, 12 shapes, M = 1 / 8 / 16 / 32; the other
-        // 8%), and is 1.00-1.03x one wave's time in geomean; fitted on that run, not re-timed.
-        const int tail = tiles % slots;
-        const int s = tail > 0 ? std::min(8, slots / tail) : 0;
-        const long long wave_share = tail > 0 ? static_cast<long long>(tail) * total_stages / slots : 0;
-        const bool fills = static_cast<long long>(tail) * s * 10 >= 9LL * slots;
-        if (s >= 2 && (wave_share < 6 || (fills && wave_share < 32))) forced_splits = s;
-        else streamk = StreamK::kAlways;
+        // ws8 / ws16 / ws16b2 / ws32b2: a tail split or one stream-K wave (quick_stream_k.cuh).
+        const SmallTileSchedule choice = small_tile_schedule(tiles, slots, total_stages);
+        forced_splits = choice.forced_splits;
+        streamk = choice.streamk;
       }
       const WsSchedule w = plan_ws_schedule(tiles, slots, Cfg::kBlockM, Cfg::kTilesN * kTileN, pr.k,
                                             max_splits_setting(), forced_splits, streamk);

@@ -157,6 +157,35 @@ inline WsSchedule plan_ws_schedule(int tiles, int slots, int tile_tokens, int ti
   return w;
 }
 
+// The small ws tiles (ws8 / ws16 / ws16b2 / ws32b2: mma.sync consumers, 8-32 tokens, the K loop
+// mostly streaming weights) leave the estimate above, which is fitted to the wgmma tiles, and
+// choose between two schedules of the partial wave: each tile split into s = min(8, slots / tail)
+// K ranges (one segment per block, s pieces per tile), or one full stream-K wave (every slot busy,
+// but up to slots / tail + 2 pieces per tile and blocks that switch tiles). Session 14, H100, both
+// forced on the 12 benchmark shapes (results/kernel_h100_s14_sched_tiles.md): the split won where
+// a wave's share is tiny (4096 x 4096, ws8: ~5 stages a block, 9.0 against 9.6 us at M = 1) or
+// where its blocks nearly fill the GPU and stay short (4096 x 12288, ws8: 384 of 396 slots,
+// 16-stage blocks, 15.1 against 16.3); one wave won where the split leaves slots idle (11008 x
+// 4096, ws8: 256 of 396, 15.8 against 14.9) and on long shares (28672 x 8192, ws8: 72 stages a
+// block, 52.2 against 50.0). So: the split where a wave's share is under 6 stages, or where it
+// fills at least 90% of the slots with blocks of under 32 stages; one wave otherwise. Within 3% of
+// the faster of the two on 191 of that run's 192 cases (4 tiles x 12 shapes x M = 1 / 8 / 16 /
+// 32; the other, 4096 x 12288 on ws32b2's 264 slots at M = 1, 8%), 1.00-1.03x one wave's time in
+// geomean; fitted on that run, not re-timed.
+struct SmallTileSchedule {
+  int forced_splits;  // > 0: split each partial-wave tile into this many K ranges
+  StreamK streamk;    // kAlways where forced_splits is 0
+};
+inline SmallTileSchedule small_tile_schedule(int tiles, int slots, int stages) {
+  const int tail = tiles % slots;
+  if (tail == 0) return {0, StreamK::kAlways};  // whole waves: nothing to share out
+  const int s = slots / tail < 8 ? slots / tail : 8;
+  const long long wave_share = static_cast<long long>(tail) * stages / slots;
+  const bool fills = static_cast<long long>(tail) * s * 10 >= 9LL * slots;
+  if (s >= 2 && (wave_share < 6 || (fills && wave_share < 32))) return {s, StreamK::kAuto};
+  return {0, StreamK::kAlways};
+}
+
 // One contiguous K range of one tile.
 struct WsSegment {
   int tile;

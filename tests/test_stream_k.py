@@ -175,3 +175,51 @@ def test_forced_schedules(plans):
     # 4 stages a tile, 100 tiles: at most 200 blocks of 2 stages; one tile of 172 stages: 86 blocks
     assert plans["stream-K short K"]["sk_blocks"] == SMS
     assert plans["stream-K 1 tile"]["sk_blocks"] == 86 and plans["stream-K 1 tile"]["max_pieces"] >= 86
+
+
+# The small ws tiles' choice between a tail split and one stream-K wave (small_tile_schedule):
+# the 12 benchmark shapes at M <= 16 as 128-column tiles (N / 128 of them, one row block), with
+# K / 64 stages, on the H100's 396 slots of ws8 / ws16 (3 blocks per SM) and 264 of ws16b2 /
+# ws32b2 (2 per SM). Expected: the faster of the two forced in session 14's run
+# (results/kernel_h100_s14_sched_tiles.md, M = 1); the rule's one miss in that run (within 3% on
+# the other 191 cases) is 4096 x 12288 on 264 slots, where the wave lost 8% to a 2-way split.
+SMALL_TILE_CASES = [
+    # name, tiles, stages, slots, expected forced splits (0: one stream-K wave)
+    ("4096x12288 ws8", 96, 64, 396, 4),      # 384 of 396 slots, 16-stage blocks: 15.1 vs 16.3 us
+    ("4096x4096 ws8", 32, 64, 396, 8),       # a wave's share ~5 stages: 9.0 vs 9.6
+    ("4096x22016 ws8", 172, 64, 396, 0),     # split 2 ways fills 87%: wave 22.9 vs 24.5
+    ("11008x4096 ws8", 32, 172, 396, 0),     # split fills 65%: wave 14.9 vs 15.8
+    ("5120x15360 ws8", 120, 80, 396, 3),     # 360 of 396: 21.3 vs 22.3
+    ("13824x5120 ws8", 40, 216, 396, 0),     # 320 of 396: wave 19.3 vs 21.2
+    ("8192x10240 ws8", 80, 128, 396, 0),     # 320 of 396: wave 21.5 vs 24.0
+    ("28672x8192 ws8", 64, 448, 396, 0),     # 384 of 396 but 72-stage shares: wave 50.0 vs 52.2
+    ("4096x12288 ws32b2", 96, 64, 264, 0),   # split 2 ways fills 73%: the rule's miss (wave 26.3 vs 24.4)
+    ("4096x6144 ws8", 48, 64, 396, 8),       # 384 of 396: 10.1 vs 11.0
+    ("4096x28672 ws8", 224, 64, 396, 0),     # fewer than 2 slots a tile: one wave
+    ("8192x57344 ws8", 448, 128, 396, 7),    # 396 whole tiles, then 52 split 7 ways (tie: 98.1 vs 98.3)
+    ("13824x5120 ws16b2", 40, 216, 264, 0),  # 240 of 264, 33-stage shares: wave 22.4 vs 23.2
+    ("4096x6144 ws16b2", 48, 64, 264, 5),    # 240 of 264, 12-stage shares: 11.6 vs 12.0
+    ("8192x10240 ws16b2", 80, 128, 264, 0),  # 240 of 264, 39-stage shares: wave 24.4 vs 25.7
+    ("whole waves", 264, 64, 264, 0),
+]
+
+
+def test_small_tile_schedule_choices(tmp_path):
+    calls = "\n".join(f'  run("{n}", {t}, {st}, {sl});' for n, t, st, sl, _ in SMALL_TILE_CASES)
+    source = r"""
+#include <cstdio>
+#include "quick_stream_k.cuh"
+using namespace quick;
+void run(const char* name, int tiles, int stages, int slots) {
+  const SmallTileSchedule c = small_tile_schedule(tiles, slots, stages);
+  std::printf("%s|%d %d\n", name, c.forced_splits, c.streamk == StreamK::kAlways ? 1 : 0);
+}
+int main() {
+@CALLS@
+  return 0;
+}
+""".replace("@CALLS@", calls)
+    got = dict(line.split("|") for line in run_host_probe(source, tmp_path).splitlines())
+    for name, _, _, _, splits in SMALL_TILE_CASES:
+        forced, wave = map(int, got[name].split())
+        assert (forced, wave) == (splits, int(splits == 0)), (name, forced, wave)
