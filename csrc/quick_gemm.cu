@@ -597,6 +597,7 @@ struct WsConfig {
   static constexpr bool kClusterReduce = false;  // (256 tokens: no room for the partial tile)
   static constexpr bool kWgmma = true;
   static constexpr bool kStreamK = true;  // stream-K over the last wave's tiles (ws_block_work)
+  static constexpr bool kMmaSync = ws_tile_uses_mma_sync(kTokens);  // ws8 .. ws32b2
   // Group size 32 (two group rows per stage) and every other group size: two kernels.
   static constexpr auto kernel = quick_gemm_ws_kernel<kWGs, kTokens, kStages, false, Out, kBlocksPerSm>;
   static constexpr auto kernel_two_groups = quick_gemm_ws_kernel<kWGs, kTokens, kStages, true, Out, kBlocksPerSm>;
@@ -659,8 +660,8 @@ struct WsConfig {
 //     consumers for small M: 16 / 8 tokens per block, each warp's 16 features of the wgmma A
 //     fragments times the tokens as m16n8k16 products, B by ldmatrix from the TMA tile, exact
 //     q - z with fp32 group scaling (quick_gemm_ws.cuh); 2 consumer warpgroups (128 columns),
-//     10 stages of 7 KB, 3 blocks per SM (consumers at 72 registers). Stream-K over one full wave
-//     by default: every block gets the same number of K stages, whatever the layer's shape.
+//     10 stages of 7 KB, 3 blocks per SM (consumers at 72 registers). Their partial wave is split
+//     into up to 8 K ranges per tile or shared out by one stream-K wave (small_tile_schedule).
 //     ws16b2: ws16 at two blocks per SM (14 stages, consumers at 104 registers); ws32b2 the same
 //     with 32 tokens (12 stages of 9 KB).
 // A tile the activation type does not support (the other scaled tiles for bf16) falls back to x64.
@@ -817,7 +818,7 @@ GemmPlan plan(const GemmProblem& pr, int device) {
       const int tiles = pl.grid_n * pl.grid_m, slots = sm_count(device) * blocks_per_sm<Cfg>();
       StreamK streamk = ws_streamk_setting();
       int forced_splits = ws_splits_setting();
-      if (Cfg::kBlockM < 64 && streamk == StreamK::kAuto && forced_splits == 0) {
+      if (Cfg::kMmaSync && streamk == StreamK::kAuto && forced_splits == 0) {
         // ws8 / ws16 / ws16b2 / ws32b2: a tail split or one stream-K wave (quick_stream_k.cuh).
         const SmallTileSchedule choice = small_tile_schedule(tiles, slots, total_stages);
         forced_splits = choice.forced_splits;

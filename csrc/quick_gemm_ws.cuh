@@ -37,6 +37,11 @@
 namespace quick {
 namespace {
 
+// The ws tiles with fewer than 64 tokens (ws8 / ws16 / ws16b2 / ws32b2) have mma.sync consumers
+// instead of wgmma ones (the kernel's K loop) and their own schedule rule (plan() in
+// quick_gemm.cu, small_tile_schedule).
+constexpr bool ws_tile_uses_mma_sync(int tokens) { return tokens < 64; }
+
 // ------------------------------------------------------------------------------------------
 // mbarriers and TMA (sm_90): the PTX ISA's "mbarrier" and "cp.async.bulk" sections. On other
 // targets they compile to nothing (the ws tiles are refused there, like every w tile).
@@ -380,7 +385,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
   using Smem = WsSmem<kWGs, kTokens, kStages>;
   using Registers = WsRegisters<kWGs, kBlocksPerSm>;
   // ws16 / ws8 (fewer than 64 tokens): mma.sync consumers instead of wgmma (the K loop below).
-  constexpr bool kMmaSync = kTokens < 64;
+  constexpr bool kMmaSync = ws_tile_uses_mma_sync(kTokens);
   constexpr int kRows = kMmaSync ? 1 : kTokens / 64;  // accumulator as [kRows][8][4] floats (wgmma_step)
   constexpr int kGroupRows = kTwoGroups ? 2 : 1;
   static_assert(kTokens * kWGs * kTileN * 2 <= Smem::kBarrierOffset, "the output tile must fit in the pipeline");
@@ -570,8 +575,8 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
             const uint32_t zero_word = *reinterpret_cast<const uint32_t*>(my_zero + at_slot + gr * Smem::kZeroRowBytes);
             const uint2 scale_words = *reinterpret_cast<const uint2*>(my_scales + at_slot + gr * Smem::kScaleRowBytes);
             unpack_word_zeros<T, 1, true>(zero_word, r, zero, neg_zero16);
-            scale_lo = __half2float(__ushort_as_half(static_cast<unsigned short>(lane_scale_pair(scale_words.x, lane))));
-            scale_hi = __half2float(__ushort_as_half(static_cast<unsigned short>(lane_scale_pair(scale_words.y, lane))));
+            scale_lo = lane_scale(scale_words.x, lane);
+            scale_hi = lane_scale(scale_words.y, lane);
           }
           // B of this k-step: matrix l (token group l / 2, k chunk 2 kt + l % 2) is matrix
           // kt kMatsPerStep + l of the stage, loaded four at a time (ws8: two k-steps' worth).
