@@ -588,19 +588,20 @@ EncodeTiledFn tensor_map_encoder() {
 // [m, k] fp16, k fastest, read in boxes of 64 k x kTokens rows with the 128-byte swizzle that
 // the wgmma descriptor expects (sw128_kmajor_desc); rows past m read as zeros. Out: y's type
 // (bf16 calls give the fp16 copy of x and its per-row scales, GemmArgs::act_row_abs_max).
-template <int kWGs, int kTokens, int kStages, typename Out, int kBlocksPerSm = 1>
+template <int kWGs, int kTokens, int kStages, typename Out, int kBlocksPerSm = 1, int kWarpWords = 1>
 struct WsConfig {
   static constexpr int kThreads = 128 * (kWGs + 1);  // consumer warpgroups + the producer warpgroup
   static constexpr int kBlockM = kTokens;
-  static constexpr int kTilesN = kWGs;
-  static constexpr int kSmem = WsSmem<kWGs, kTokens, kStages>::kTotalBytes;
+  static constexpr int kTilesN = kWGs * kWarpWords;  // a warp takes kWarpWords words (ws_warp_word)
+  static constexpr int kSmem = WsSmem<kTilesN, kTokens, kStages>::kTotalBytes;
   static constexpr bool kClusterReduce = false;  // (256 tokens: no room for the partial tile)
   static constexpr bool kWgmma = true;
   static constexpr bool kStreamK = true;  // stream-K over the last wave's tiles (ws_block_work)
   static constexpr bool kMmaSync = ws_tile_uses_mma_sync(kTokens);  // ws8 .. ws32b2
   // Group size 32 (two group rows per stage) and every other group size: two kernels.
-  static constexpr auto kernel = quick_gemm_ws_kernel<kWGs, kTokens, kStages, false, Out, kBlocksPerSm>;
-  static constexpr auto kernel_two_groups = quick_gemm_ws_kernel<kWGs, kTokens, kStages, true, Out, kBlocksPerSm>;
+  static constexpr auto kernel = quick_gemm_ws_kernel<kWGs, kTokens, kStages, false, Out, kBlocksPerSm, kWarpWords>;
+  static constexpr auto kernel_two_groups =
+      quick_gemm_ws_kernel<kWGs, kTokens, kStages, true, Out, kBlocksPerSm, kWarpWords>;
 
   static cudaError_t launch(const GemmPlan& plan, const KernelParams& params, cudaStream_t stream) {
     const EncodeTiledFn encode = tensor_map_encoder();
@@ -664,6 +665,9 @@ struct WsConfig {
 //     into up to 8 K ranges per tile or shared out by one stream-K wave (small_tile_schedule).
 //     ws16b2: ws16 at two blocks per SM (14 stages, consumers at 104 registers); ws32b2 the same
 //     with 32 tokens (12 stages of 9 KB).
+//   ws8w / ws16w (session 14, experiment): ws8 / ws16 whose warps take two words per k-step (32
+//     features, two A fragments against one B; ws_warp_word): one consumer warpgroup over the
+//     block's 128 columns, 4 blocks per SM (consumers at 104 registers), 8 / 7 stages.
 // A tile the activation type does not support (the other scaled tiles for bf16) falls back to x64.
 template <typename T, typename F>
 auto with_tile(int tile, F&& f) {
@@ -692,6 +696,8 @@ auto with_tile(int tile, F&& f) {
     case kTileWS8: return f.template operator()<WsConfig<2, 8, 10, T, 3>>();
     case kTileWS16B2: return f.template operator()<WsConfig<2, 16, 14, T, 2>>();
     case kTileWS32B2: return f.template operator()<WsConfig<2, 32, 12, T, 2>>();
+    case kTileWS8W: return f.template operator()<WsConfig<1, 8, 8, T, 4, 2>>();
+    case kTileWS16W: return f.template operator()<WsConfig<1, 16, 7, T, 4, 2>>();
     default: break;
   }
   return f.template operator()<Config<T, 2, 2, false, 1>>();  // kTileX64
@@ -712,13 +718,13 @@ int sm_count(int device) {
 
 }  // namespace
 
-static bool is_ws_tile(int tile) { return tile >= kTileWS256 && tile <= kTileWS32B2; }
+static bool is_ws_tile(int tile) { return tile >= kTileWS256 && tile <= kTileWS16W; }
 
 const char* tile_name(int tile) {
   static const char* const kNames[kTileCount] = {"x16", "x32", "x64", "s16", "s32", "s64", "s128",
                                                  "s16m", "s32m", "s64m", "w64", "w128", "w128n", "w64x",
                                                  "ws256", "ws128", "ws64", "ws64b2", "ws128w4",
-                                                 "ws16", "ws8", "ws16b2", "ws32b2"};
+                                                 "ws16", "ws8", "ws16b2", "ws32b2", "ws8w", "ws16w"};
   return tile >= 0 && tile < kTileCount ? kNames[tile] : "auto";
 }
 

@@ -181,6 +181,20 @@ __device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, uint32_t r0, ui
 #endif
 }
 
+// Which weight words a consumer warp dequantises (of its lane's 16 bytes per 16 x 64 tile): with
+// one word per k-step (the wgmma tiles, ws8 / ws16 / ...), warp r of warpgroup wg takes word r of
+// tile wg; with two (ws8w / ws16w), warps r and r + 1 share tile 2 wg + r / 2, warp r taking words
+// 2 (r % 2) and + 1 -- 32 features, whose two A fragments multiply the same B fragments.
+struct WsWarpWord {
+  int tile;  // 64-column tile of the block
+  int word;  // first word (16 features each)
+};
+template <int kWarpWords>
+__device__ __forceinline__ WsWarpWord ws_warp_word(int wg, int r) {
+  constexpr int kWarpsPerTile = 4 / kWarpWords;
+  return {wg * kWarpWords + r / kWarpsPerTile, (r % kWarpsPerTile) * kWarpWords};
+}
+
 // Epilogue of the ws tiles without split-K or bias (the common case), in two steps with a
 // consumer barrier (part_barrier) between them: the block's output tile y[kTokens][kWGs * 64]
 // (Out: fp16, or bf16 for bf16 calls; 2 bytes either way) is assembled in the (by then idle)
@@ -191,19 +205,21 @@ __device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, uint32_t r0, ui
 // 16 coalesced 16-byte copies per thread. Rows of the smem tile are kWGs * 128 bytes; 16-byte
 // chunk c of row t sits at chunk c ^ (t % 8), so the 8 rows of one stmatrix matrix hit 8
 // different bank groups (no conflict) and a row is still read as one contiguous line.
-template <int kWGs, int kTokens, typename Out>
-__device__ __forceinline__ void stage_output_fragments(unsigned char* smem, const float (&out)[kTokens / 8][4], int wg,
-                                                       int r, int lane) {
-  constexpr int kRowBytes = kWGs * kTileN * 2;
-  const uint32_t tile = smem_u32(smem);
+// kTiles: 64-column tiles per block; (tile, word): the fragments' 16 features are word `word` of
+// tile `tile` of the block (warpgroup wg and warp r for the tiles of one word per warp).
+template <int kTiles, int kTokens, typename Out>
+__device__ __forceinline__ void stage_output_fragments(unsigned char* smem, const float (&out)[kTokens / 8][4], int tile,
+                                                       int word, int lane) {
+  constexpr int kRowBytes = kTiles * kTileN * 2;
+  const uint32_t base = smem_u32(smem);
   // Lane L addresses row j = L % 8 of matrix i = L / 8: token 8 (x + i / 2) + j, features
-  // 16 r + 8 (i % 2) of warpgroup wg's 64, i.e. 16-byte chunk 8 wg + 2 r + i % 2.
+  // 16 word + 8 (i % 2) of the tile's 64, i.e. 16-byte chunk 8 tile + 2 word + i % 2.
   const int i = lane / 8, j = lane % 8;
-  const int chunk = (wg * 8 + 2 * r + (i & 1)) ^ j;  // token % 8 == j
+  const int chunk = (tile * 8 + 2 * word + (i & 1)) ^ j;  // token % 8 == j
 #pragma unroll
   for (int x = 0; x < kTokens / 8; x += 2) {
     const int token = 8 * (x + i / 2) + j;
-    stmatrix_x4_trans(tile + token * kRowBytes + chunk * 16, Act<Out>::pack(out[x][0], out[x][1]),
+    stmatrix_x4_trans(base + token * kRowBytes + chunk * 16, Act<Out>::pack(out[x][0], out[x][1]),
                       Act<Out>::pack(out[x][2], out[x][3]), Act<Out>::pack(out[x + 1][0], out[x + 1][1]),
                       Act<Out>::pack(out[x + 1][2], out[x + 1][3]));
   }
@@ -211,14 +227,14 @@ __device__ __forceinline__ void stage_output_fragments(unsigned char* smem, cons
 
 // Every consumer thread, once the fragments are staged: rows (tokens) below M, chunks of the
 // block's working tiles, one 16-byte load and store each, consecutive threads along a row.
-template <int kWGs, int kTokens, typename Out>
+template <int kTiles, int kThreads, int kTokens, typename Out>
 __device__ __forceinline__ void copy_output_tile(const KernelParams& p, const unsigned char* smem, int row0, int col0,
                                                  int block_tiles) {
-  constexpr int kRowBytes = kWGs * kTileN * 2;
+  constexpr int kRowBytes = kTiles * kTileN * 2;
   constexpr int kChunks = kRowBytes / 16;
   const int rows = min(kTokens, p.m - row0);
   const int chunks = block_tiles * kTileN / 8;
-  for (int idx = threadIdx.x; idx < rows * kChunks; idx += 128 * kWGs) {
+  for (int idx = threadIdx.x; idx < rows * kChunks; idx += kThreads) {
     const int t = idx / kChunks, c = idx % kChunks;
     if (c >= chunks || col0 + 8 * c >= p.size_n) continue;
     const uint4 v = *reinterpret_cast<const uint4*>(smem + t * kRowBytes + ((c ^ (t & 7)) * 16));
@@ -249,27 +265,33 @@ __device__ __forceinline__ void copy_output_tile(const KernelParams& p, const un
 // (stage_output_fragments, then copy_output_tile); otherwise straight from the fragments
 // (store_output). Every consumer thread calls this (the barriers count all of them); warpgroups
 // whose columns lie past N store nothing.
-template <int kWGs, int kTokens, typename Out>
+// kWarpWords: weight words a consumer warp takes per k-step (1; 2 for ws8w / ws16w): `out` holds
+// kWarpWords sets of kTokens / 8 quads, set j being word (r % kWarpsPerTile) kWarpWords + j of
+// tile wg kWarpWords + r / kWarpsPerTile of the block (WsWarpWord).
+template <int kWGs, int kTokens, typename Out, int kWarpWords = 1>
 __device__ __forceinline__ void ws_segment_epilogue(const KernelParams& p, unsigned char* smem,
-                                                    float (&out)[kTokens / 8][4], const WsBlockWork* work, int g,
-                                                    int grid_n, int n_tiles, int wg, int r, int lane) {
-  constexpr int kThreads = 128 * kWGs;  // the consumers: threads [0, kThreads) of the block
-  constexpr int kQuads = kTokens / 8;   // float4s of accumulators per thread
+                                                    float (&out)[kWarpWords * kTokens / 8][4], const WsBlockWork* work,
+                                                    int g, int grid_n, int n_tiles, int wg, int r, int lane) {
+  constexpr int kThreads = 128 * kWGs;           // the consumers: threads [0, kThreads) of the block
+  constexpr int kTiles = kWGs * kWarpWords;      // 64-column tiles per block
+  constexpr int kSetQuads = kTokens / 8;         // float4s of one word's accumulators
+  constexpr int kQuads = kWarpWords * kSetQuads;  // float4s of accumulators per thread
   constexpr int kPartialQuads = kQuads * kThreads;
+  const WsWarpWord ww = ws_warp_word<kWarpWords>(wg, r);
   // Segment g's fields are read from shared memory where they are used, again after the
   // barriers: kept in registers across the owner's sum, they spilled (ptxas may not reload a
   // value across a barrier's memory clobber).
   auto segment = [&]() -> const WsSegment& { return g == 0 ? work->first : work->second; };
-  int row0 = segment().tile / grid_n * kTokens, tile_n0 = segment().tile % grid_n * kWGs;
-  bool stores = wg < min(kWGs, n_tiles - tile_n0);
+  int row0 = segment().tile / grid_n * kTokens, tile_n0 = segment().tile % grid_n * kTiles;
+  bool stores = ww.tile < min(kTiles, n_tiles - tile_n0);
   if constexpr (!std::is_same_v<Out, __half>) {
     // bf16 calls: row t of x came scaled by 2^e_t (quick_act_scale.cu); undo it per token
     // (row_unscale).
 #pragma unroll
-    for (int x = 0; x < kTokens / 8; ++x)
+    for (int x = 0; x < kQuads; ++x)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const float unscale = row_unscale(p, row0 + 2 * (lane % 4) + 8 * x + h);
+        const float unscale = row_unscale(p, row0 + 2 * (lane % 4) + 8 * (x % kSetQuads) + h);
         out[x][h] *= unscale;
         out[x][h + 2] *= unscale;
       }
@@ -328,9 +350,9 @@ __device__ __forceinline__ void ws_segment_epilogue(const KernelParams& p, unsig
       }
     }
   }
-  row0 = segment().tile / grid_n * kTokens, tile_n0 = segment().tile % grid_n * kWGs;
-  const int block_tiles = min(kWGs, n_tiles - tile_n0);
-  stores = wg < block_tiles;
+  row0 = segment().tile / grid_n * kTokens, tile_n0 = segment().tile % grid_n * kTiles;
+  const int block_tiles = min(kTiles, n_tiles - tile_n0);
+  stores = ww.tile < block_tiles;
   const bool last_segment = g + 1 == work->count;
   // (ws8's one token group has no pair of 8x8 matrices to stage: it stores from the fragments.)
   if constexpr (kTokens >= 16) {
@@ -338,21 +360,27 @@ __device__ __forceinline__ void ws_segment_epilogue(const KernelParams& p, unsig
       // Both warpgroups' wgmmas must be done with the pipeline's shared memory before the output
       // tile goes there (and the producer has nothing left to load into it).
       part_barrier<kThreads>();
-      if (stores) stage_output_fragments<kWGs, kTokens, Out>(smem, out, wg, r, lane);
+      if (stores) {
+#pragma unroll
+        for (int j = 0; j < kWarpWords; ++j)
+          stage_output_fragments<kTiles, kTokens, Out>(
+              smem, reinterpret_cast<const float(&)[kSetQuads][4]>(out[j * kSetQuads]), ww.tile, ww.word + j, lane);
+      }
       part_barrier<kThreads>();
-      copy_output_tile<kWGs, kTokens, Out>(p, smem, row0, tile_n0 * kTileN, block_tiles);
+      copy_output_tile<kTiles, kThreads, kTokens, Out>(p, smem, row0, tile_n0 * kTileN, block_tiles);
       return;
     }
   }
   if (stores) {
-    // Feature wg * 64 + c0 and token t0 of the block's tile, then as in stage_output_fragments.
-    const int c0 = wg * kTileN + 16 * r + lane / 4;
+    // Feature tile * 64 + c0 and token t0 of the block's tile, then as in stage_output_fragments.
+    const int c0 = ww.tile * kTileN + 16 * ww.word + lane / 4;
     const int t0 = 2 * (lane % 4);
 #pragma unroll
-    for (int x = 0; x < kTokens / 8; ++x)
+    for (int x = 0; x < kQuads; ++x)
 #pragma unroll
       for (int e = 0; e < 4; ++e)
-        store_output<Out>(p, row0 + t0 + 8 * x + e % 2, tile_n0 * kTileN + c0 + 8 * (e / 2), out[x][e]);
+        store_output<Out>(p, row0 + t0 + 8 * (x % kSetQuads) + e % 2,
+                          tile_n0 * kTileN + c0 + 16 * (x / kSetQuads) + 8 * (e / 2), out[x][e]);
   }
 }
 
@@ -373,7 +401,9 @@ struct WsStageWords {
 // calls (Out = bf16) x is the exact fp16 copy, row i times 2^e_i (quick_act_scale.cu), and the
 // accumulators of row i are multiplied by 2^-e_i, exactly, before the bf16 output -- one rounding of (q - z) * s to fp16
 // and one of y to bf16, as in ops.fp16_product_for_bf16 but without its passes over y.
-template <int kWGs, int kTokens, int kStages, bool kTwoGroups, typename Out, int kBlocksPerSm>
+// kWarpWords: weight words per consumer warp and k-step (ws_warp_word): 1, or 2 for the mma.sync
+// consumers of ws8w / ws16w; a block has kWGs kWarpWords 64-column tiles.
+template <int kWGs, int kTokens, int kStages, bool kTwoGroups, typename Out, int kBlocksPerSm, int kWarpWords = 1>
 __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
     quick_gemm_ws_kernel(const __grid_constant__ CUtensorMap act_map, const KernelParams p) {
 #if !QUICK_WGMMA
@@ -382,13 +412,15 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
   __trap();
 #else
   using T = __half;  // what the fragments and wgmmas hold
-  using Smem = WsSmem<kWGs, kTokens, kStages>;
+  constexpr int kTiles = kWGs * kWarpWords;  // 64-column tiles per block
+  using Smem = WsSmem<kTiles, kTokens, kStages>;
   using Registers = WsRegisters<kWGs, kBlocksPerSm>;
   // ws16 / ws8 (fewer than 64 tokens): mma.sync consumers instead of wgmma (the K loop below).
   constexpr bool kMmaSync = ws_tile_uses_mma_sync(kTokens);
   constexpr int kRows = kMmaSync ? 1 : kTokens / 64;  // accumulator as [kRows][8][4] floats (wgmma_step)
   constexpr int kGroupRows = kTwoGroups ? 2 : 1;
-  static_assert(kTokens * kWGs * kTileN * 2 <= Smem::kBarrierOffset, "the output tile must fit in the pipeline");
+  static_assert(kTokens * kTiles * kTileN * 2 <= Smem::kBarrierOffset, "the output tile must fit in the pipeline");
+  static_assert(kWarpWords == 1 || (kMmaSync && kWarpWords == 2), "two words per warp: mma.sync consumers only");
   extern __shared__ __align__(16) unsigned char smem_window[];
   unsigned char* smem = smem_window + ((1024 - (smem_u32(smem_window) & 1023)) & 1023);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + Smem::kBarrierOffset);
@@ -401,7 +433,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int n_tiles = p.n / kTileN;
-  const int grid_n = (n_tiles + kWGs - 1) / kWGs;
+  const int grid_n = (n_tiles + kTiles - 1) / kTiles;
   // One or two segments (tile, K range) in order; the pipeline runs on across them
   // (quick_stream_k.cuh).
   auto segment = [&](int g) { return g == 0 ? work->first : work->second; };
@@ -429,8 +461,8 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
 #pragma unroll 1
       for (int g = 0; g < work->count; ++g) {
         const WsSegment seg = segment(g);
-        const int tile_n0 = seg.tile % grid_n * kWGs, row0 = seg.tile / grid_n * kTokens;
-        const int block_tiles = min(kWGs, n_tiles - tile_n0);
+        const int tile_n0 = seg.tile % grid_n * kTiles, row0 = seg.tile / grid_n * kTokens;
+        const int block_tiles = min(kTiles, n_tiles - tile_n0);
         const unsigned char* w_src = reinterpret_cast<const unsigned char*>(p.qweight) +
                                      static_cast<size_t>(seg.stage_begin) * kStageKTiles * w_row +
                                      static_cast<size_t>(tile_n0) * Smem::kTileBytes;
@@ -477,9 +509,13 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
   // k-tile kt at kWeightOffset + (kt kWGs + wg) 512 + 16 lane + 4 r -- a 4-way bank conflict
   // (lanes 8 apart share a bank), once per stage; the zero word of the lane's 8 columns; the
   // 8 bytes of scale words 2 r, 2 r + 1 of its 32-byte scale row (unpack_word_params).
-  const unsigned char* my_words = smem + Smem::kWeightOffset + wg * Smem::kTileBytes + lane * 16 + r * 4;
-  const unsigned char* my_zero = smem + Smem::kZeroOffset + (wg * 8 + lane / 4) * 4;
-  const unsigned char* my_scales = smem + Smem::kScaleOffset + wg * kTileN * 2 + 32 * (lane / 8) + 8 * r;
+  // Two words per warp (kWarpWords = 2): words 2 (r % 2), + 1 of tile 2 wg + r / 2 (ws_warp_word):
+  // an 8-byte load, a 2-way bank conflict, and 16 bytes of scale words.
+  const WsWarpWord ww = ws_warp_word<kWarpWords>(wg, r);
+  const int first_word = ww.word;
+  const unsigned char* my_words = smem + Smem::kWeightOffset + ww.tile * Smem::kTileBytes + lane * 16 + ww.word * 4;
+  const unsigned char* my_zero = smem + Smem::kZeroOffset + (ww.tile * 8 + lane / 4) * 4;
+  const unsigned char* my_scales = smem + Smem::kScaleOffset + ww.tile * kTileN * 2 + 32 * (lane / 8) + 8 * ww.word;
   auto load_stage = [&](int slot, WsStageWords& st) {
     const int at = slot * Smem::kStageBytes;
 #pragma unroll
@@ -519,18 +555,23 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
       // The fragments hold the exact q - z (small integers in fp16): a group's products sum in
       // `group` and join `acc` times the two features' fp32 scales when the group ends -- no
       // HMUL2 per weight (the scaled fragments' 4 a word) and no fp16 rounding of (q - z) s.
+      // kWarpWords = 2 (ws8w / ws16w): the warp takes two words per k-step (ws_warp_word), two A
+      // fragments against the same B: the per-stage work (wait, addresses, B loads, bookkeeping)
+      // is shared by twice the weights, and the two products are independent chains.
       constexpr int kMatsPerStep = kTokens / 4;  // 8x8 matrices of B per k-step: token groups x 2
       constexpr int kLoadedMats = kMatsPerStep > 4 ? kMatsPerStep : 4;  // ldmatrix.x4 at a time
-      float acc[kTokens / 8][4], group[kTokens / 8][4];
+      constexpr int kSetQuads = kTokens / 8;                            // quads of one word's tokens
+      float acc[kWarpWords * kSetQuads][4], group[kWarpWords * kSetQuads][4];
 #pragma unroll
-      for (int i = 0; i < kTokens / 8; ++i)
+      for (int i = 0; i < kWarpWords * kSetQuads; ++i)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[i][e] = group[i][e] = 0.f;
       const int group_stages = p.group_size / kStageK;  // group size >= 64 (else kTwoGroups)
       int group_left = group_stages - segment(g).stage_begin % group_stages;  // stages to the group's end
       bool group_fresh = true;  // the segment's first stage unpacks its group whatever its position
-      uint32_t zero[2], neg_zero16[2];
-      float scale_lo = 0.f, scale_hi = 0.f;  // this lane's features 16 r + lane / 4 and + 8
+      uint32_t zero[2 * kWarpWords], neg_zero16[2 * kWarpWords];
+      // Per word j: the fp32 scales of this lane's features 16 word + lane / 4 and + 8.
+      float scale_lo[kWarpWords] = {}, scale_hi[kWarpWords] = {};
       // Per x4 load of a k-step (ws32 has two), k-step 0's byte offset of this lane's row.
       int ldmatrix_offset[kMatsPerStep > 4 ? kMatsPerStep / 4 : 1];
 #pragma unroll
@@ -541,11 +582,12 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
       }
       auto flush_group = [&]() {
 #pragma unroll
-        for (int i = 0; i < kTokens / 8; ++i) {
-          acc[i][0] = fmaf(scale_lo, group[i][0], acc[i][0]);
-          acc[i][1] = fmaf(scale_lo, group[i][1], acc[i][1]);
-          acc[i][2] = fmaf(scale_hi, group[i][2], acc[i][2]);
-          acc[i][3] = fmaf(scale_hi, group[i][3], acc[i][3]);
+        for (int i = 0; i < kWarpWords * kSetQuads; ++i) {
+          const int j = i / kSetQuads;
+          acc[i][0] = fmaf(scale_lo[j], group[i][0], acc[i][0]);
+          acc[i][1] = fmaf(scale_lo[j], group[i][1], acc[i][1]);
+          acc[i][2] = fmaf(scale_hi[j], group[i][2], acc[i][2]);
+          acc[i][3] = fmaf(scale_hi[j], group[i][3], acc[i][3]);
 #pragma unroll
           for (int e = 0; e < 4; ++e) group[i][e] = 0.f;
         }
@@ -557,10 +599,17 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
         // shared-memory latency is other warps' issue time.
         mbarrier_wait(&full[slot], phase);
         const int at_slot = slot * Smem::kStageBytes;
-        uint32_t words[kStageKTiles];
+        uint32_t words[kStageKTiles][kWarpWords];  // one 4- or 8-byte load per k-tile
 #pragma unroll
-        for (int kt = 0; kt < kStageKTiles; ++kt)
-          words[kt] = *reinterpret_cast<const uint32_t*>(my_words + at_slot + kt * Smem::kWeightRowBytes);
+        for (int kt = 0; kt < kStageKTiles; ++kt) {
+          if constexpr (kWarpWords == 2) {
+            const uint2 v = *reinterpret_cast<const uint2*>(my_words + at_slot + kt * Smem::kWeightRowBytes);
+            words[kt][0] = v.x;
+            words[kt][kWarpWords - 1] = v.y;
+          } else {
+            words[kt][0] = *reinterpret_cast<const uint32_t*>(my_words + at_slot + kt * Smem::kWeightRowBytes);
+          }
+        }
         // A group of 128 or more spans several stages, each carrying a copy of its row: only the
         // group's first stage (or the segment's) unpacks it. (Every stage: 2% slower for ws8,
         // 1% for ws16, session 14.)
@@ -573,10 +622,25 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
           if ((kt == 0 && new_group) || (kTwoGroups && kt == 2)) {
             const int gr = kt / 2 * (kTwoGroups ? 1 : 0);
             const uint32_t zero_word = *reinterpret_cast<const uint32_t*>(my_zero + at_slot + gr * Smem::kZeroRowBytes);
-            const uint2 scale_words = *reinterpret_cast<const uint2*>(my_scales + at_slot + gr * Smem::kScaleRowBytes);
-            unpack_word_zeros<T, 1, true>(zero_word, r, zero, neg_zero16);
-            scale_lo = lane_scale(scale_words.x, lane);
-            scale_hi = lane_scale(scale_words.y, lane);
+            // Scale words 2 word .. 2 (word + kWarpWords) - 1 of the lane's 32-byte scale row.
+            uint32_t scale_words[2 * kWarpWords];
+            if constexpr (kWarpWords == 2) {
+              const uint4 v = *reinterpret_cast<const uint4*>(my_scales + at_slot + gr * Smem::kScaleRowBytes);
+              scale_words[0] = v.x;
+              scale_words[1] = v.y;
+              scale_words[2] = v.z;
+              scale_words[3] = v.w;
+            } else {
+              const uint2 v = *reinterpret_cast<const uint2*>(my_scales + at_slot + gr * Smem::kScaleRowBytes);
+              scale_words[0] = v.x;
+              scale_words[1] = v.y;
+            }
+            unpack_word_zeros<T, kWarpWords, true>(zero_word, first_word, zero, neg_zero16);
+#pragma unroll
+            for (int j = 0; j < kWarpWords; ++j) {
+              scale_lo[j] = lane_scale(scale_words[2 * j], lane);
+              scale_hi[j] = lane_scale(scale_words[2 * j + 1], lane);
+            }
           }
           // B of this k-step: matrix l (token group l / 2, k chunk 2 kt + l % 2) is matrix
           // kt kMatsPerStep + l of the stage, loaded four at a time (ws8: two k-steps' worth).
@@ -597,13 +661,15 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
             // arrive, a release, orders the reads before it).
             if (kt * kMatsPerStep + kLoadedMats >= kStageKTiles * kMatsPerStep) mbarrier_arrive(&empty[slot]);
           }
-          const uint32_t w[1] = {words[kt]};
-          uint32_t a[1][4];
-          const uint32_t no_scale[2] = {0u, 0u};
-          dequant_a_fragments<T, 1, false, true>(w, zero, neg_zero16, no_scale, a);
+          uint32_t a[kWarpWords][4];
+          const uint32_t no_scale[2 * kWarpWords] = {};
+          dequant_a_fragments<T, kWarpWords, false, true>(words[kt], zero, neg_zero16, no_scale, a);
           const int at = (kt * kMatsPerStep) % kLoadedMats;
 #pragma unroll
-          for (int i = 0; i < kTokens / 8; ++i) Act<T>::mma(group[i], a[0], b[at + 2 * i], b[at + 2 * i + 1]);
+          for (int j = 0; j < kWarpWords; ++j)
+#pragma unroll
+            for (int i = 0; i < kSetQuads; ++i)
+              Act<T>::mma(group[j * kSetQuads + i], a[j], b[at + 2 * i], b[at + 2 * i + 1]);
           if (kTwoGroups && (kt == 1 || kt == 3)) flush_group();
         }
         if (!kTwoGroups && --group_left == 0) {
@@ -613,7 +679,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
         if (++slot == kStages) slot = 0, phase ^= 1;
       }
       if (!kTwoGroups) flush_group();  // the segment ends inside a group (or on its end: adds 0)
-      ws_segment_epilogue<kWGs, kTokens, Out>(p, smem, acc, work, g, grid_n, n_tiles, wg, r, lane);
+      ws_segment_epilogue<kWGs, kTokens, Out, kWarpWords>(p, smem, acc, work, g, grid_n, n_tiles, wg, r, lane);
     } else {
       float acc[kRows][8][4];
       zero_accumulators(acc);
