@@ -668,6 +668,8 @@ struct WsConfig {
 //   ws8w / ws16w (session 14, experiment): ws8 / ws16 whose warps take two words per k-step (32
 //     features, two A fragments against one B; ws_warp_word): one consumer warpgroup over the
 //     block's 128 columns, 4 blocks per SM (consumers at 104 registers), 8 / 7 stages.
+//   ws32w (session 15, experiment): the same with 32 tokens at 3 blocks per SM (consumers at 136
+//     registers for 2 x 32 accumulator floats), 8 stages of 9 KB.
 // A tile the activation type does not support (the other scaled tiles for bf16) falls back to x64.
 template <typename T, typename F>
 auto with_tile(int tile, F&& f) {
@@ -698,6 +700,7 @@ auto with_tile(int tile, F&& f) {
     case kTileWS32B2: return f.template operator()<WsConfig<2, 32, 12, T, 2>>();
     case kTileWS8W: return f.template operator()<WsConfig<1, 8, 8, T, 4, 2>>();
     case kTileWS16W: return f.template operator()<WsConfig<1, 16, 7, T, 4, 2>>();
+    case kTileWS32W: return f.template operator()<WsConfig<1, 32, 8, T, 3, 2>>();
     default: break;
   }
   return f.template operator()<Config<T, 2, 2, false, 1>>();  // kTileX64
@@ -718,13 +721,13 @@ int sm_count(int device) {
 
 }  // namespace
 
-static bool is_ws_tile(int tile) { return tile >= kTileWS256 && tile <= kTileWS16W; }
+static bool is_ws_tile(int tile) { return tile >= kTileWS256 && tile <= kTileWS32W; }
 
 const char* tile_name(int tile) {
   static const char* const kNames[kTileCount] = {"x16", "x32", "x64", "s16", "s32", "s64", "s128",
                                                  "s16m", "s32m", "s64m", "w64", "w128", "w128n", "w64x",
                                                  "ws256", "ws128", "ws64", "ws64b2", "ws128w4",
-                                                 "ws16", "ws8", "ws16b2", "ws32b2", "ws8w", "ws16w"};
+                                                 "ws16", "ws8", "ws16b2", "ws32b2", "ws8w", "ws16w", "ws32w"};
   return tile >= 0 && tile < kTileCount ? kNames[tile] : "auto";
 }
 
