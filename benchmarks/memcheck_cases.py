@@ -47,7 +47,7 @@ PRESETS = {
         "512x192:g-1:M128:bfloat16",  # per-channel
         "2048x512:g32:M300:float16",  # group 32 (two groups per k stage), M > 256
         "4096x4096:g128:M1:bfloat16",  # x16 (bf16, small layer), split-K path
-        "4096x4096:g128:M16:float16",  # ws16b2 (mma.sync behind the ws producer), 8 K ranges a tile
+        "4096x4096:g128:M16:float16",  # ws16 (mma.sync behind the ws producer), K ranges or stream-K
         "2048x1024:g128:M256:bfloat16",  # large-M tile
         "1024x512:g128:M256:float16",  # fp16 large M: the op's dequant path, and the kernel itself
         "512x264:g128:M5:float16:bias",  # ws8, bias, padded N
@@ -58,7 +58,7 @@ PRESETS = {
         "2048x4096:g64:M50:float16:bias",  # ws64 on a small layer, bias
         "2048x4160:g128:M300:bfloat16",  # bf16 through ws256: the per-row fp16 copy of x (quick_act_scale.cu)
         "4096x8192:g128:M5:bfloat16",  # bf16 through ws8 (the same copy), stream-K
-        "4096x8192:g128:M24:bfloat16:bias",  # bf16 through ws32b2, bias
+        "4096x8192:g128:M24:bfloat16:bias",  # bf16 through ws32w (two words per warp), bias
         "5120x15360:g128:M100:float16",  # a large layer: ws128w4 (four consumer warpgroups)
         "5120x15360:g32:M72:bfloat16:bias",  # ws128w4, bf16, group 32, bias
     ],

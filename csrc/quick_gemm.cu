@@ -665,11 +665,11 @@ struct WsConfig {
 //     into up to 8 K ranges per tile or shared out by one stream-K wave (small_tile_schedule).
 //     ws16b2: ws16 at two blocks per SM (14 stages, consumers at 104 registers); ws32b2 the same
 //     with 32 tokens (12 stages of 9 KB).
-//   ws8w / ws16w (session 14, experiment): ws8 / ws16 whose warps take two words per k-step (32
+//   ws8w / ws16w (session 15): ws8 / ws16 whose warps take two words per k-step (32
 //     features, two A fragments against one B; ws_warp_word): one consumer warpgroup over the
 //     block's 128 columns, 4 blocks per SM (consumers at 104 registers), 8 / 7 stages.
-//   ws32w (session 15, experiment): the same with 32 tokens at 3 blocks per SM (consumers at 136
-//     registers for 2 x 32 accumulator floats), 8 stages of 9 KB.
+//   ws32w (session 15; the plans' tile from M = 17 to 32): the same with 32 tokens at 3 blocks
+//     per SM (consumers at 136 registers for 2 x 32 accumulator floats), 8 stages of 9 KB.
 // A tile the activation type does not support (the other scaled tiles for bf16) falls back to x64.
 template <typename T, typename F>
 auto with_tile(int tile, F&& f) {

@@ -5,7 +5,8 @@ freeze it). The paths:
 
 * a **kernel tile** (``"x16"``, ``"x32"``, ``"x64"``, ``"s16"``, ``"s32"``, ``"s64"``,
   ``"s128"``, ``"s16m"``, ``"s32m"``, ``"s64m"``, ``"w64"``, ``"w128"``, ``"w128n"``, ``"w64x"``,
-  ``"ws256"``, ``"ws128"``, ``"ws64"``, ``"ws64b2"``, ``"ws128w4"``, ``"ws16"``, ``"ws8"``, ``"ws16b2"``, ``"ws32b2"``;
+  ``"ws256"``, ``"ws128"``, ``"ws64"``, ``"ws64b2"``, ``"ws128w4"``, ``"ws16"``, ``"ws8"``, ``"ws16b2"``,
+  ``"ws32b2"``, ``"ws8w"``, ``"ws16w"``, ``"ws32w"``;
   ``vllm_quick._C.TILES``, described in csrc/quick_gemm.cu, ``with_tile``): the QUICK kernel
   streaming int4 weights, with that many rows per thread block. ``x`` tiles keep the exact
   integers ``q - z`` in the mma fragments and scale per group in fp32 (fp16 and bf16); ``s``
@@ -27,10 +28,13 @@ freeze it). The paths:
   with four consumer warpgroups over 256 columns (both dtypes' from M = 65 to 128 on the large
   layers, K x N >= LARGE_LAYER_ELEMENTS). They share out the
   last, partial wave's tiles along K (tail splits or a stream-K wave, csrc/quick_stream_k.cuh).
-  ``ws8`` / ``ws16`` / ``ws16b2`` (session 14) are the same producer feeding ``mma.sync``
-  consumers for small M (8 / 16 tokens per block, three blocks per SM, ``ws16b2`` two), with the
-  exact ``q - z`` in the fragments and each group scaled in fp32: every block streams the same
-  number of K stages (stream-K over one full wave), so no split-K rule per shape;
+  ``ws8`` / ``ws16`` / ``ws16b2`` / ``ws32b2`` (session 14) are the same producer feeding
+  ``mma.sync`` consumers for small M (8 / 16 / 32 tokens per block, three blocks per SM, the
+  ``b2`` tiles two), with the exact ``q - z`` in the fragments and each group scaled in fp32;
+  ``ws8w`` / ``ws16w`` / ``ws32w`` (session 15) have each consumer warp take two weight words
+  per k-step (32 features) with one warpgroup per block (four blocks per SM, ``ws32w`` three).
+  The plans use ``ws8`` to M = 8, ``ws16`` to 16 and ``ws32w`` to 32; the partial wave is split
+  along K or shared out by stream-K by ``small_tile_schedule`` (csrc/quick_stream_k.cuh);
   Their fragments are fp16, so a bf16 x goes in as an exact fp16 copy, row i times 2^e_i
   (csrc/quick_act_scale.cu), and the tile writes bf16 y[i] * 2^-e_i from its fp32 accumulators
   (one fp16 rounding of (q - z) * s, like dequant_fp16's dense weight);
@@ -120,10 +124,19 @@ Plan = tuple[tuple[int | None, str], ...]
 # M = 4096 fp16 takes ws256 as bf16 does
 # (kernel_h100_s14_large_m.json, the 8B layers: ws256 0.98 / 0.95 / 1.01x cuBLAS at M = 8192
 # against dequant's 0.89 / 0.94 / 0.91; 1.00 / 1.01 / 1.04 against 0.93 / 0.99 / 0.96 at 4096).
+# Session 15 (H100, benchmarks/results/kernel_h100_s15_words2.json, 12 shapes, M = 1-16, fp16 and
+# bf16, time over the best of ws8 / ws8w / ws16 / ws16w / ws16b2, geomean): at M = 16 ws16 1.02-1.03
+# against ws16b2 1.07-1.08 (mid layers 1.00-1.01 against 1.04-1.05, small 1.00-1.01 against 1.00,
+# large 1.04-1.05 against 1.11-1.13) -> ws16 from 9 to 16 everywhere; ws8 keeps 1-8 (ws8w 1.04
+# against 1.02: faster on six wide layers, slower on the down projections). M = 17-48
+# (kernel_h100_s15_ws32w.json, time over the best of ws16 / ws32b2 / ws32w / s32m / ws64b2): ws32w,
+# two weight words per warp over 32 tokens at three blocks per SM, 1.00 against ws32b2 1.02-1.20
+# and s32m 1.05-1.23 at M = 17 / 24 / 32 on every layer class, fp16 and bf16 -> ws32w from 17 to 32
+# everywhere; ws64b2 keeps 33-64 (ws32w 1.12-1.42 at 48).
 PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
-        torch.float16: ((8, "ws8"), (16, "ws16b2"), (32, "ws32b2"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
-        torch.bfloat16: ((8, "ws8"), (16, "ws16b2"), (32, "ws32b2"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
+        torch.float16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
+        torch.bfloat16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
     },
 }
 # Session 11: the ws tiles' bf16 copy of x into fp16 is one kernel per call (per-row powers of
@@ -168,9 +181,9 @@ PLANS: dict[int, dict[torch.dtype, Plan]] = {
 SMALL_LAYER_ELEMENTS = 4096 * 6144
 SMALL_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
-        torch.float16: ((2, "s16m"), (8, "ws8"), (16, "ws16b2"), (32, "ws32b2"), (64, "ws64b2"), (128, "ws128"),
+        torch.float16: ((2, "s16m"), (8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128"),
                         (None, "ws256")),
-        torch.bfloat16: ((2, "x16"), (8, "ws8"), (16, "ws16b2"), (32, "ws32b2"), (64, "ws64b2"), (128, "ws128"),
+        torch.bfloat16: ((2, "x16"), (8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128"),
                          (None, "ws256")),
     },
 }
@@ -185,8 +198,8 @@ SMALL_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
 LARGE_LAYER_ELEMENTS = 5120 * 15360
 LARGE_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
-        torch.float16: ((8, "ws8"), (16, "ws16"), (32, "s32m"), (64, "ws64b2"), (128, "ws128w4"), (None, "ws256")),
-        torch.bfloat16: ((8, "ws8"), (16, "ws16"), (32, "s32m"), (64, "ws64b2"), (128, "ws128w4"), (None, "ws256")),
+        torch.float16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128w4"), (None, "ws256")),
+        torch.bfloat16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128w4"), (None, "ws256")),
     },
 }
 # Families not measured yet: the kernel's own choice everywhere (always correct, maybe not fastest).
