@@ -30,6 +30,7 @@ enum Tile : int {
   kTileWS16B2,                                       // ws16 at two blocks per SM (104 registers)
   kTileWS32B2,                                       // the same with 32 tokens, two blocks per SM
   kTileWS8W, kTileWS16W, kTileWS32W,                 // ws8 / ws16 / ws32 with two words per warp
+  kTileWS48W,                                        // 48 tokens, two blocks per SM (experiment)
   kTileCount
 };
 const char* tile_name(int tile);                // "x16", ..., "auto" for anything else

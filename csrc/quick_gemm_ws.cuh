@@ -37,10 +37,10 @@
 namespace quick {
 namespace {
 
-// The ws tiles with fewer than 64 tokens (ws8 / ws16 / ws16b2 / ws32b2) have mma.sync consumers
-// instead of wgmma ones (the kernel's K loop) and their own schedule rule (plan() in
-// quick_gemm.cu, small_tile_schedule).
-constexpr bool ws_tile_uses_mma_sync(int tokens) { return tokens < 64; }
+// The ws tiles with fewer than 64 tokens (ws8 / ws16 / ws16b2 / ws32b2) and those whose warps
+// take two words per k-step (ws8w .. ws48w) have mma.sync consumers instead of wgmma ones (the
+// kernel's K loop) and their own schedule rule (plan() in quick_gemm.cu, small_tile_schedule).
+constexpr bool ws_tile_uses_mma_sync(int tokens, int warp_words) { return tokens < 64 || warp_words == 2; }
 
 // ------------------------------------------------------------------------------------------
 // mbarriers and TMA (sm_90): the PTX ISA's "mbarrier" and "cp.async.bulk" sections. On other
@@ -416,7 +416,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
   using Smem = WsSmem<kTiles, kTokens, kStages>;
   using Registers = WsRegisters<kWGs, kBlocksPerSm>;
   // ws16 / ws8 (fewer than 64 tokens): mma.sync consumers instead of wgmma (the K loop below).
-  constexpr bool kMmaSync = ws_tile_uses_mma_sync(kTokens);
+  constexpr bool kMmaSync = ws_tile_uses_mma_sync(kTokens, kWarpWords);
   constexpr int kRows = kMmaSync ? 1 : kTokens / 64;  // accumulator as [kRows][8][4] floats (wgmma_step)
   constexpr int kGroupRows = kTwoGroups ? 2 : 1;
   static_assert(kTokens * kTiles * kTileN * 2 <= Smem::kBarrierOffset, "the output tile must fit in the pipeline");
