@@ -58,7 +58,7 @@ PRESETS = {
         "2048x4096:g64:M50:float16:bias",  # ws64 on a small layer, bias
         "2048x4160:g128:M300:bfloat16",  # bf16 through ws256: the per-row fp16 copy of x (quick_act_scale.cu)
         "4096x8192:g128:M5:bfloat16",  # bf16 through ws8 (the same copy), stream-K
-        "4096x8192:g128:M24:bfloat16:bias",  # bf16 through ws32w (two words per warp), bias
+        "4096x8192:g128:M24:bfloat16:bias",  # bf16 through ws32b2, bias
         "5120x15360:g128:M100:float16",  # a large layer: ws128w4 (four consumer warpgroups)
         "5120x15360:g32:M72:bfloat16:bias",  # ws128w4, bf16, group 32, bias
     ],

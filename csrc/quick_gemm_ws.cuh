@@ -38,7 +38,7 @@ namespace quick {
 namespace {
 
 // The ws tiles with fewer than 64 tokens (ws8 / ws16 / ws16b2 / ws32b2) and those whose warps
-// take two words per k-step (ws8w .. ws48w) have mma.sync consumers instead of wgmma ones (the
+// take two words per k-step (ws8w, ws16w) have mma.sync consumers instead of wgmma ones (the
 // kernel's K loop) and their own schedule rule (plan() in quick_gemm.cu, small_tile_schedule).
 constexpr bool ws_tile_uses_mma_sync(int tokens, int warp_words) { return tokens < 64 || warp_words == 2; }
 
