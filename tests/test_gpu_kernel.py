@@ -367,7 +367,7 @@ def test_ws_tile_partial_blocks_and_split_k(kernel, monkeypatch, group_size, dty
 
 @pytest.mark.parametrize("tile", WS_TILES)
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("group_size", [32, 128, -1])
 def test_ws_tile_stream_k(kernel, monkeypatch, group_size, dtype_name, tile):
     """The ws tiles compute the last, partial wave's tiles as pieces of K (csrc/quick_stream_k.cuh):
     with e.g. 165 tiles on 132 SMs, 132 whole tiles and 33 tiles split 3 or 8 ways
@@ -376,7 +376,8 @@ def test_ws_tile_stream_k(kernel, monkeypatch, group_size, dtype_name, tile):
     last, partial row block (rows >= M), an odd tile count (an idle warpgroup in the last column
     block), with and without bias; and a call whose every tile is shared. Each matches the
     reference and a second call gives the same bits (the reduction sums in a fixed order, and
-    every counter was left at zero)."""
+    every counter was left at zero). Per-channel groups too: session 15's ws32w / ws48w differed
+    between calls only there, on shared tiles."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip(f"{tile} runs on sm_90 only")
     dtype = DTYPES[dtype_name]
@@ -398,7 +399,7 @@ def test_ws_tile_stream_k(kernel, monkeypatch, group_size, dtype_name, tile):
         for splits, streamk in (("1", "0"), ("3", "0"), ("8", "0"), ("", "always")):
             monkeypatch.setenv("VLLM_QUICK_WS_SPLITS", splits)
             monkeypatch.setenv("VLLM_QUICK_WS_STREAMK", streamk)
-            plan = kernel.plan(m, k, n, group_size, dtype == torch.bfloat16, index)
+            plan = kernel.plan(m, k, n, w.group, dtype == torch.bfloat16, index)
             if splits == "1":
                 assert (plan["sk_tiles"], plan["dp_blocks"]) == (0, tiles), plan
             elif splits:
