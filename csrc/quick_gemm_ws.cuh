@@ -202,7 +202,7 @@ __device__ __forceinline__ WsWarpWord ws_warp_word(int wg, int r) {
 // element (128 per thread, ~10% of a 4096-deep K loop's instructions), 8-byte pieces of 32-byte
 // sectors. Here: 16 stmatrix per thread (the D fragment of a k-step is, per
 // 8 tokens, two 8x8 [feature][token] matrices; .trans stores them as [token][8 features]) and
-// 16 coalesced 16-byte copies per thread. Rows of the smem tile are kWGs * 128 bytes; 16-byte
+// 16 coalesced 16-byte copies per thread. Rows of the smem tile are kTiles * 128 bytes; 16-byte
 // chunk c of row t sits at chunk c ^ (t % 8), so the 8 rows of one stmatrix matrix hit 8
 // different bank groups (no conflict) and a row is still read as one contiguous line.
 // kTiles: 64-column tiles per block; (tile, word): the fragments' 16 features are word `word` of
@@ -605,7 +605,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
           if constexpr (kWarpWords == 2) {
             const uint2 v = *reinterpret_cast<const uint2*>(my_words + at_slot + kt * Smem::kWeightRowBytes);
             words[kt][0] = v.x;
-            words[kt][kWarpWords - 1] = v.y;
+            words[kt][1] = v.y;
           } else {
             words[kt][0] = *reinterpret_cast<const uint32_t*>(my_words + at_slot + kt * Smem::kWeightRowBytes);
           }
@@ -622,24 +622,16 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
           if ((kt == 0 && new_group) || (kTwoGroups && kt == 2)) {
             const int gr = kt / 2 * (kTwoGroups ? 1 : 0);
             const uint32_t zero_word = *reinterpret_cast<const uint32_t*>(my_zero + at_slot + gr * Smem::kZeroRowBytes);
-            // Scale words 2 word .. 2 (word + kWarpWords) - 1 of the lane's 32-byte scale row.
-            uint32_t scale_words[2 * kWarpWords];
-            if constexpr (kWarpWords == 2) {
-              const uint4 v = *reinterpret_cast<const uint4*>(my_scales + at_slot + gr * Smem::kScaleRowBytes);
-              scale_words[0] = v.x;
-              scale_words[1] = v.y;
-              scale_words[2] = v.z;
-              scale_words[3] = v.w;
-            } else {
-              const uint2 v = *reinterpret_cast<const uint2*>(my_scales + at_slot + gr * Smem::kScaleRowBytes);
-              scale_words[0] = v.x;
-              scale_words[1] = v.y;
-            }
-            unpack_word_zeros<T, kWarpWords, true>(zero_word, first_word, zero, neg_zero16);
+            const __half* tile_scales =
+                reinterpret_cast<const __half*>(smem + Smem::kScaleOffset + at_slot + gr * Smem::kScaleRowBytes) +
+                ww.tile * kTileN;
+            uint32_t scale_pair[2 * kWarpWords];
+            unpack_word_params<T, kWarpWords, true>(zero_word, tile_scales, lane, first_word, zero, neg_zero16,
+                                                    scale_pair);
 #pragma unroll
             for (int j = 0; j < kWarpWords; ++j) {
-              scale_lo[j] = lane_scale(scale_words[2 * j], lane);
-              scale_hi[j] = lane_scale(scale_words[2 * j + 1], lane);
+              scale_lo[j] = scale_pair_to_float(scale_pair[2 * j]);
+              scale_hi[j] = scale_pair_to_float(scale_pair[2 * j + 1]);
             }
           }
           // B of this k-step: matrix l (token group l / 2, k chunk 2 kt + l % 2) is matrix

@@ -201,9 +201,9 @@ __device__ __forceinline__ uint32_t lane_scale_pair(uint32_t scale_word, int lan
   return __byte_perm(scale_word, 0, ((lane / 4) & 1) ? 0x3232u : 0x1010u);
 }
 
-// The same scale as one fp32 value (the mma.sync ws tiles scale each group's sum in fp32).
-__device__ __forceinline__ float lane_scale(uint32_t scale_word, int lane) {
-  return __half2float(__ushort_as_half(static_cast<unsigned short>(lane_scale_pair(scale_word, lane))));
+// The scale of such a pair as one fp32 value (the mma.sync ws tiles scale each group's sum in fp32).
+__device__ __forceinline__ float scale_pair_to_float(uint32_t scale_pair) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(scale_pair)));
 }
 
 // Zeros and scales of the warp's kWords words (first_word on), for dequant_a_fragments: the
