@@ -597,7 +597,7 @@ struct WsConfig {
   static constexpr bool kClusterReduce = false;  // (256 tokens: no room for the partial tile)
   static constexpr bool kWgmma = true;
   static constexpr bool kStreamK = true;  // stream-K over the last wave's tiles (ws_block_work)
-  static constexpr bool kMmaSync = ws_tile_uses_mma_sync(kTokens, kWarpWords);  // ws8 .. ws32b2, ws8w, ws16w
+  static constexpr bool kMmaSync = ws_tile_uses_mma_sync(kTokens, kWarpWords);  // ws8 .. ws32b2, ws8w .. ws32w
   // Group size 32 (two group rows per stage) and every other group size: two kernels.
   static constexpr auto kernel = quick_gemm_ws_kernel<kWGs, kTokens, kStages, false, Out, kBlocksPerSm, kWarpWords>;
   static constexpr auto kernel_two_groups =
@@ -668,9 +668,10 @@ struct WsConfig {
 //   ws8w / ws16w (session 15): ws8 / ws16 whose warps take two words per k-step (32
 //     features, two A fragments against one B; ws_warp_word): one consumer warpgroup over the
 //     block's 128 columns, 4 blocks per SM (consumers at 104 registers), 8 / 7 stages.
-//   (ws32w / ws48w, the same with 32 / 48 tokens at 3 / 2 blocks per SM, were 12-19% faster than
-//     ws32b2 / s32m at M = 17-32 but gave non-deterministic results with per-channel groups on
-//     shared tiles: branch wip/ws-wide, benchmarks/KERNEL_NOTES.md session 15.)
+//   ws32w (sessions 15-16; the plans' tile from M = 17 to 32): the same with 32 tokens at 3
+//     blocks per SM (consumers at 136 registers for 2 x 32 accumulator floats), 8 stages of 9 KB.
+//     (Session 15 saw it differ between calls with per-channel groups on shared tiles, and took it
+//     out; session 16 could not reproduce that on this code: benchmarks/KERNEL_NOTES.md.)
 // A tile the activation type does not support (the other scaled tiles for bf16) falls back to x64.
 template <typename T, typename F>
 auto with_tile(int tile, F&& f) {
@@ -701,6 +702,7 @@ auto with_tile(int tile, F&& f) {
     case kTileWS32B2: return f.template operator()<WsConfig<2, 32, 12, T, 2>>();
     case kTileWS8W: return f.template operator()<WsConfig<1, 8, 8, T, 4, 2>>();
     case kTileWS16W: return f.template operator()<WsConfig<1, 16, 7, T, 4, 2>>();
+    case kTileWS32W: return f.template operator()<WsConfig<1, 32, 8, T, 3, 2>>();
     default: break;
   }
   return f.template operator()<Config<T, 2, 2, false, 1>>();  // kTileX64
@@ -721,13 +723,16 @@ int sm_count(int device) {
 
 }  // namespace
 
-static bool is_ws_tile(int tile) { return tile >= kTileWS256 && tile <= kTileWS16W; }
+// The ws tiles: the configurations with the stream-K schedule (WsConfig), whatever their place in Tile.
+static bool is_ws_tile(int tile) {
+  return tile >= 0 && tile < kTileCount && with_tile<__half>(tile, []<typename Cfg>() { return Cfg::kStreamK; });
+}
 
 const char* tile_name(int tile) {
   static const char* const kNames[kTileCount] = {"x16", "x32", "x64", "s16", "s32", "s64", "s128",
                                                  "s16m", "s32m", "s64m", "w64", "w128", "w128n", "w64x",
                                                  "ws256", "ws128", "ws64", "ws64b2", "ws128w4",
-                                                 "ws16", "ws8", "ws16b2", "ws32b2", "ws8w", "ws16w"};
+                                                 "ws16", "ws8", "ws16b2", "ws32b2", "ws8w", "ws16w", "ws32w"};
   return tile >= 0 && tile < kTileCount ? kNames[tile] : "auto";
 }
 

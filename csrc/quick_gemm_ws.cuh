@@ -38,7 +38,7 @@ namespace quick {
 namespace {
 
 // The ws tiles with fewer than 64 tokens (ws8 / ws16 / ws16b2 / ws32b2) and those whose warps
-// take two words per k-step (ws8w, ws16w) have mma.sync consumers instead of wgmma ones (the
+// take two words per k-step (ws8w, ws16w, ws32w) have mma.sync consumers instead of wgmma ones (the
 // kernel's K loop) and their own schedule rule (plan() in quick_gemm.cu, small_tile_schedule).
 constexpr bool ws_tile_uses_mma_sync(int tokens, int warp_words) { return tokens < 64 || warp_words == 2; }
 
@@ -183,7 +183,7 @@ __device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, uint32_t r0, ui
 
 // Which weight words a consumer warp dequantises (of its lane's 16 bytes per 16 x 64 tile): with
 // one word per k-step (the wgmma tiles, ws8 / ws16 / ...), warp r of warpgroup wg takes word r of
-// tile wg; with two (ws8w / ws16w), warps r and r + 1 share tile 2 wg + r / 2, warp r taking words
+// tile wg; with two (ws8w / ws16w / ws32w), warps r and r + 1 share tile 2 wg + r / 2, warp r taking words
 // 2 (r % 2) and + 1 -- 32 features, whose two A fragments multiply the same B fragments.
 struct WsWarpWord {
   int tile;  // 64-column tile of the block
@@ -265,7 +265,7 @@ __device__ __forceinline__ void copy_output_tile(const KernelParams& p, const un
 // (stage_output_fragments, then copy_output_tile); otherwise straight from the fragments
 // (store_output). Every consumer thread calls this (the barriers count all of them); warpgroups
 // whose columns lie past N store nothing.
-// kWarpWords: weight words a consumer warp takes per k-step (1; 2 for ws8w / ws16w): `out` holds
+// kWarpWords: weight words a consumer warp takes per k-step (1; 2 for ws8w / ws16w / ws32w): `out` holds
 // kWarpWords sets of kTokens / 8 quads, set j being word (r % kWarpsPerTile) kWarpWords + j of
 // tile wg kWarpWords + r / kWarpsPerTile of the block (WsWarpWord).
 template <int kWGs, int kTokens, typename Out, int kWarpWords = 1>
@@ -402,7 +402,7 @@ struct WsStageWords {
 // accumulators of row i are multiplied by 2^-e_i, exactly, before the bf16 output -- one rounding of (q - z) * s to fp16
 // and one of y to bf16, as in ops.fp16_product_for_bf16 but without its passes over y.
 // kWarpWords: weight words per consumer warp and k-step (ws_warp_word): 1, or 2 for the mma.sync
-// consumers of ws8w / ws16w; a block has kWGs kWarpWords 64-column tiles.
+// consumers of ws8w / ws16w / ws32w; a block has kWGs kWarpWords 64-column tiles.
 template <int kWGs, int kTokens, int kStages, bool kTwoGroups, typename Out, int kBlocksPerSm, int kWarpWords = 1>
 __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
     quick_gemm_ws_kernel(const __grid_constant__ CUtensorMap act_map, const KernelParams p) {
@@ -555,7 +555,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
       // The fragments hold the exact q - z (small integers in fp16): a group's products sum in
       // `group` and join `acc` times the two features' fp32 scales when the group ends -- no
       // HMUL2 per weight (the scaled fragments' 4 a word) and no fp16 rounding of (q - z) s.
-      // kWarpWords = 2 (ws8w / ws16w): the warp takes two words per k-step (ws_warp_word), two A
+      // kWarpWords = 2 (ws8w / ws16w / ws32w): the warp takes two words per k-step (ws_warp_word), two A
       // fragments against the same B: the per-stage work (wait, addresses, B loads, bookkeeping)
       // is shared by twice the weights, and the two products are independent chains.
       constexpr int kMatsPerStep = kTokens / 4;  // 8x8 matrices of B per k-step: token groups x 2
@@ -592,8 +592,17 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
           for (int e = 0; e < 4; ++e) group[i][e] = 0.f;
         }
       };
+      // The slot of the stage before, which goes back to the producer at the top of the next
+      // stage (and after the segment's last): by then every mma.sync of that stage has issued, and
+      // an mma waits for the ldmatrix results it multiplies, so all reads of the slot are done.
+      // (Sessions 14-15 arrived right after the stage's last ldmatrix was issued; ptxas puts no
+      // scoreboard wait on that arrive, leaving the order of the reads and the release to the
+      // hardware. Session 16, H100: the later release is also 1-2% faster on every mma.sync
+      // tile, results/kernel_h100_s16_late_arrive.md.)
+      int read_slot = -1;
 #pragma unroll 1
       for (int s = 0; s < stage_count; ++s) {
+        if (read_slot >= 0) mbarrier_arrive(&empty[read_slot]);
         // The stage's words are read where it starts (not a stage ahead, as the wgmma consumers
         // do: at 72 registers the second set spilled); with 24 consumer warps per SM the
         // shared-memory latency is other warps' issue time.
@@ -649,9 +658,6 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
 #pragma unroll
               for (int i = 0; i < 4; ++i) b[4 * q + i] = r4[i];
             }
-            // The stage's last ldmatrix is issued: the slot goes back to the producer (the
-            // arrive, a release, orders the reads before it).
-            if (kt * kMatsPerStep + kLoadedMats >= kStageKTiles * kMatsPerStep) mbarrier_arrive(&empty[slot]);
           }
           uint32_t a[kWarpWords][4];
           const uint32_t no_scale[2 * kWarpWords] = {};
@@ -668,8 +674,10 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
           flush_group();
           group_left = group_stages;
         }
+        read_slot = slot;
         if (++slot == kStages) slot = 0, phase ^= 1;
       }
+      mbarrier_arrive(&empty[read_slot]);  // (a segment has at least one stage)
       if (!kTwoGroups) flush_group();  // the segment ends inside a group (or on its end: adds 0)
       ws_segment_epilogue<kWGs, kTokens, Out, kWarpWords>(p, smem, acc, work, g, grid_n, n_tiles, wg, r, lane);
     } else {

@@ -6,7 +6,7 @@ freeze it). The paths:
 * a **kernel tile** (``"x16"``, ``"x32"``, ``"x64"``, ``"s16"``, ``"s32"``, ``"s64"``,
   ``"s128"``, ``"s16m"``, ``"s32m"``, ``"s64m"``, ``"w64"``, ``"w128"``, ``"w128n"``, ``"w64x"``,
   ``"ws256"``, ``"ws128"``, ``"ws64"``, ``"ws64b2"``, ``"ws128w4"``, ``"ws16"``, ``"ws8"``, ``"ws16b2"``,
-  ``"ws32b2"``, ``"ws8w"``, ``"ws16w"``;
+  ``"ws32b2"``, ``"ws8w"``, ``"ws16w"``, ``"ws32w"``;
   ``vllm_quick._C.TILES``, described in csrc/quick_gemm.cu, ``with_tile``): the QUICK kernel
   streaming int4 weights, with that many rows per thread block. ``x`` tiles keep the exact
   integers ``q - z`` in the mma fragments and scale per group in fp32 (fp16 and bf16); ``s``
@@ -31,10 +31,9 @@ freeze it). The paths:
   ``ws8`` / ``ws16`` / ``ws16b2`` / ``ws32b2`` (session 14) are the same producer feeding
   ``mma.sync`` consumers for small M (8 / 16 / 32 tokens per block, three blocks per SM, the
   ``b2`` tiles two), with the exact ``q - z`` in the fragments and each group scaled in fp32;
-  ``ws8w`` / ``ws16w`` (session 15, in no plan) have each consumer warp take two weight words
-  per k-step (32 features) with one warpgroup per block (four blocks per SM).
-  The plans use ``ws8`` to M = 8, ``ws16`` to 16, then ``ws32b2`` (``s32m`` on the large layers)
-  to 32; the partial wave is split
+  ``ws8w`` / ``ws16w`` / ``ws32w`` (sessions 15-16) have each consumer warp take two weight words
+  per k-step (32 features) with one warpgroup per block (four blocks per SM, ``ws32w`` three).
+  The plans use ``ws8`` to M = 8, ``ws16`` to 16 and ``ws32w`` to 32; the partial wave is split
   along K or shared out by stream-K by ``small_tile_schedule`` (csrc/quick_stream_k.cuh);
   Their fragments are fp16, so a bf16 x goes in as an exact fp16 copy, row i times 2^e_i
   (csrc/quick_act_scale.cu), and the tile writes bf16 y[i] * 2^-e_i from its fp32 accumulators
@@ -133,13 +132,16 @@ Plan = tuple[tuple[int | None, str], ...]
 # (kernel_h100_s15_ws32w.json, time over the best of ws16 / ws32b2 / ws32w / s32m / ws64b2): ws32w,
 # two weight words per warp over 32 tokens at three blocks per SM, 1.00 against ws32b2 1.02-1.20
 # and s32m 1.05-1.23 at M = 17 / 24 / 32 on every layer class, fp16 and bf16 -- but it gave
-# different results on repeated calls with per-channel groups where blocks share a tile (up to
-# 0.13 absolute on one warp's 32 columns), so it is not in the plans (branch wip/ws-wide):
-# M = 17-32 keeps session 14's ws32b2 / s32m.
+# different results on repeated calls with per-channel groups where blocks share a tile, so it
+# stayed out of the plans. Session 16 could not reproduce that on the current code (H100, 1,000+
+# calls on the cases that failed; benchmarks/KERNEL_NOTES.md) and re-timed it with the later slot
+# release of the mma.sync tiles (kernel_h100_s16_late_arrive.json, fp16, 12 shapes): ws32w 1.00
+# against ws32b2 1.13-1.14 and s32m 1.13-1.19 at M = 24 / 32 (ws32b2 ties it on 4096 x 4096 only)
+# -> ws32w from 17 to 32 on every layer class; ws64b2 keeps 33-64 (ws32w 1.36 at 40-48).
 PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
-        torch.float16: ((8, "ws8"), (16, "ws16"), (32, "ws32b2"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
-        torch.bfloat16: ((8, "ws8"), (16, "ws16"), (32, "ws32b2"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
+        torch.float16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
+        torch.bfloat16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
     },
 }
 # Session 11: the ws tiles' bf16 copy of x into fp16 is one kernel per call (per-row powers of
@@ -184,9 +186,9 @@ PLANS: dict[int, dict[torch.dtype, Plan]] = {
 SMALL_LAYER_ELEMENTS = 4096 * 6144
 SMALL_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
-        torch.float16: ((2, "s16m"), (8, "ws8"), (16, "ws16"), (32, "ws32b2"), (64, "ws64b2"), (128, "ws128"),
+        torch.float16: ((2, "s16m"), (8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128"),
                         (None, "ws256")),
-        torch.bfloat16: ((2, "x16"), (8, "ws8"), (16, "ws16"), (32, "ws32b2"), (64, "ws64b2"), (128, "ws128"),
+        torch.bfloat16: ((2, "x16"), (8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128"),
                          (None, "ws256")),
     },
 }
@@ -201,8 +203,8 @@ SMALL_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
 LARGE_LAYER_ELEMENTS = 5120 * 15360
 LARGE_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
-        torch.float16: ((8, "ws8"), (16, "ws16"), (32, "s32m"), (64, "ws64b2"), (128, "ws128w4"), (None, "ws256")),
-        torch.bfloat16: ((8, "ws8"), (16, "ws16"), (32, "s32m"), (64, "ws64b2"), (128, "ws128w4"), (None, "ws256")),
+        torch.float16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128w4"), (None, "ws256")),
+        torch.bfloat16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128w4"), (None, "ws256")),
     },
 }
 # Families not measured yet: the kernel's own choice everywhere (always correct, maybe not fastest).
