@@ -119,6 +119,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--target-ms", type=float, default=100.0,
                    help="GPU time to spend timing one backend on one case (sets the replay count)")
     p.add_argument("--no-graph", action="store_true", help="time with CUDA events only")
+    p.add_argument("--settle-s", type=float, default=0.0,
+                   help="seconds of idle GPU before each backend's timings of a case, so that a "
+                        "small-M timing does not start right after another backend's large-M runs")
     p.add_argument("--l2-mb", type=float, default=0.0,
                    help="L2 size used to size the weight rotation (0 = ask the device)")
     p.add_argument("--max-rel-err", type=float, default=REL_ERR_LIMIT,
@@ -456,6 +459,9 @@ def run_sweep(args) -> int:
                         fatal = cuda_alive()
                         continue
                     rotation_mb = per_copy * len(states) / 2**20
+                    if args.settle_s > 0:
+                        torch.cuda.synchronize()
+                        time.sleep(args.settle_s)
                     for m in args.m:
                         row = rows[(name, m, g, dname)]
                         if time.monotonic() > deadline:
