@@ -119,9 +119,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--target-ms", type=float, default=100.0,
                    help="GPU time to spend timing one backend on one case (sets the replay count)")
     p.add_argument("--no-graph", action="store_true", help="time with CUDA events only")
-    p.add_argument("--settle-s", type=float, default=0.0,
+    p.add_argument("--settle-s", type=float, default=0.5,
                    help="seconds of idle GPU before each backend's timings of a case, so that a "
-                        "small-M timing does not start right after another backend's large-M runs")
+                        "small-M timing does not start right after another backend's large-M runs "
+                        "(on the H100 those hit the power cap and lower the SM clock for a while: "
+                        "QUICK's small-M tiles then took up to 16%% longer, cuBLAS 1%%; 0 = off)")
     p.add_argument("--l2-mb", type=float, default=0.0,
                    help="L2 size used to size the weight rotation (0 = ask the device)")
     p.add_argument("--max-rel-err", type=float, default=REL_ERR_LIMIT,

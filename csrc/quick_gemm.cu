@@ -670,8 +670,8 @@ struct WsConfig {
 //     block's 128 columns, 4 blocks per SM (consumers at 104 registers), 8 / 7 stages.
 //   ws32w (sessions 15-16; the plans' tile from M = 17 to 32): the same with 32 tokens at 3
 //     blocks per SM (consumers at 136 registers for 2 x 32 accumulator floats), 8 stages of 9 KB.
-//     (Session 15 saw it differ between calls with per-channel groups on shared tiles, and took it
-//     out; session 16 could not reproduce that on this code: benchmarks/KERNEL_NOTES.md.)
+//     (Session 15 saw it differ between calls, now and then: its consumers released a stage's
+//     slot before their ldmatrix reads had landed; session 16 moved the release, see the K loop.)
 // A tile the activation type does not support (the other scaled tiles for bf16) falls back to x64.
 template <typename T, typename F>
 auto with_tile(int tile, F&& f) {

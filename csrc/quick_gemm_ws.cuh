@@ -595,10 +595,12 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
       // The slot of the stage before, which goes back to the producer at the top of the next
       // stage (and after the segment's last): by then every mma.sync of that stage has issued, and
       // an mma waits for the ldmatrix results it multiplies, so all reads of the slot are done.
-      // (Sessions 14-15 arrived right after the stage's last ldmatrix was issued; ptxas puts no
-      // scoreboard wait on that arrive, leaving the order of the reads and the release to the
-      // hardware. Session 16, H100: the later release is also 1-2% faster on every mma.sync
-      // tile, results/kernel_h100_s16_late_arrive.md.)
+      // (Sessions 14-15 arrived right after the stage's last ldmatrix was issued. ptxas puts no
+      // scoreboard wait on that arrive, so a read still in flight could see the producer's next
+      // TMA into the slot: ws32w / ws48w gave different results between calls, one warp's B rows
+      // at a time. Session 16, H100: the old code with only this release moved never differed in
+      // 1,440 calls against 105 for the old code as it was, and the later release is 1-2% faster
+      // on every mma.sync tile; benchmarks/KERNEL_NOTES.md, results/kernel_h100_s16_late_arrive.md.)
       int read_slot = -1;
 #pragma unroll 1
       for (int s = 0; s < stage_count; ++s) {

@@ -133,15 +133,21 @@ Plan = tuple[tuple[int | None, str], ...]
 # two weight words per warp over 32 tokens at three blocks per SM, 1.00 against ws32b2 1.02-1.20
 # and s32m 1.05-1.23 at M = 17 / 24 / 32 on every layer class, fp16 and bf16 -- but it gave
 # different results on repeated calls with per-channel groups where blocks share a tile, so it
-# stayed out of the plans. Session 16 could not reproduce that on the current code (H100, 1,000+
-# calls on the cases that failed; benchmarks/KERNEL_NOTES.md) and re-timed it with the later slot
-# release of the mma.sync tiles (kernel_h100_s16_late_arrive.json, fp16, 12 shapes): ws32w 1.00
+# stayed out of the plans. Session 16 found why (the mma.sync consumers released a stage's slot
+# before their ldmatrix reads had landed; benchmarks/KERNEL_NOTES.md) and re-timed it with the
+# later slot release (kernel_h100_s16_late_arrive.json, fp16, 12 shapes): ws32w 1.00
 # against ws32b2 1.13-1.14 and s32m 1.13-1.19 at M = 24 / 32 (ws32b2 ties it on 4096 x 4096 only)
 # -> ws32w from 17 to 32 on every layer class; ws64b2 keeps 33-64 (ws32w 1.36 at 40-48).
+# Session 16, the plans' edges again with that release (kernel_h100_s16_plan_edges.json, 12 shapes,
+# M = 1-40, fp16 and bf16, time over the best tile, geomean per layer class): the plans' tile is
+# within 1-2% of the best everywhere but at M = 1-2, where bf16 on the mid layers runs x16 (no
+# copy of x) 1.01 against ws8 1.03-1.04 -> x16 to M = 2 there, and the small layers run ws8 1.00
+# against s16m 1.06 (fp16) and x16 1.03 (bf16) -> ws8 from M = 1 there.
 PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
         torch.float16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
-        torch.bfloat16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
+        torch.bfloat16: ((2, "x16"), (8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128"),
+                         (None, "ws256")),
     },
 }
 # Session 11: the ws tiles' bf16 copy of x into fp16 is one kernel per call (per-row powers of
@@ -186,10 +192,8 @@ PLANS: dict[int, dict[torch.dtype, Plan]] = {
 SMALL_LAYER_ELEMENTS = 4096 * 6144
 SMALL_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
-        torch.float16: ((2, "s16m"), (8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128"),
-                        (None, "ws256")),
-        torch.bfloat16: ((2, "x16"), (8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128"),
-                         (None, "ws256")),
+        torch.float16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
+        torch.bfloat16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
     },
 }
 # Large layers (K x N >= LARGE_LAYER_ELEMENTS: Llama-2-13B's qkv 5120x15360 and up, e.g. the MLP
