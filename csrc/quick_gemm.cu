@@ -606,13 +606,16 @@ struct WsConfig {
   static cudaError_t launch(const GemmPlan& plan, const KernelParams& params, cudaStream_t stream) {
     const EncodeTiledFn encode = tensor_map_encoder();
     if (encode == nullptr) return cudaErrorNotSupported;
-    if (!std::is_same_v<Out, __half> && params.act_row_abs_max == nullptr) return cudaErrorInvalidValue;
+    // bf16 calls: the mma.sync tiles read x as it is, the wgmma ones its fp16 copy (with row scales).
+    constexpr bool kBf16Tile = !std::is_same_v<Out, __half> && kMmaSync;
+    if (!std::is_same_v<Out, __half> && !kBf16Tile && params.act_row_abs_max == nullptr) return cudaErrorInvalidValue;
     CUtensorMap map;
     const cuuint64_t dims[2] = {static_cast<cuuint64_t>(params.k), static_cast<cuuint64_t>(params.m)};
     const cuuint64_t row_bytes[1] = {static_cast<cuuint64_t>(params.k) * 2};
     const cuuint32_t box[2] = {kStageK, kTokens};
     const cuuint32_t element_strides[2] = {1, 1};
-    if (encode(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, const_cast<void*>(params.x), dims, row_bytes, box,
+    const CUtensorMapDataType type = kBf16Tile ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+    if (encode(&map, type, 2, const_cast<void*>(params.x), dims, row_bytes, box,
                element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
       return cudaErrorInvalidValue;
@@ -725,7 +728,7 @@ int sm_count(int device) {
 
 // The ws tiles: the configurations with the stream-K schedule (WsConfig), whatever their place in Tile.
 static bool is_ws_tile(int tile) {
-  return tile >= 0 && tile < kTileCount && with_tile<__half>(tile, []<typename Cfg>() { return Cfg::kStreamK; });
+  return tile >= 0 && tile < kTileCount && with_tile<__half>(tile, [&]<typename Cfg>() { return Cfg::kStreamK; });
 }
 
 const char* tile_name(int tile) {
@@ -736,14 +739,22 @@ const char* tile_name(int tile) {
   return tile >= 0 && tile < kTileCount ? kNames[tile] : "auto";
 }
 
-// The tiles that take bf16 calls through x's fp16 copy: the ws tiles and the lean mma.sync
-// tiles s16m / s32m (their fragments are fp16 tricks; with_tile instantiates them with a bf16 y).
-static bool takes_bf16_as_fp16(int tile) { return is_ws_tile(tile) || tile == kTileS16M || tile == kTileS32M; }
+// The tiles that take bf16 calls through x's fp16 copy: the ws tiles with wgmma consumers and the
+// lean mma.sync tiles s16m / s32m (their fragments are fp16 tricks; with_tile instantiates them
+// with a bf16 y). The ws tiles with mma.sync consumers multiply bf16 as it is (session 16).
+static bool takes_bf16_as_fp16(int tile) {
+  if (tile == kTileS16M || tile == kTileS32M) return true;
+  return is_ws_tile(tile) && !with_tile<__half>(tile, [&]<typename Cfg>() {
+    if constexpr (Cfg::kStreamK) return Cfg::kMmaSync;
+    return false;
+  });
+}
 
 bool tile_supports(int tile, ActType act) {
   if (tile == kTileAuto) return true;
   if (tile < 0 || tile >= kTileCount) return false;
-  return tile <= kTileX64 || tile == kTileW64X || takes_bf16_as_fp16(tile) || act == ActType::kFloat16;
+  return tile <= kTileX64 || tile == kTileW64X || is_ws_tile(tile) || takes_bf16_as_fp16(tile) ||
+         act == ActType::kFloat16;
 }
 
 bool tile_takes_fp16_activations(int tile, ActType act) {

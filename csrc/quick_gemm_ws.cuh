@@ -268,7 +268,9 @@ __device__ __forceinline__ void copy_output_tile(const KernelParams& p, const un
 // kWarpWords: weight words a consumer warp takes per k-step (1; 2 for ws8w / ws16w / ws32w): `out` holds
 // kWarpWords sets of kTokens / 8 quads, set j being word (r % kWarpsPerTile) kWarpWords + j of
 // tile wg kWarpWords + r / kWarpsPerTile of the block (WsWarpWord).
-template <int kWGs, int kTokens, typename Out, int kWarpWords = 1>
+// kRowScaled: x came as the fp16 copy of a bf16 x, row t times 2^e_t (the wgmma ws tiles' bf16
+// calls); the mma.sync ws tiles multiply a bf16 x as it is.
+template <int kWGs, int kTokens, typename Out, int kWarpWords = 1, bool kRowScaled = !std::is_same_v<Out, __half>>
 __device__ __forceinline__ void ws_segment_epilogue(const KernelParams& p, unsigned char* smem,
                                                     float (&out)[kWarpWords * kTokens / 8][4], const WsBlockWork* work,
                                                     int g, int grid_n, int n_tiles, int wg, int r, int lane) {
@@ -284,7 +286,7 @@ __device__ __forceinline__ void ws_segment_epilogue(const KernelParams& p, unsig
   auto segment = [&]() -> const WsSegment& { return g == 0 ? work->first : work->second; };
   int row0 = segment().tile / grid_n * kTokens, tile_n0 = segment().tile % grid_n * kTiles;
   bool stores = ww.tile < min(kTiles, n_tiles - tile_n0);
-  if constexpr (!std::is_same_v<Out, __half>) {
+  if constexpr (kRowScaled) {
     // bf16 calls: row t of x came scaled by 2^e_t (quick_act_scale.cu); undo it per token
     // (row_unscale).
 #pragma unroll
@@ -397,10 +399,13 @@ struct WsStageWords {
 // kTwoGroups: group size 32, i.e. two group rows per 64-row stage (k-tiles 0-1 and 2-3); else
 // the whole stage lies in one group and its row is unpacked once per stage (no group tracking:
 // the producer copies the stage's row into every stage, so nothing is carried across stages).
-// Out: y's type. The tile always multiplies fp16 (its lean fragments are fp16 tricks); for bf16
-// calls (Out = bf16) x is the exact fp16 copy, row i times 2^e_i (quick_act_scale.cu), and the
-// accumulators of row i are multiplied by 2^-e_i, exactly, before the bf16 output -- one rounding of (q - z) * s to fp16
-// and one of y to bf16, as in ops.fp16_product_for_bf16 but without its passes over y.
+// Out: y's type. The wgmma consumers always multiply fp16 (their lean fragments are fp16 tricks);
+// for their bf16 calls (Out = bf16) x is the exact fp16 copy, row i times 2^e_i
+// (quick_act_scale.cu), and the accumulators of row i are multiplied by 2^-e_i, exactly, before
+// the bf16 output -- one rounding of (q - z) * s to fp16 and one of y to bf16, as in
+// ops.fp16_product_for_bf16 but without its passes over y. The mma.sync consumers hold the exact
+// q - z, which bf16 represents as well as fp16: they multiply in the call's own type, a bf16 x as
+// it is (no copy, no second kernel; session 16), with bf16 fragments built by T's magic number.
 // kWarpWords: weight words per consumer warp and k-step (ws_warp_word): 1, or 2 for the mma.sync
 // consumers of ws8w / ws16w / ws32w; a block has kWGs kWarpWords 64-column tiles.
 template <int kWGs, int kTokens, int kStages, bool kTwoGroups, typename Out, int kBlocksPerSm, int kWarpWords = 1>
@@ -411,12 +416,16 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
   // ws tiles are refused elsewhere (tile_runs_on).
   __trap();
 #else
-  using T = __half;  // what the fragments and wgmmas hold
   constexpr int kTiles = kWGs * kWarpWords;  // 64-column tiles per block
   using Smem = WsSmem<kTiles, kTokens, kStages>;
   using Registers = WsRegisters<kWGs, kBlocksPerSm>;
   // ws16 / ws8 (fewer than 64 tokens): mma.sync consumers instead of wgmma (the K loop below).
   constexpr bool kMmaSync = ws_tile_uses_mma_sync(kTokens, kWarpWords);
+  // What the fragments, x's tile and the mma hold: fp16 for the wgmma consumers, the call's type
+  // for the mma.sync ones; the lean (16x magic) dequantisation is fp16's alone.
+  using T = std::conditional_t<kMmaSync, Out, __half>;
+  constexpr bool kLean = std::is_same_v<T, __half>;
+  constexpr bool kRowScaled = !std::is_same_v<Out, T>;
   constexpr int kRows = kMmaSync ? 1 : kTokens / 64;  // accumulator as [kRows][8][4] floats (wgmma_step)
   constexpr int kGroupRows = kTwoGroups ? 2 : 1;
   static_assert(kTokens * kTiles * kTileN * 2 <= Smem::kBarrierOffset, "the output tile must fit in the pipeline");
@@ -552,7 +561,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
       // of token group i is the wgmma D layout restricted to one warp (rows 16 r + lane / 4
       // (+ 8), tokens 8 i + 2 (lane % 4) + {0, 1}), so the epilogue, the stream-K partials and
       // the output staging are the wgmma tiles'.
-      // The fragments hold the exact q - z (small integers in fp16): a group's products sum in
+      // The fragments hold the exact q - z (small integers, exact in fp16 and bf16 alike): a group's products sum in
       // `group` and join `acc` times the two features' fp32 scales when the group ends -- no
       // HMUL2 per weight (the scaled fragments' 4 a word) and no fp16 rounding of (q - z) s.
       // kWarpWords = 2 (ws8w / ws16w / ws32w): the warp takes two words per k-step (ws_warp_word), two A
@@ -569,7 +578,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
       const int group_stages = p.group_size / kStageK;  // group size >= 64 (else kTwoGroups)
       int group_left = group_stages - segment(g).stage_begin % group_stages;  // stages to the group's end
       bool group_fresh = true;  // the segment's first stage unpacks its group whatever its position
-      uint32_t zero[2 * kWarpWords], neg_zero16[2 * kWarpWords];
+      uint32_t zero[2 * kWarpWords], neg_zero16[2 * kWarpWords] = {};  // (neg_zero16: fp16 only)
       // Per word j: the fp32 scales of this lane's features 16 word + lane / 4 and + 8.
       float scale_lo[kWarpWords] = {}, scale_hi[kWarpWords] = {};
       // Per x4 load of a k-step (ws32 has two), k-step 0's byte offset of this lane's row.
@@ -637,7 +646,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
                 reinterpret_cast<const __half*>(smem + Smem::kScaleOffset + at_slot + gr * Smem::kScaleRowBytes) +
                 ww.tile * kTileN;
             uint32_t scale_pair[2 * kWarpWords];
-            unpack_word_params<T, kWarpWords, true>(zero_word, tile_scales, lane, first_word, zero, neg_zero16,
+            unpack_word_params<T, kWarpWords, kLean>(zero_word, tile_scales, lane, first_word, zero, neg_zero16,
                                                     scale_pair);
 #pragma unroll
             for (int j = 0; j < kWarpWords; ++j) {
@@ -663,7 +672,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
           }
           uint32_t a[kWarpWords][4];
           const uint32_t no_scale[2 * kWarpWords] = {};
-          dequant_a_fragments<T, kWarpWords, false, true>(words[kt], zero, neg_zero16, no_scale, a);
+          dequant_a_fragments<T, kWarpWords, false, kLean>(words[kt], zero, neg_zero16, no_scale, a);
           const int at = (kt * kMatsPerStep) % kLoadedMats;
 #pragma unroll
           for (int j = 0; j < kWarpWords; ++j)
@@ -681,7 +690,8 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
       }
       mbarrier_arrive(&empty[read_slot]);  // (a segment has at least one stage)
       if (!kTwoGroups) flush_group();  // the segment ends inside a group (or on its end: adds 0)
-      ws_segment_epilogue<kWGs, kTokens, Out, kWarpWords>(p, smem, acc, work, g, grid_n, n_tiles, wg, r, lane);
+      ws_segment_epilogue<kWGs, kTokens, Out, kWarpWords, kRowScaled>(p, smem, acc, work, g, grid_n, n_tiles, wg, r,
+                                                                       lane);
     } else {
       float acc[kRows][8][4];
       zero_accumulators(acc);
