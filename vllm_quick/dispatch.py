@@ -34,10 +34,12 @@ freeze it). The paths:
   ``ws8w`` / ``ws16w`` / ``ws32w`` (sessions 15-16) have each consumer warp take two weight words
   per k-step (32 features) with one warpgroup per block (four blocks per SM, ``ws32w`` three).
   The plans use ``ws8`` to M = 8, ``ws16`` to 16 and ``ws32w`` to 32; the partial wave is split
-  along K or shared out by stream-K by ``small_tile_schedule`` (csrc/quick_stream_k.cuh);
-  Their fragments are fp16, so a bf16 x goes in as an exact fp16 copy, row i times 2^e_i
-  (csrc/quick_act_scale.cu), and the tile writes bf16 y[i] * 2^-e_i from its fp32 accumulators
-  (one fp16 rounding of (q - z) * s, like dequant_fp16's dense weight);
+  along K or shared out by stream-K by ``small_tile_schedule`` (csrc/quick_stream_k.cuh).
+  These ``mma.sync`` ws tiles multiply in the call's dtype (bf16 fragments of the exact
+  ``q - z`` for bf16, since session 16); the wgmma ws tiles' fragments are fp16, so a bf16 x goes
+  into them as an exact fp16 copy, row i times 2^e_i (csrc/quick_act_scale.cu), and the tile
+  writes bf16 y[i] * 2^-e_i from its fp32 accumulators (one fp16 rounding of (q - z) * s, like
+  dequant_fp16's dense weight);
 * ``"auto"``: the kernel with its own built-in choice by M (families not measured yet);
 * ``"dequant"``: dequantise the layer once into a dense matrix (csrc/quick_dequant.cu) and call
   cuBLAS; it won once the GEMM was bound by arithmetic (large M, prefill) before ws256 caught up:
@@ -140,14 +142,17 @@ Plan = tuple[tuple[int | None, str], ...]
 # -> ws32w from 17 to 32 on every layer class; ws64b2 keeps 33-64 (ws32w 1.36 at 40-48).
 # Session 16, the plans' edges again with that release (kernel_h100_s16_plan_edges.json, 12 shapes,
 # M = 1-40, fp16 and bf16, time over the best tile, geomean per layer class): the plans' tile is
-# within 1-2% of the best everywhere but at M = 1-2, where bf16 on the mid layers runs x16 (no
-# copy of x) 1.01 against ws8 1.03-1.04 -> x16 to M = 2 there, and the small layers run ws8 1.00
-# against s16m 1.06 (fp16) and x16 1.03 (bf16) -> ws8 from M = 1 there.
+# within 1-2% of the best everywhere but at M = 1-2, where the small layers run ws8 1.00 against
+# s16m 1.06 (fp16) and x16 1.03 (bf16) -> ws8 from M = 1 there (the small layers' plans are now
+# the mid layers'). bf16 on the mid layers ran x16 (no copy of x) 1.01 against ws8 1.03-1.04 there;
+# since the mma.sync ws tiles take bf16 without the copy (kernel_h100_s16_bf16_native.json: ws8
+# bf16 / fp16 time 1.03 against 1.12 with the copy, the op 1.07 / 1.03 / 1.02 / 1.02 at M = 1 / 8 /
+# 16 / 32 against 1.11 / 1.12 / 1.08 / 1.12, same run) ws8 beats x16 there too (7b.down at M = 1:
+# 15.3 against 16.7 us) -> ws8 from M = 1 on every layer class, both dtypes.
 PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
         torch.float16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
-        torch.bfloat16: ((2, "x16"), (8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128"),
-                         (None, "ws256")),
+        torch.bfloat16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
     },
 }
 # Session 11: the ws tiles' bf16 copy of x into fp16 is one kernel per call (per-row powers of
