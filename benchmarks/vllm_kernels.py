@@ -324,7 +324,8 @@ VARIANT_TILES = ("x16", "x32", "x64", "s16m", "s32m", "s64m", "w64", "w64x")
 # "sk" one full wave of stream-K blocks wherever a wave is partial, "nosk" the estimate without
 # stream-K (session 10's tail splits).
 WS_VARIANTS = {f"t{s}": {"VLLM_QUICK_WS_SPLITS": str(s)} for s in (1, 2, 3, 4, 6, 8)}
-WS_VARIANTS.update(sk={"VLLM_QUICK_WS_STREAMK": "always"}, nosk={"VLLM_QUICK_WS_STREAMK": "0"})
+WS_VARIANTS.update(sk={"VLLM_QUICK_WS_STREAMK": "always"}, nosk={"VLLM_QUICK_WS_STREAMK": "0"},
+                   nopdl={"VLLM_QUICK_PDL": "0"})  # without programmatic dependent launch
 WS_VARIANT_TILES = ("ws256", "ws128", "ws64", "ws64b2", "ws128w4", "ws16", "ws8", "ws16b2", "ws32b2", "ws8w",
                     "ws16w", "ws32w")
 TILE_VARIANTS.update(WS_VARIANTS)

@@ -584,6 +584,12 @@ EncodeTiledFn tensor_map_encoder() {
   return fn;
 }
 
+// VLLM_QUICK_PDL: "0" launches the ws tiles without programmatic dependent launch (A/B switch).
+bool programmatic_launch_setting() {
+  const char* v = std::getenv("VLLM_QUICK_PDL");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
 // The ws tiles (quick_gemm_ws.cuh): the Config interface, plus the activations' TMA map: x
 // [m, k] fp16, k fastest, read in boxes of 64 k x kTokens rows with the 128-byte swizzle that
 // the wgmma descriptor expects (sw128_kmajor_desc); rows past m read as zeros. Out: y's type
@@ -623,12 +629,19 @@ struct WsConfig {
     static const bool two_groups_ready =
         cudaFuncSetAttribute(kernel_two_groups, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) == cudaSuccess;
     (void)two_groups_ready;
-    const dim3 grid(plan.blocks);  // whole tiles, then the stream-K blocks (ws_block_work)
-    if (params.group_size == 32)
-      kernel_two_groups<<<grid, kThreads, kSmem, stream>>>(map, params);
-    else
-      kernel<<<grid, kThreads, kSmem, stream>>>(map, params);
-    return cudaGetLastError();
+    // Whole tiles, then the stream-K blocks (ws_block_work); with programmatic dependent launch
+    // (the kernel waits for the previous one in the stream itself: wait_for_previous_grid).
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(plan.blocks);
+    config.blockDim = dim3(kThreads);
+    config.dynamicSmemBytes = kSmem;
+    config.stream = stream;
+    cudaLaunchAttribute pdl{};
+    pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    pdl.val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = &pdl;
+    config.numAttrs = programmatic_launch_setting() ? 1 : 0;
+    return cudaLaunchKernelEx(&config, params.group_size == 32 ? kernel_two_groups : kernel, map, params);
   }
 };
 

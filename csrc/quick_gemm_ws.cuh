@@ -170,6 +170,17 @@ __device__ __forceinline__ void setmaxnreg_dec() {
 #endif
 }
 
+// Programmatic dependent launch (sm_90; the ws tiles are launched with it, WsConfig::launch): the
+// grid may start while the kernel before it in the stream still runs, so every thread waits here
+// for that kernel to finish (and its writes to be visible) before it touches global memory. What
+// comes before -- the launch itself, mbarrier set-up, the block's work, setmaxnreg -- overlaps the
+// previous kernel's tail. Without the launch attribute the wait returns at once.
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if QUICK_WGMMA
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // stmatrix (sm_90): four 8x8 fp16 matrices from mma-fragment registers (lane l holds row l / 4,
 // columns 2 (l % 4) and + 1 of matrix i in register i), stored transposed: row j of matrix i
 // (= its column j, 8 consecutive elements, 16 bytes) goes to the address lane 8 i + j gives.
@@ -461,6 +472,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
   if (warp / 4 == kWGs) {
     // ---- Producer warpgroup: one thread issues every copy, then the group leaves. ----
     setmaxnreg_dec<Registers::kProducer>();
+    wait_for_previous_grid();
     if (warp % 4 == 0 && lane == 0) {
       const uint64_t policy = p.weights_evict_first ? evict_first_policy() : evict_normal_policy();
       const uint64_t keep = evict_normal_policy();
@@ -513,6 +525,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
   // count, last column block): its wgmmas read stale shared memory and it stores nothing, but it
   // keeps each stage's "empty" count at 128 kWGs whatever the segment's tile.
   setmaxnreg_inc<Registers::kConsumer>();
+  wait_for_previous_grid();  // (the epilogue reads row scales and bias, writes y and partials)
   const int wg = warp / 4, r = warp % 4;
   // This lane's word offsets inside a stage (bytes): weight word r of lane `lane` of tile wg in
   // k-tile kt at kWeightOffset + (kt kWGs + wg) 512 + 16 lane + 4 r -- a 4-way bank conflict
