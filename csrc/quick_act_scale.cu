@@ -50,11 +50,6 @@ __device__ __forceinline__ uint32_t scale_pair(uint32_t w, float scale) {
 // writes x * 2^e.
 __global__ void __launch_bounds__(kThreads) row_to_fp16_kernel(const uint4* __restrict__ x, uint4* __restrict__ x16,
                                                                int row_chunks, unsigned* __restrict__ row_abs_max) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // The ws tile launched after this kernel (programmatic dependent launch) may start now: it
-  // waits for this grid's end itself before reading x16 and the row scales.
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
   const size_t base = static_cast<size_t>(blockIdx.x) * row_chunks;
   uint32_t m = 0;
   for (int i = threadIdx.x; i < row_chunks; i += kThreads) m = max(m, abs_max_bits8(__ldg(x + base + i)));
