@@ -449,19 +449,21 @@ def test_ws_tile_repeats_give_the_same_bits(kernel, monkeypatch, dtype_name, til
             assert not differ, f"{what}: calls {differ} differ from the first"
 
 
+@pytest.mark.parametrize("tile", ["ws256", "ws8", "ws32w"])
 @pytest.mark.parametrize("x_scale", [1.0, 1e6, 1e-30, 1e30])
-def test_ws_tile_bf16_activation_range(kernel, x_scale):
+def test_ws_tile_bf16_activation_range(kernel, x_scale, tile):
     """bf16 through ws256 moves x into fp16 by powers of two found on the GPU (each row's max |x|): bf16's
     whole exponent range must come back right -- activations beyond fp16's 65504 (1e6, 1e30) and
-    below its normal range (1e-30) -- and an inf in one row must not change the other rows."""
+    below its normal range (1e-30) -- and an inf in one row must not change the other rows. The
+    mma.sync ws tiles (ws8, ws32w) multiply bf16 as it is (session 16): the same must hold there."""
     if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("ws256 runs on sm_90 only")
-    index = TILES.index("ws256")
+        pytest.skip(f"{tile} runs on sm_90 only")
+    index = TILES.index(tile)
     k, n, m = 2048, 448, 70
     w = make_weight(k, n, 128)
     x = (random_x((m, k), torch.float32, seed=zlib.crc32(f"range/{x_scale}".encode())) * x_scale).to(torch.bfloat16)
     y = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, n, index)
-    check_output(y, x.double() @ w.w32.double(), torch.bfloat16, f"ws256 bf16 x*{x_scale}")
+    check_output(y, x.double() @ w.w32.double(), torch.bfloat16, f"{tile} bf16 x*{x_scale}")
     x_inf = x.clone()
     x_inf[3, 7] = float("inf")
     y_inf = ops.kernel_gemm(x_inf, w.qweight, w.qzeros, w.scales, None, w.group, n, index)
@@ -472,7 +474,8 @@ def test_ws_tile_bf16_activation_range(kernel, x_scale):
 
 @pytest.mark.parametrize("tile", WS_TILES + ["s16m", "s32m"])
 def test_bf16_rows_scaled_apart(kernel, tile):
-    """The bf16 copy into fp16 (ws tiles, s16m, s32m) is scaled per row (csrc/quick_act_scale.cu):
+    """The bf16 copy into fp16 (the wgmma ws tiles, s16m, s32m; the mma.sync ws tiles take bf16 as it
+    is since session 16, and the same must hold for them) is scaled per row (csrc/quick_act_scale.cu):
     rows 1e30 and 1e-30 apart in one call, and a row of zeros, each come back with its own relative
     error within the budget (one power of two for the whole input would have pushed the small rows
     into fp16's subnormals, or out of its range altogether). s16m / s32m at M = 150 run several
