@@ -593,7 +593,8 @@ bool programmatic_launch_setting() {
 // The ws tiles (quick_gemm_ws.cuh): the Config interface, plus the activations' TMA map: x
 // [m, k] fp16, k fastest, read in boxes of 64 k x kTokens rows with the 128-byte swizzle that
 // the wgmma descriptor expects (sw128_kmajor_desc); rows past m read as zeros. Out: y's type
-// (bf16 calls give the fp16 copy of x and its per-row scales, GemmArgs::act_row_abs_max).
+// (bf16 calls give the wgmma tiles the fp16 copy of x and its per-row scales,
+// GemmArgs::act_row_abs_max; the mma.sync tiles read the bf16 x itself through a bf16 map).
 template <int kWGs, int kTokens, int kStages, typename Out, int kBlocksPerSm = 1, int kWarpWords = 1>
 struct WsConfig {
   static constexpr int kThreads = 128 * (kWGs + 1);  // consumer warpgroups + the producer warpgroup
