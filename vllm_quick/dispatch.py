@@ -143,8 +143,9 @@ Plan = tuple[tuple[int | None, str], ...]
 # Session 16, the plans' edges again with that release (kernel_h100_s16_plan_edges.json, 12 shapes,
 # M = 1-40, fp16 and bf16, time over the best tile, geomean per layer class): the plans' tile is
 # within 1-2% of the best everywhere but at M = 1-2, where the small layers run ws8 1.00 against
-# s16m 1.06 (fp16) and x16 1.03 (bf16) -> ws8 from M = 1 there (the small layers' plans are now
-# the mid layers'). bf16 on the mid layers ran x16 (no copy of x) 1.01 against ws8 1.03-1.04 there;
+# s16m 1.06 (fp16) and x16 1.03 (bf16) -> ws8 from M = 1 there (the small layers now follow
+# PLANS: SMALL_LAYER_PLANS is empty). bf16 on the mid layers ran x16 (no copy of x) 1.01 against
+# ws8 1.03-1.04 there;
 # since the mma.sync ws tiles take bf16 without the copy (kernel_h100_s16_bf16_native.json: ws8
 # bf16 / fp16 time 1.03 against 1.12 with the copy, the op 1.07 / 1.03 / 1.02 / 1.02 at M = 1 / 8 /
 # 16 / 32 against 1.11 / 1.12 / 1.08 / 1.12, same run) ws8 beats x16 there too (7b.down at M = 1:
@@ -195,12 +196,9 @@ PLANS: dict[int, dict[torch.dtype, Plan]] = {
 # from M = 33 to 64 there too; bf16 ws256 0.63 / 0.68 / 0.73 against ws128 0.54 / 0.64 / 0.69 at
 # M = 160 / 192 / 256 -> ws256 from M = 129 (fp16 already).
 SMALL_LAYER_ELEMENTS = 4096 * 6144
-SMALL_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
-    9: {
-        torch.float16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
-        torch.bfloat16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
-    },
-}
+# Since session 16 the small layers' measured plan is PLANS' (ws8 from M = 1, see there), so no
+# family has a small-layer plan of its own; the table stays for the next measurement that differs.
+SMALL_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {}
 # Large layers (K x N >= LARGE_LAYER_ELEMENTS: Llama-2-13B's qkv 5120x15360 and up, e.g. the MLP
 # gate_up projections) have enough work per block for ws128w4, ws128 with four consumer
 # warpgroups over 256 columns (a ws128 block waits on its k-step chain; four warpgroups per SM
