@@ -614,14 +614,14 @@ struct WsConfig {
     const EncodeTiledFn encode = tensor_map_encoder();
     if (encode == nullptr) return cudaErrorNotSupported;
     // bf16 calls: the mma.sync tiles read x as it is, the wgmma ones its fp16 copy (with row scales).
-    constexpr bool kBf16Tile = !std::is_same_v<Out, __half> && kMmaSync;
-    if (!std::is_same_v<Out, __half> && !kBf16Tile && params.act_row_abs_max == nullptr) return cudaErrorInvalidValue;
+    constexpr bool kBf16 = !std::is_same_v<Out, __half>;
+    if (kBf16 && !kMmaSync && params.act_row_abs_max == nullptr) return cudaErrorInvalidValue;
     CUtensorMap map;
     const cuuint64_t dims[2] = {static_cast<cuuint64_t>(params.k), static_cast<cuuint64_t>(params.m)};
     const cuuint64_t row_bytes[1] = {static_cast<cuuint64_t>(params.k) * 2};
     const cuuint32_t box[2] = {kStageK, kTokens};
     const cuuint32_t element_strides[2] = {1, 1};
-    const CUtensorMapDataType type = kBf16Tile ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+    const CUtensorMapDataType type = kBf16 && kMmaSync ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
     if (encode(&map, type, 2, const_cast<void*>(params.x), dims, row_bytes, box,
                element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)

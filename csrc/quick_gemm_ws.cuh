@@ -280,8 +280,8 @@ __device__ __forceinline__ void copy_output_tile(const KernelParams& p, const un
 // kWarpWords sets of kTokens / 8 quads, set j being word (r % kWarpsPerTile) kWarpWords + j of
 // tile wg kWarpWords + r / kWarpsPerTile of the block (WsWarpWord).
 // kRowScaled: x came as the fp16 copy of a bf16 x, row t times 2^e_t (the wgmma ws tiles' bf16
-// calls); the mma.sync ws tiles multiply a bf16 x as it is.
-template <int kWGs, int kTokens, typename Out, int kWarpWords = 1, bool kRowScaled = !std::is_same_v<Out, __half>>
+// calls; the kernel's kRowScaled); the mma.sync ws tiles multiply a bf16 x as it is.
+template <int kWGs, int kTokens, typename Out, int kWarpWords, bool kRowScaled>
 __device__ __forceinline__ void ws_segment_epilogue(const KernelParams& p, unsigned char* smem,
                                                     float (&out)[kWarpWords * kTokens / 8][4], const WsBlockWork* work,
                                                     int g, int grid_n, int n_tiles, int wg, int r, int lane) {
@@ -751,8 +751,8 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
 #pragma unroll
       for (int i = 0; i < kRows; ++i) fence_registers(reinterpret_cast<float(&)[32]>(acc[i]));
       mbarrier_arrive(&empty[prev_slot]);  // the segment's last stage is read too
-      ws_segment_epilogue<kWGs, kTokens, Out>(p, smem, reinterpret_cast<float(&)[kTokens / 8][4]>(acc), work, g,
-                                              grid_n, n_tiles, wg, r, lane);
+      ws_segment_epilogue<kWGs, kTokens, Out, 1, kRowScaled>(p, smem, reinterpret_cast<float(&)[kTokens / 8][4]>(acc),
+                                                            work, g, grid_n, n_tiles, wg, r, lane);
     }
   }
 #endif
