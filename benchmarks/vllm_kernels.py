@@ -295,7 +295,7 @@ class QuickKernelBackend(QuickBackend):
 # derive vllm_quick/dispatch.py.
 KERNEL_TILES = ("x16", "x32", "x64", "s16", "s32", "s64", "s128", "s16m", "s32m", "s64m", "w64", "w128", "w128n",
                 "w64x", "ws256", "ws128", "ws64", "ws64b2", "ws128w4", "ws16", "ws8", "ws16b2",
-                "ws32b2", "ws8w", "ws16w", "ws32w")
+                "ws32b2", "ws8w", "ws16w", "ws32w", "ws64w", "ws128w")
 # Tiles with scaled fp16 fragments that take fp16 activations only: the kernel refuses bf16 for
 # them (ws256 takes bf16 through its fp16 copy of x).
 # (s16m and s32m take bf16 through an exact fp16 copy of x, like the ws tiles: not fp16 only.)
@@ -327,7 +327,7 @@ WS_VARIANTS = {f"t{s}": {"VLLM_QUICK_WS_SPLITS": str(s)} for s in (1, 2, 3, 4, 6
 WS_VARIANTS.update(sk={"VLLM_QUICK_WS_STREAMK": "always"}, nosk={"VLLM_QUICK_WS_STREAMK": "0"},
                    nopdl={"VLLM_QUICK_PDL": "0"})  # without programmatic dependent launch
 WS_VARIANT_TILES = ("ws256", "ws128", "ws64", "ws64b2", "ws128w4", "ws16", "ws8", "ws16b2", "ws32b2", "ws8w",
-                    "ws16w", "ws32w")
+                    "ws16w", "ws32w", "ws64w", "ws128w")
 TILE_VARIANTS.update(WS_VARIANTS)
 _VARIANTS_OF = {**{t: [v for v in TILE_VARIANTS if v not in WS_VARIANTS] for t in VARIANT_TILES},
                 **{t: list(WS_VARIANTS) for t in WS_VARIANT_TILES}}

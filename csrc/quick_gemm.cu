@@ -604,7 +604,7 @@ struct WsConfig {
   static constexpr bool kClusterReduce = false;  // (256 tokens: no room for the partial tile)
   static constexpr bool kWgmma = true;
   static constexpr bool kStreamK = true;  // stream-K over the last wave's tiles (ws_block_work)
-  static constexpr bool kMmaSync = ws_tile_uses_mma_sync(kTokens, kWarpWords);  // ws8 .. ws32b2, ws8w .. ws32w
+  static constexpr bool kMmaSync = ws_tile_uses_mma_sync(kTokens);  // ws8 .. ws32b2, ws8w .. ws32w
   // Group size 32 (two group rows per stage) and every other group size: two kernels.
   static constexpr auto kernel = quick_gemm_ws_kernel<kWGs, kTokens, kStages, false, Out, kBlocksPerSm, kWarpWords>;
   static constexpr auto kernel_two_groups =
@@ -689,6 +689,12 @@ struct WsConfig {
 //     blocks per SM (consumers at 136 registers for 2 x 32 accumulator floats), 8 stages of 9 KB.
 //     (Session 15 saw it differ between calls, now and then: its consumers released a stage's
 //     slot before their ldmatrix reads had landed; session 16 moved the release, see the K loop.)
+//   ws64w / ws128w (session 17): the wgmma tiles ws64 / ws128 with two words per warp: one
+//     consumer warpgroup over 128 columns issues two wgmmas per k-step, one per word, into their
+//     own accumulators (quick_wgmma.cuh, kWords = 2), so each k-step chain of dequantise -> wgmma
+//     -> wait carries twice the work (ncu, session 17: ws64b2 at M = 64 keeps the tensor pipe 31%
+//     busy and its DRAM 28%, its warps waiting on the chain). 3 blocks per SM for ws64w
+//     (consumers at 136 registers, 5 stages of 13 KB), 2 for ws128w (232 registers, 5 of 21 KB).
 // A tile the activation type does not support (the other scaled tiles for bf16) falls back to x64.
 template <typename T, typename F>
 auto with_tile(int tile, F&& f) {
@@ -720,6 +726,8 @@ auto with_tile(int tile, F&& f) {
     case kTileWS8W: return f.template operator()<WsConfig<1, 8, 8, T, 4, 2>>();
     case kTileWS16W: return f.template operator()<WsConfig<1, 16, 7, T, 4, 2>>();
     case kTileWS32W: return f.template operator()<WsConfig<1, 32, 8, T, 3, 2>>();
+    case kTileWS64W: return f.template operator()<WsConfig<1, 64, 5, T, 3, 2>>();
+    case kTileWS128W: return f.template operator()<WsConfig<1, 128, 5, T, 2, 2>>();
     default: break;
   }
   return f.template operator()<Config<T, 2, 2, false, 1>>();  // kTileX64
@@ -749,7 +757,8 @@ const char* tile_name(int tile) {
   static const char* const kNames[kTileCount] = {"x16", "x32", "x64", "s16", "s32", "s64", "s128",
                                                  "s16m", "s32m", "s64m", "w64", "w128", "w128n", "w64x",
                                                  "ws256", "ws128", "ws64", "ws64b2", "ws128w4",
-                                                 "ws16", "ws8", "ws16b2", "ws32b2", "ws8w", "ws16w", "ws32w"};
+                                                 "ws16", "ws8", "ws16b2", "ws32b2", "ws8w", "ws16w", "ws32w",
+                                                 "ws64w", "ws128w"};
   return tile >= 0 && tile < kTileCount ? kNames[tile] : "auto";
 }
 

@@ -30,6 +30,7 @@ enum Tile : int {
   kTileWS16B2,                                       // ws16 at two blocks per SM (104 registers)
   kTileWS32B2,                                       // the same with 32 tokens, two blocks per SM
   kTileWS8W, kTileWS16W, kTileWS32W,                 // ws8 / ws16 / ws32 with two words per warp
+  kTileWS64W, kTileWS128W,                           // the wgmma tiles ws64 / ws128 with two words per warp
   kTileCount
 };
 const char* tile_name(int tile);                // "x16", ..., "auto" for anything else

@@ -37,10 +37,10 @@
 namespace quick {
 namespace {
 
-// The ws tiles with fewer than 64 tokens (ws8 / ws16 / ws16b2 / ws32b2) and those whose warps
-// take two words per k-step (ws8w, ws16w, ws32w) have mma.sync consumers instead of wgmma ones (the
+// The ws tiles with fewer than 64 tokens (ws8 / ws16 / ws16b2 / ws32b2, and ws8w / ws16w / ws32w
+// whose warps take two words per k-step) have mma.sync consumers instead of wgmma ones (the
 // kernel's K loop) and their own schedule rule (plan() in quick_gemm.cu, small_tile_schedule).
-constexpr bool ws_tile_uses_mma_sync(int tokens, int warp_words) { return tokens < 64 || warp_words == 2; }
+constexpr bool ws_tile_uses_mma_sync(int tokens) { return tokens < 64; }
 
 // ------------------------------------------------------------------------------------------
 // mbarriers and TMA (sm_90): the PTX ISA's "mbarrier" and "cp.async.bulk" sections. On other
@@ -401,10 +401,12 @@ __device__ __forceinline__ void ws_segment_epilogue(const KernelParams& p, unsig
 // of its lane's 16 bytes in each k-tile of its warpgroup's tile) and, per group row of the
 // stage, its zero word and its two scale words. Loaded one stage ahead, so the shared-memory
 // latency never sits between two wgmmas.
+// kWarpWords = 2 (ws64w / ws128w): the warp's two words per k-tile and their four scale words.
+template <int kWarpWords>
 struct WsStageWords {
-  uint32_t w[kStageKTiles];
+  uint32_t w[kStageKTiles][kWarpWords];
   uint32_t zero[kMaxGroupRowsPerStage];
-  uint2 scale[kMaxGroupRowsPerStage];
+  uint32_t scale[kMaxGroupRowsPerStage][2 * kWarpWords];
 };
 
 // kTwoGroups: group size 32, i.e. two group rows per 64-row stage (k-tiles 0-1 and 2-3); else
@@ -431,16 +433,16 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
   using Smem = WsSmem<kTiles, kTokens, kStages>;
   using Registers = WsRegisters<kWGs, kBlocksPerSm>;
   // ws16 / ws8 (fewer than 64 tokens): mma.sync consumers instead of wgmma (the K loop below).
-  constexpr bool kMmaSync = ws_tile_uses_mma_sync(kTokens, kWarpWords);
+  constexpr bool kMmaSync = ws_tile_uses_mma_sync(kTokens);
   // What the fragments, x's tile and the mma hold: fp16 for the wgmma consumers, the call's type
   // for the mma.sync ones; the lean (16x magic) dequantisation is fp16's alone.
   using T = std::conditional_t<kMmaSync, Out, __half>;
   constexpr bool kLean = std::is_same_v<T, __half>;
   constexpr bool kRowScaled = !std::is_same_v<Out, T>;
-  constexpr int kRows = kMmaSync ? 1 : kTokens / 64;  // accumulator as [kRows][8][4] floats (wgmma_step)
+  constexpr int kRows = kMmaSync ? 1 : kWarpWords * kTokens / 64;  // accumulator as [kRows][8][4] floats (wgmma_step)
   constexpr int kGroupRows = kTwoGroups ? 2 : 1;
   static_assert(kTokens * kTiles * kTileN * 2 <= Smem::kBarrierOffset, "the output tile must fit in the pipeline");
-  static_assert(kWarpWords == 1 || (kMmaSync && kWarpWords == 2), "two words per warp: mma.sync consumers only");
+  static_assert(kWarpWords == 1 || kWarpWords == 2, "one or two words per warp");
   extern __shared__ __align__(16) unsigned char smem_window[];
   unsigned char* smem = smem_window + ((1024 - (smem_u32(smem_window) & 1023)) & 1023);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + Smem::kBarrierOffset);
@@ -538,22 +540,35 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
   const unsigned char* my_words = smem + Smem::kWeightOffset + ww.tile * Smem::kTileBytes + lane * 16 + ww.word * 4;
   const unsigned char* my_zero = smem + Smem::kZeroOffset + (ww.tile * 8 + lane / 4) * 4;
   const unsigned char* my_scales = smem + Smem::kScaleOffset + ww.tile * kTileN * 2 + 32 * (lane / 8) + 8 * ww.word;
-  auto load_stage = [&](int slot, WsStageWords& st) {
+  auto load_stage = [&](int slot, WsStageWords<kWarpWords>& st) {
     const int at = slot * Smem::kStageBytes;
 #pragma unroll
-    for (int kt = 0; kt < kStageKTiles; ++kt)
-      st.w[kt] = *reinterpret_cast<const uint32_t*>(my_words + at + kt * Smem::kWeightRowBytes);
+    for (int kt = 0; kt < kStageKTiles; ++kt) {
+      if constexpr (kWarpWords == 2) {
+        const uint2 v = *reinterpret_cast<const uint2*>(my_words + at + kt * Smem::kWeightRowBytes);
+        st.w[kt][0] = v.x;
+        st.w[kt][1] = v.y;
+      } else {
+        st.w[kt][0] = *reinterpret_cast<const uint32_t*>(my_words + at + kt * Smem::kWeightRowBytes);
+      }
+    }
 #pragma unroll
     for (int gr = 0; gr < kGroupRows; ++gr) {
       st.zero[gr] = *reinterpret_cast<const uint32_t*>(my_zero + at + gr * Smem::kZeroRowBytes);
-      st.scale[gr] = *reinterpret_cast<const uint2*>(my_scales + at + gr * Smem::kScaleRowBytes);
+      if constexpr (kWarpWords == 2) {  // scale words 2 word .. + 3: 16 bytes at 16 (word / 2)
+        const uint4 v = *reinterpret_cast<const uint4*>(my_scales + at + gr * Smem::kScaleRowBytes);
+        st.scale[gr][0] = v.x, st.scale[gr][1] = v.y, st.scale[gr][2] = v.z, st.scale[gr][3] = v.w;
+      } else {
+        const uint2 v = *reinterpret_cast<const uint2*>(my_scales + at + gr * Smem::kScaleRowBytes);
+        st.scale[gr][0] = v.x, st.scale[gr][1] = v.y;
+      }
     }
   };
   // The activation tile of slot 0 as a wgmma descriptor; a slot and a k-step only move its
   // start address (bits 0-13, in 16-byte units: no carry out of them inside shared memory).
   const uint64_t desc0 = sw128_kmajor_desc(smem_u32(smem));
 
-  WsStageWords cur, next;
+  WsStageWords<kWarpWords> cur, next;
   int slot = 0, prev_slot = 0;
   uint32_t phase = 0;
   if constexpr (!kMmaSync) {
@@ -710,7 +725,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
       zero_accumulators(acc);
 #pragma unroll
       for (int i = 0; i < kRows; ++i) fence_registers(reinterpret_cast<float(&)[32]>(acc[i]));
-      uint32_t zero[2], neg_zero16[2], scale[2];
+      uint32_t zero[2 * kWarpWords], neg_zero16[2 * kWarpWords], scale[2 * kWarpWords];
       for (int s = 0; s < stage_count; ++s) {
         const int next_slot = slot + 1 == kStages ? 0 : slot + 1;
         const uint32_t next_phase = next_slot == 0 ? phase ^ 1 : phase;
@@ -719,20 +734,20 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
         for (int kt = 0; kt < kStageKTiles; ++kt) {
           if (kt == 0 || (kTwoGroups && kt == 2)) {
             const int gr = kt / 2 * (kTwoGroups ? 1 : 0);
-            unpack_word_zeros<T, 1, true>(cur.zero[gr], r, zero, neg_zero16);
-            scale[0] = lane_scale_pair(cur.scale[gr].x, lane);
-            scale[1] = lane_scale_pair(cur.scale[gr].y, lane);
+            unpack_word_zeros<T, kWarpWords, true>(cur.zero[gr], first_word, zero, neg_zero16);
+#pragma unroll
+            for (int m = 0; m < 2 * kWarpWords; ++m) scale[m] = lane_scale_pair(cur.scale[gr][m], lane);
           }
-          const uint32_t w[1] = {cur.w[kt]};
-          uint32_t a[1][4];
-          dequant_a_fragments<T, 1, true, true>(w, zero, neg_zero16, scale, a);
+          uint32_t a[kWarpWords][4];
+          dequant_a_fragments<T, kWarpWords, true, true>(cur.w[kt], zero, neg_zero16, scale, a);
           // One wgmma per k-step, then wait for the previous one. (Session 6 also tried a stage's
           // four wgmmas as one commit group: 1.4-1.5x slower at 128 and 192 tokens, and wrong at
           // both -- see KERNEL_NOTES.md. Session 11: waiting for all but the last two or three
           // k-steps makes ptxas serialise every wgmma (C7513: the dequantisation writes A
           // registers inside the wgmma pipeline), and two accumulator sets taken in turn gained
           // little -- KERNEL_NOTES.md.)
-          wgmma_step<T, 1, kTokens>(acc, a, desc + kt * (32 >> 4));
+          // (Two words per warp: two wgmmas, one per word, into their own accumulators.)
+          wgmma_step<T, kWarpWords, kTokens>(acc, a, desc + kt * (32 >> 4));
           // wgmma_step waited for all but this k-step's wgmma: the previous stage is read.
           if (kt == 0 && s > 0) mbarrier_arrive(&empty[prev_slot]);
           // The next stage's words (the next segment's first, after a segment's last), while this
@@ -751,8 +766,8 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
 #pragma unroll
       for (int i = 0; i < kRows; ++i) fence_registers(reinterpret_cast<float(&)[32]>(acc[i]));
       mbarrier_arrive(&empty[prev_slot]);  // the segment's last stage is read too
-      ws_segment_epilogue<kWGs, kTokens, Out, 1, kRowScaled>(p, smem, reinterpret_cast<float(&)[kTokens / 8][4]>(acc),
-                                                            work, g, grid_n, n_tiles, wg, r, lane);
+      ws_segment_epilogue<kWGs, kTokens, Out, kWarpWords, kRowScaled>(
+          p, smem, reinterpret_cast<float(&)[kWarpWords * kTokens / 8][4]>(acc), work, g, grid_n, n_tiles, wg, r, lane);
     }
   }
 #endif

@@ -205,7 +205,7 @@ def test_shipped_plans_are_well_formed(table):
     fp16 rounding of (q - z) * s, 1.7e-3 measured); another s tile or a dense bf16 weight rounds
     (q - z) * s to bf16, ~2.3e-3 of error. "fp16:" paths name a tile and appear in bf16 plans only."""
     exact_bf16 = {"x16", "x32", "x64", "w64x", "ws256", "ws128", "ws64", "ws64b2", "ws128w4", "ws16", "ws8", "ws16b2", "ws32b2", "ws8w", "ws16w",
-                  "ws32w", "s16m", "s32m",
+                  "ws32w", "ws64w", "ws128w", "s16m", "s32m",
                   "dequant_fp16",
                   "auto"}
     for family, plans in getattr(dispatch, table).items():

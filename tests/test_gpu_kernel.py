@@ -333,9 +333,11 @@ def test_every_tile(kernel, tile, dtype_name, group_size):
             assert torch.equal(y, ops.kernel_gemm(*args)), f"tile {tile} M={m}: two calls differ"
 
 
-WS_TILES = ["ws256", "ws128", "ws64", "ws64b2", "ws128w4", "ws16", "ws8", "ws16b2", "ws32b2", "ws8w", "ws16w", "ws32w"]
+WS_TILES = ["ws256", "ws128", "ws64", "ws64b2", "ws128w4", "ws16", "ws8", "ws16b2", "ws32b2", "ws8w", "ws16w", "ws32w",
+            "ws64w", "ws128w"]
 # Blocks of a ws tile an SM holds at once (WsConfig's kBlocksPerSm in csrc/quick_gemm.cu).
-WS_BLOCKS_PER_SM = {"ws64b2": 2, "ws16": 3, "ws8": 3, "ws16b2": 2, "ws32b2": 2, "ws8w": 4, "ws16w": 4, "ws32w": 3}
+WS_BLOCKS_PER_SM = {"ws64b2": 2, "ws16": 3, "ws8": 3, "ws16b2": 2, "ws32b2": 2, "ws8w": 4, "ws16w": 4, "ws32w": 3,
+                    "ws64w": 3, "ws128w": 2}
 
 
 @pytest.mark.parametrize("tile", WS_TILES)

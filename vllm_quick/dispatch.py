@@ -6,7 +6,7 @@ freeze it). The paths:
 * a **kernel tile** (``"x16"``, ``"x32"``, ``"x64"``, ``"s16"``, ``"s32"``, ``"s64"``,
   ``"s128"``, ``"s16m"``, ``"s32m"``, ``"s64m"``, ``"w64"``, ``"w128"``, ``"w128n"``, ``"w64x"``,
   ``"ws256"``, ``"ws128"``, ``"ws64"``, ``"ws64b2"``, ``"ws128w4"``, ``"ws16"``, ``"ws8"``, ``"ws16b2"``,
-  ``"ws32b2"``, ``"ws8w"``, ``"ws16w"``, ``"ws32w"``;
+  ``"ws32b2"``, ``"ws8w"``, ``"ws16w"``, ``"ws32w"``, ``"ws64w"``, ``"ws128w"``;
   ``vllm_quick._C.TILES``, described in csrc/quick_gemm.cu, ``with_tile``): the QUICK kernel
   streaming int4 weights, with that many rows per thread block. ``x`` tiles keep the exact
   integers ``q - z`` in the mma fragments and scale per group in fp32 (fp16 and bf16); ``s``
@@ -25,14 +25,17 @@ freeze it). The paths:
   and bf16's from M = 129 on; ``ws128`` is the same tile with 128 tokens per block, both
   dtypes' tile from M = 65 to 128, and ``ws64`` has 64 tokens (in no plan since session 12);
   ``ws64b2`` is ws64 at two blocks per SM (both dtypes' from M = 33 to 64); ``ws128w4`` is ws128
-  with four consumer warpgroups over 256 columns (both dtypes' from M = 65 to 128 on the large
-  layers, K x N >= LARGE_LAYER_ELEMENTS). They share out the
+  with four consumer warpgroups over 256 columns (both dtypes' from M = 65 to 80 on the large
+  layers, K x N >= LARGE_LAYER_ELEMENTS); ``ws64w`` / ``ws128w`` take the large layers' M = 33-64 /
+  81-128. They share out the
   last, partial wave's tiles along K (tail splits or a stream-K wave, csrc/quick_stream_k.cuh).
   ``ws8`` / ``ws16`` / ``ws16b2`` / ``ws32b2`` (session 14) are the same producer feeding
   ``mma.sync`` consumers for small M (8 / 16 / 32 tokens per block, three blocks per SM, the
   ``b2`` tiles two), with the exact ``q - z`` in the fragments and each group scaled in fp32;
   ``ws8w`` / ``ws16w`` / ``ws32w`` (sessions 15-16) have each consumer warp take two weight words
   per k-step (32 features) with one warpgroup per block (four blocks per SM, ``ws32w`` three).
+  ``ws64w`` / ``ws128w`` (session 17) are ``ws64`` / ``ws128`` whose warps take two words per
+  k-step: two wgmmas per k-step, one warpgroup per block (three / two blocks per SM).
   The plans use ``ws8`` to M = 8, ``ws16`` to 16 and ``ws32w`` to 32; the partial wave is split
   along K or shared out by stream-K by ``small_tile_schedule`` (csrc/quick_stream_k.cuh).
   These ``mma.sync`` ws tiles multiply in the call's dtype (bf16 fragments of the exact
@@ -207,11 +210,21 @@ SMALL_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {}
 # 1.16 / 1.12 / 1.12 (every layer 1.03-1.32), bf16 1.16 / 1.13 / 1.11 / 1.08 (0.99-1.29); below the
 # threshold it ties or loses (13824x5120 0.97-1.04, 4096x12288 0.90-1.07). From M = 129 ws256 stays
 # ahead (ws128w4 1.14-1.23x its time), and at M <= 64 ws64b2 (1.18-1.23x).
+# Session 17 (H100, benchmarks/results/kernel_h100_s17_two_word_wgmma.json, 12 shapes, M = 40-128,
+# fp16 and bf16, time over the best of ws64b2 / ws64w / ws128 / ws128w4 / ws128w, geomean per layer
+# class): ws64w and ws128w, the wgmma tiles whose warps take two words per k-step (two wgmmas per
+# k-step chain), win on the large layers only: ws64w 1.00-1.03 against ws64b2 1.07-1.08 at M = 40 /
+# 48 / 64 (every large layer, fp16 1.01-1.13x faster), ws128w 1.00-1.02 against ws128w4 1.04-1.05
+# at 96 / 128 (ws128w4 keeps 80: 1.01 against 1.03-1.06). The mid layers keep ws64b2 (ws64w
+# 1.11-1.15: their narrow down projections lose) and ws128 (ws128w 1.03-1.04 against 1.01-1.04),
+# the small ones the same (ws64w 1.13-1.16, ws128w 1.06).
 LARGE_LAYER_ELEMENTS = 5120 * 15360
 LARGE_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
-        torch.float16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128w4"), (None, "ws256")),
-        torch.bfloat16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128w4"), (None, "ws256")),
+        torch.float16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64w"), (80, "ws128w4"), (128, "ws128w"),
+                        (None, "ws256")),
+        torch.bfloat16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64w"), (80, "ws128w4"), (128, "ws128w"),
+                         (None, "ws256")),
     },
 }
 # Families not measured yet: the kernel's own choice everywhere (always correct, maybe not fastest).
