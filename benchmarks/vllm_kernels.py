@@ -325,7 +325,8 @@ VARIANT_TILES = ("x16", "x32", "x64", "s16m", "s32m", "s64m", "w64", "w64x")
 # stream-K (session 10's tail splits).
 WS_VARIANTS = {f"t{s}": {"VLLM_QUICK_WS_SPLITS": str(s)} for s in (1, 2, 3, 4, 6, 8)}
 WS_VARIANTS.update(sk={"VLLM_QUICK_WS_STREAMK": "always"}, nosk={"VLLM_QUICK_WS_STREAMK": "0"},
-                   nopdl={"VLLM_QUICK_PDL": "0"})  # without programmatic dependent launch
+                   nopdl={"VLLM_QUICK_PDL": "0"},  # without programmatic dependent launch
+                   nowm={"VLLM_QUICK_WS_WEIGHT_MAP": "0"})  # weights by a bulk copy per k-tile row
 WS_VARIANT_TILES = ("ws256", "ws128", "ws64", "ws64b2", "ws128w4", "ws16", "ws8", "ws16b2", "ws32b2", "ws8w",
                     "ws16w", "ws32w", "ws64w", "ws128w")
 TILE_VARIANTS.update(WS_VARIANTS)

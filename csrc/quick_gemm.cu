@@ -584,6 +584,13 @@ EncodeTiledFn tensor_map_encoder() {
   return fn;
 }
 
+// VLLM_QUICK_WS_WEIGHT_MAP: "0" moves the ws tiles' weights by one bulk copy per k-tile row
+// instead of one 2-D TMA copy per stage (A/B switch).
+bool weight_map_setting() {
+  const char* v = std::getenv("VLLM_QUICK_WS_WEIGHT_MAP");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
 // VLLM_QUICK_PDL: "0" launches the ws tiles without programmatic dependent launch (A/B switch).
 bool programmatic_launch_setting() {
   const char* v = std::getenv("VLLM_QUICK_PDL");
@@ -626,6 +633,19 @@ struct WsConfig {
                element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
       return cudaErrorInvalidValue;
+    // The weights as a 2-D tensor of 8-byte elements: a row per 16-row k-tile (N / 64 tiles of
+    // 512 B, vllm_quick/layout.py), a box of the block's tiles x the stage's 4 k-tiles -- one
+    // copy per stage. Where it cannot be encoded (or VLLM_QUICK_WS_WEIGHT_MAP=0), the bulk copies.
+    KernelParams kp = params;
+    CUtensorMap weight_map{};
+    const cuuint64_t w_dims[2] = {static_cast<cuuint64_t>(params.n / kTileN) * 64, static_cast<cuuint64_t>(params.k / 16)};
+    const cuuint64_t w_row_bytes[1] = {static_cast<cuuint64_t>(params.n / kTileN) * 512};
+    const cuuint32_t w_box[2] = {kTilesN * 64, 4};
+    kp.weights_by_map = weight_map_setting() &&
+                        encode(&weight_map, CU_TENSOR_MAP_DATA_TYPE_UINT64, 2, const_cast<uint4*>(params.qweight), w_dims,
+                               w_row_bytes, w_box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                               CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
     blocks_per_sm<WsConfig>();
     static const bool two_groups_ready =
         cudaFuncSetAttribute(kernel_two_groups, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) == cudaSuccess;
@@ -642,7 +662,7 @@ struct WsConfig {
     pdl.val.programmaticStreamSerializationAllowed = 1;
     config.attrs = &pdl;
     config.numAttrs = programmatic_launch_setting() ? 1 : 0;
-    return cudaLaunchKernelEx(&config, params.group_size == 32 ? kernel_two_groups : kernel, map, params);
+    return cudaLaunchKernelEx(&config, params.group_size == 32 ? kernel_two_groups : kernel, map, weight_map, kp);
   }
 };
 

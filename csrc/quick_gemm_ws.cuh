@@ -100,6 +100,18 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, i
 #endif
 }
 
+// The same with an L2 policy hint (the weights: evict-first where they are read once).
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar,
+                                            uint64_t policy) {
+#if QUICK_WGMMA
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%2, "
+      "%3}], [%4], %5;\n" ::"r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_u32(bar)), "l"(policy)
+      : "memory");
+#endif
+}
+
 // 1-D bulk copy of `bytes` (a multiple of 16, both addresses 16-byte aligned), L2 policy hint.
 __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar, uint64_t policy) {
 #if QUICK_WGMMA
@@ -423,7 +435,8 @@ struct WsStageWords {
 // consumers of ws8w / ws16w / ws32w; a block has kWGs kWarpWords 64-column tiles.
 template <int kWGs, int kTokens, int kStages, bool kTwoGroups, typename Out, int kBlocksPerSm, int kWarpWords = 1>
 __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
-    quick_gemm_ws_kernel(const __grid_constant__ CUtensorMap act_map, const KernelParams p) {
+    quick_gemm_ws_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_constant__ CUtensorMap weight_map,
+                         const KernelParams p) {
 #if !QUICK_WGMMA
   // Only the sm_90a build has a body: mbarriers, TMA and setmaxnreg exist there alone, and the
   // ws tiles are refused elsewhere (tile_runs_on).
@@ -493,7 +506,10 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
         const unsigned char* z_src = reinterpret_cast<const unsigned char*>(p.qzeros) + tile_n0 * kTileN / 2;
         const uint32_t w_bytes = block_tiles * Smem::kTileBytes;
         const uint32_t s_bytes = block_tiles * kTileN * 2, z_bytes = block_tiles * kTileN / 2;
-        const uint32_t stage_bytes = Smem::kActBytes + kStageKTiles * w_bytes + kGroupRows * (s_bytes + z_bytes);
+        // The weight map's box is the block's kTiles tiles of the stage's 4 k-tile rows, tiles
+        // past N zero-filled but counted; the bulk copies move the working tiles only.
+        const uint32_t w_stage_bytes = p.weights_by_map ? kStageKTiles * Smem::kWeightRowBytes : kStageKTiles * w_bytes;
+        const uint32_t stage_bytes = Smem::kActBytes + w_stage_bytes + kGroupRows * (s_bytes + z_bytes);
         for (int s = 0; s < seg.stage_count; ++s, ++issued) {
           // Slot reuse: wait for the consumers' release of the stage kStages earlier.
           if (issued >= kStages) mbarrier_wait(&empty[slot], phase ^ 1);
@@ -502,10 +518,17 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
           const int gs = seg.stage_begin + s;
           // Rows past M come back as zeros and still count as box bytes.
           tma_load_2d(base, &act_map, gs * kStageK, row0, &full[slot]);
+          if (p.weights_by_map) {
+            // One 2-D copy of the stage's weights (kStageKTiles rows of the block's tiles; the map
+            // counts 8-byte elements, 64 per tile) instead of one bulk copy per k-tile row.
+            tma_load_2d(base + Smem::kWeightOffset, &weight_map, tile_n0 * (Smem::kTileBytes / 8), gs * kStageKTiles,
+                        &full[slot], policy);
+          } else {
 #pragma unroll
-          for (int kt = 0; kt < kStageKTiles; ++kt)
-            bulk_load(base + Smem::kWeightOffset + kt * Smem::kWeightRowBytes, w_src + kt * w_row, w_bytes,
-                      &full[slot], policy);
+            for (int kt = 0; kt < kStageKTiles; ++kt)
+              bulk_load(base + Smem::kWeightOffset + kt * Smem::kWeightRowBytes, w_src + kt * w_row, w_bytes,
+                        &full[slot], policy);
+          }
           w_src += kStageKTiles * w_row;
 #pragma unroll
           for (int r = 0; r < kGroupRows; ++r) {

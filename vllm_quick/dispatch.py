@@ -217,7 +217,11 @@ SMALL_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {}
 # 48 / 64 (every large layer, fp16 1.01-1.13x faster), ws128w 1.00-1.02 against ws128w4 1.04-1.05
 # at 96 / 128 (ws128w4 keeps 80: 1.01 against 1.03-1.06). The mid layers keep ws64b2 (ws64w
 # 1.11-1.15: their narrow down projections lose) and ws128 (ws128w 1.03-1.04 against 1.01-1.04),
-# the small ones the same (ws64w 1.13-1.16, ws128w 1.06).
+# the small ones the same (ws64w 1.13-1.16, ws128w 1.06). Then the ws tiles took a stage's weights by
+# one 2-D TMA copy (kernel_h100_s17_weight_map.md: ws64b2 1.07x and ws128 1.12x faster at their M,
+# ws64w 1.02x) and the same sweep again (kernel_h100_s17_tiles_weight_map.json): on the large layers
+# ws64w 1.01-1.06 against ws64b2 1.04-1.06 at M = 40-64 (ahead at 48-64 by 1.5-4%, 1% behind at 40),
+# ws128w 1.01-1.02 against ws128w4 1.02-1.05 at 96-128, ws128w4 1.00-1.01 at 80 -> the same plans.
 LARGE_LAYER_ELEMENTS = 5120 * 15360
 LARGE_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
