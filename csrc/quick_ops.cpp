@@ -28,7 +28,6 @@ namespace {
 // (codecvt<char16_t>::do_unshift): our copy of the template and the process's libstdc++ disagree
 // on the facet's layout. Strings alone never reached the facet, which is why some errors worked.
 void append(std::string& out, const char* v) { out += v; }
-void append(std::string& out, const std::string& v) { out += v; }
 template <typename I>
   requires std::is_integral_v<I>
 void append(std::string& out, I v) {
