@@ -30,8 +30,9 @@ import copy
 import functools
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -166,7 +167,7 @@ def bind_call(fn: Callable, per_call: tuple[str, ...], /, **kwargs) -> Callable:
 # ----------------------------------------------------------------------------------------------
 # lazy vLLM access
 # ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _vllm():
     """(vllm module, vllm._custom_ops, scalar_types); raises Unsupported if vLLM does not import."""
     try:
@@ -645,7 +646,7 @@ class HummingBackend(Backend):
         try:
             _vllm()
             from vllm.utils.import_utils import has_humming
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 -- whatever fails to import means no Humming
             return f"vLLM has no Humming support: {type(e).__name__}: {e}"
         if not has_humming():
             return "the humming package (pip: humming-kernels) is not installed"
@@ -655,7 +656,9 @@ class HummingBackend(Backend):
 
     def prepare(self, codes, zeros, scales, group_size, act_dtype):
         _, _, scalar_types = _vllm()
-        from vllm.model_executor.kernels.linear.mixed_precision.humming import HummingLinearKernel
+        from vllm.model_executor.kernels.linear.mixed_precision.humming import (
+            HummingLinearKernel,
+        )
         from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import (
             MPLinearLayerConfig,
         )
