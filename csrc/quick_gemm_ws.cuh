@@ -431,8 +431,9 @@ struct WsStageWords {
 // ops.fp16_product_for_bf16 but without its passes over y. The mma.sync consumers hold the exact
 // q - z, which bf16 represents as well as fp16: they multiply in the call's own type, a bf16 x as
 // it is (no copy, no second kernel; session 16), with bf16 fragments built by T's magic number.
-// kWarpWords: weight words per consumer warp and k-step (ws_warp_word): 1, or 2 for the mma.sync
-// consumers of ws8w / ws16w / ws32w; a block has kWGs kWarpWords 64-column tiles.
+// kWarpWords: weight words per consumer warp and k-step (ws_warp_word): 1, or 2 for ws8w / ws16w /
+// ws32w (mma.sync consumers) and ws64w / ws128w (wgmma consumers: two wgmmas per k-step, one per
+// word, into their own accumulators); a block has kWGs kWarpWords 64-column tiles.
 template <int kWGs, int kTokens, int kStages, bool kTwoGroups, typename Out, int kBlocksPerSm, int kWarpWords = 1>
 __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
     quick_gemm_ws_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_constant__ CUtensorMap weight_map,

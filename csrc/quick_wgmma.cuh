@@ -170,7 +170,8 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[kN / 2], const uint32_t (&a)
 //     warp's word j, over all of the block's tokens (2 x m64n128k16 for w128n). Each weight then
 //     serves 128 tokens: half the dequantisation per FLOP of kWords = 4.
 //   kWords = 1 (the ws tiles: quick_gemm_ws.cuh): warp r of a warpgroup takes word r of the
-//     warpgroup's own 64-column tile, one m64nTk16 per k-step over all T tokens of the block.
+//     warpgroup's own 64-column tile, one m64nTk16 per k-step over all T tokens of the block;
+//     kWords = 2 there too (ws64w / ws128w: w128n's split of the words, one m64nTk16 per word).
 // Scaled tiles put (q - z) * s (fp16) into A; the exact tile w64x (fp16 and bf16) puts q - z
 // there, sums each group in a second accumulator set and adds group sum x scale in fp32, like the
 // x tiles of mma.sync (two sets of 2 x 32 floats: why it has 64 tokens, not 128).
