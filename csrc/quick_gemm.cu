@@ -584,16 +584,11 @@ EncodeTiledFn tensor_map_encoder() {
   return fn;
 }
 
-// VLLM_QUICK_WS_WEIGHT_MAP: "0" moves the ws tiles' weights by one bulk copy per k-tile row
-// instead of one 2-D TMA copy per stage (A/B switch).
-bool weight_map_setting() {
-  const char* v = std::getenv("VLLM_QUICK_WS_WEIGHT_MAP");
-  return v == nullptr || std::strcmp(v, "0") != 0;
-}
-
-// VLLM_QUICK_PDL: "0" launches the ws tiles without programmatic dependent launch (A/B switch).
-bool programmatic_launch_setting() {
-  const char* v = std::getenv("VLLM_QUICK_PDL");
+// An on-by-default A/B switch of the ws tiles: off only where the variable is "0". Read on every
+// launch. VLLM_QUICK_WS_WEIGHT_MAP: "0" moves the weights by one bulk copy per k-tile row instead
+// of one 2-D TMA copy per stage; VLLM_QUICK_PDL: "0" launches without programmatic dependent launch.
+bool switch_setting(const char* name) {
+  const char* v = std::getenv(name);
   return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
@@ -641,7 +636,7 @@ struct WsConfig {
     const cuuint64_t w_dims[2] = {static_cast<cuuint64_t>(params.n / kTileN) * 64, static_cast<cuuint64_t>(params.k / 16)};
     const cuuint64_t w_row_bytes[1] = {static_cast<cuuint64_t>(params.n / kTileN) * 512};
     const cuuint32_t w_box[2] = {kTilesN * 64, 4};
-    kp.weights_by_map = weight_map_setting() &&
+    kp.weights_by_map = switch_setting("VLLM_QUICK_WS_WEIGHT_MAP") &&
                         encode(&weight_map, CU_TENSOR_MAP_DATA_TYPE_UINT64, 2, const_cast<uint4*>(params.qweight), w_dims,
                                w_row_bytes, w_box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
                                CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
@@ -661,7 +656,7 @@ struct WsConfig {
     pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     pdl.val.programmaticStreamSerializationAllowed = 1;
     config.attrs = &pdl;
-    config.numAttrs = programmatic_launch_setting() ? 1 : 0;
+    config.numAttrs = switch_setting("VLLM_QUICK_PDL") ? 1 : 0;
     return cudaLaunchKernelEx(&config, params.group_size == 32 ? kernel_two_groups : kernel, map, weight_map, kp);
   }
 };

@@ -409,6 +409,18 @@ __device__ __forceinline__ void ws_segment_epilogue(const KernelParams& p, unsig
   }
 }
 
+// A consumer warp's kWarpWords weight words of one k-tile (ws_warp_word): one 4- or 8-byte load.
+template <int kWarpWords>
+__device__ __forceinline__ void load_warp_words(const unsigned char* at, uint32_t (&words)[kWarpWords]) {
+  if constexpr (kWarpWords == 2) {
+    const uint2 v = *reinterpret_cast<const uint2*>(at);
+    words[0] = v.x;
+    words[1] = v.y;
+  } else {
+    words[0] = *reinterpret_cast<const uint32_t*>(at);
+  }
+}
+
 // What a consumer warp reads of one stage before its first wgmma: its four weight words (word r
 // of its lane's 16 bytes in each k-tile of its warpgroup's tile) and, per group row of the
 // stage, its zero word and its two scale words. Loaded one stage ahead, so the shared-memory
@@ -567,15 +579,8 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
   auto load_stage = [&](int slot, WsStageWords<kWarpWords>& st) {
     const int at = slot * Smem::kStageBytes;
 #pragma unroll
-    for (int kt = 0; kt < kStageKTiles; ++kt) {
-      if constexpr (kWarpWords == 2) {
-        const uint2 v = *reinterpret_cast<const uint2*>(my_words + at + kt * Smem::kWeightRowBytes);
-        st.w[kt][0] = v.x;
-        st.w[kt][1] = v.y;
-      } else {
-        st.w[kt][0] = *reinterpret_cast<const uint32_t*>(my_words + at + kt * Smem::kWeightRowBytes);
-      }
-    }
+    for (int kt = 0; kt < kStageKTiles; ++kt)
+      load_warp_words<kWarpWords>(my_words + at + kt * Smem::kWeightRowBytes, st.w[kt]);
 #pragma unroll
     for (int gr = 0; gr < kGroupRows; ++gr) {
       st.zero[gr] = *reinterpret_cast<const uint32_t*>(my_zero + at + gr * Smem::kZeroRowBytes);
@@ -673,15 +678,8 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
         const int at_slot = slot * Smem::kStageBytes;
         uint32_t words[kStageKTiles][kWarpWords];  // one 4- or 8-byte load per k-tile
 #pragma unroll
-        for (int kt = 0; kt < kStageKTiles; ++kt) {
-          if constexpr (kWarpWords == 2) {
-            const uint2 v = *reinterpret_cast<const uint2*>(my_words + at_slot + kt * Smem::kWeightRowBytes);
-            words[kt][0] = v.x;
-            words[kt][1] = v.y;
-          } else {
-            words[kt][0] = *reinterpret_cast<const uint32_t*>(my_words + at_slot + kt * Smem::kWeightRowBytes);
-          }
-        }
+        for (int kt = 0; kt < kStageKTiles; ++kt)
+          load_warp_words<kWarpWords>(my_words + at_slot + kt * Smem::kWeightRowBytes, words[kt]);
         // A group of 128 or more spans several stages, each carrying a copy of its row: only the
         // group's first stage (or the segment's) unpacks it. (Every stage: 2% slower for ws8,
         // 1% for ws16, session 14.)
