@@ -327,7 +327,9 @@ VARIANT_TILES = ("x16", "x32", "x64", "s16m", "s32m", "s64m", "w64", "w64x")
 WS_VARIANTS = {f"t{s}": {"VLLM_QUICK_WS_SPLITS": str(s)} for s in (1, 2, 3, 4, 6, 8)}
 WS_VARIANTS.update(sk={"VLLM_QUICK_WS_STREAMK": "always"}, nosk={"VLLM_QUICK_WS_STREAMK": "0"},
                    nopdl={"VLLM_QUICK_PDL": "0"},  # without programmatic dependent launch
-                   nowm={"VLLM_QUICK_WS_WEIGHT_MAP": "0"})  # weights by a bulk copy per k-tile row
+                   nowm={"VLLM_QUICK_WS_WEIGHT_MAP": "0"},  # weights by a bulk copy per k-tile row
+                   # "pf<s>": s weight stages prefetched into L2 ahead of the TMA copies (0: none)
+                   **{f"pf{s}": {"VLLM_QUICK_WS_L2_PREFETCH": str(s)} for s in (0, 4, 8, 16, 32)})
 WS_VARIANT_TILES = ("ws256", "ws128", "ws64", "ws64b2", "ws128w4", "ws16", "ws8", "ws16b2", "ws32b2", "ws8w",
                     "ws16w", "ws32w", "ws64w", "ws128w")
 TILE_VARIANTS.update(WS_VARIANTS)
@@ -337,6 +339,9 @@ for _tile, _variants in _VARIANTS_OF.items():
     for _variant in _variants:
         CALLS[f"quick_{_tile}_{_variant}"] = (f"quick_{_tile} with the environment {TILE_VARIANTS[_variant]} while "
                                               "it is called (and captured)")
+for _variant in WS_VARIANTS:
+    CALLS[f"quick_op_{_variant}"] = (f"quick with the environment {WS_VARIANTS[_variant]} while it is called (and "
+                                     "captured)")
 
 
 @contextlib.contextmanager
@@ -381,6 +386,19 @@ class QuickTileBackend(QuickKernelBackend):
         with _environment(self.env):
             return ops.kernel_gemm(x, w["qweight"], w["qzeros"], w["scales"], None, state.meta["group"],
                                    state.meta["n"], KERNEL_TILES.index(self.tile))
+
+
+class QuickOpVariantBackend(QuickBackend):
+    """The op as the plugin calls it (each M's planned tile) under a WS_VARIANTS setting:
+    "quick_op_<variant>", for A/B timings of a ws-tile setting across the plans."""
+
+    def __init__(self, variant: str):
+        self.env = WS_VARIANTS[variant]
+        self.name = f"quick_op_{variant}"
+
+    def run(self, state, x):
+        with _environment(self.env):
+            return super().run(state, x)
 
 
 class QuickDequantBackend(QuickBackend):
@@ -699,6 +717,7 @@ BACKENDS: dict[str, Backend] = {
         QuickDequantFp16Backend(),
         *(QuickTileBackend(t) for t in KERNEL_TILES),
         *(QuickTileBackend(t, v) for t, variants in _VARIANTS_OF.items() for v in variants),
+        *(QuickOpVariantBackend(v) for v in WS_VARIANTS),
         QuickFp16TileBackend("ws256"),
         CublasBackend(),
         AwqGemmBackend(),

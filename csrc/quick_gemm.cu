@@ -592,6 +592,18 @@ bool switch_setting(const char* name) {
   return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
+// A whole-number setting of the ws tiles, read on every launch: the variable's value where it is
+// a number >= 0, else `fallback`. VLLM_QUICK_WS_L2_PREFETCH: weight stages prefetched into L2
+// ahead of the TMA copies (0: none; default: the tile's stage count, i.e. the first round of
+// copies, prefetched before the wait for the previous kernel).
+int count_setting(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  const long n = std::strtol(v, &end, 10);
+  return *end == '\0' && n >= 0 && n <= (1 << 20) ? static_cast<int>(n) : fallback;
+}
+
 // The ws tiles (quick_gemm_ws.cuh): the Config interface, plus the activations' TMA map: x
 // [m, k] fp16, k fastest, read in boxes of 64 k x kTokens rows with the 128-byte swizzle that
 // the wgmma descriptor expects (sw128_kmajor_desc); rows past m read as zeros. Out: y's type
@@ -641,6 +653,7 @@ struct WsConfig {
                                w_row_bytes, w_box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
                                CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+    kp.l2_prefetch_stages = count_setting("VLLM_QUICK_WS_L2_PREFETCH", kStages);
     blocks_per_sm<WsConfig>();
     static const bool two_groups_ready =
         cudaFuncSetAttribute(kernel_two_groups, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) == cudaSuccess;

@@ -123,6 +123,22 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
 #endif
 }
 
+// L2 prefetches (sm_90): global memory into L2 only -- no shared-memory destination, no barrier.
+// A box of the tensor `map` describes, and `bytes` (a multiple of 16) from `src`.
+__device__ __forceinline__ void tma_prefetch_l2_2d(const CUtensorMap* map, int c0, int c1) {
+#if QUICK_WGMMA
+  asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];\n" ::"l"(reinterpret_cast<uint64_t>(map)),
+               "r"(c0), "r"(c1)
+               : "memory");
+#endif
+}
+
+__device__ __forceinline__ void bulk_prefetch_l2(const void* src, uint32_t bytes) {
+#if QUICK_WGMMA
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes) : "memory");
+#endif
+}
+
 // ------------------------------------------------------------------------------------------
 // Shared memory of the ws tiles, per stage (a 64-row K slice): the activation tile first (the
 // 128-byte swizzle needs a 1024-byte boundary), then the weight rows of the block's tiles as
@@ -500,8 +516,47 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
   if (warp / 4 == kWGs) {
     // ---- Producer warpgroup: one thread issues every copy, then the group leaves. ----
     setmaxnreg_dec<Registers::kProducer>();
+    const bool issuer = warp % 4 == 0 && lane == 0;
+    // L2 prefetch, p.l2_prefetch_stages ahead of the copies (0: none): stage i of the block's work
+    // (its segments in order) -- the weights, scale and zero rows -- into L2. The first ones go out
+    // before the wait for the previous kernel: the TMA copies that follow it then find them in L2
+    // instead of starting the DRAM round trip only when the previous kernel has finished. Safe
+    // although that kernel may still be writing: a prefetch delivers nothing to this SM, and L2 is
+    // the GPU's point of coherence, so the copies after the wait read what it wrote (and nothing
+    // writes the weights, scales or zeros while a model runs anyway).
+    auto prefetch_stage = [&](int i) {
+      int g = 0;
+      if (i >= work->first.stage_count) {
+        i -= work->first.stage_count;
+        g = 1;
+        if (work->count < 2 || i >= work->second.stage_count) return;
+      }
+      const WsSegment seg = segment(g);
+      const int tile_n0 = seg.tile % grid_n * kTiles, gs = seg.stage_begin + i;
+      const int block_tiles = min(kTiles, n_tiles - tile_n0);
+      if (p.weights_by_map) {
+        tma_prefetch_l2_2d(&weight_map, tile_n0 * (Smem::kTileBytes / 8), gs * kStageKTiles);
+      } else {
+        const unsigned char* w = reinterpret_cast<const unsigned char*>(p.qweight) +
+                                 static_cast<size_t>(gs) * kStageKTiles * n_tiles * Smem::kTileBytes +
+                                 static_cast<size_t>(tile_n0) * Smem::kTileBytes;
+#pragma unroll
+        for (int kt = 0; kt < kStageKTiles; ++kt)
+          bulk_prefetch_l2(w + static_cast<size_t>(kt) * n_tiles * Smem::kTileBytes, block_tiles * Smem::kTileBytes);
+      }
+#pragma unroll
+      for (int r = 0; r < kGroupRows; ++r) {
+        const size_t group_row = kTwoGroups ? 2 * gs + r : gs * kStageK / p.group_size;
+        bulk_prefetch_l2(reinterpret_cast<const unsigned char*>(p.scales) + group_row * p.n * 2 + tile_n0 * kTileN * 2,
+                         block_tiles * kTileN * 2);
+        bulk_prefetch_l2(reinterpret_cast<const unsigned char*>(p.qzeros) + group_row * p.n / 2 + tile_n0 * kTileN / 2,
+                         block_tiles * kTileN / 2);
+      }
+    };
+    if (issuer)
+      for (int i = 0; i < p.l2_prefetch_stages; ++i) prefetch_stage(i);
     wait_for_previous_grid();
-    if (warp % 4 == 0 && lane == 0) {
+    if (issuer) {
       const uint64_t policy = p.weights_evict_first ? evict_first_policy() : evict_normal_policy();
       const uint64_t keep = evict_normal_policy();
       const size_t w_row = static_cast<size_t>(n_tiles) * Smem::kTileBytes;  // bytes per k-tile row
@@ -524,6 +579,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
         const uint32_t w_stage_bytes = p.weights_by_map ? kStageKTiles * Smem::kWeightRowBytes : kStageKTiles * w_bytes;
         const uint32_t stage_bytes = Smem::kActBytes + w_stage_bytes + kGroupRows * (s_bytes + z_bytes);
         for (int s = 0; s < seg.stage_count; ++s, ++issued) {
+          if (p.l2_prefetch_stages > 0) prefetch_stage(issued + p.l2_prefetch_stages);
           // Slot reuse: wait for the consumers' release of the stage kStages earlier.
           if (issued >= kStages) mbarrier_wait(&empty[slot], phase ^ 1);
           unsigned char* base = smem + slot * Smem::kStageBytes;

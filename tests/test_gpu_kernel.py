@@ -451,6 +451,35 @@ def test_ws_tile_repeats_give_the_same_bits(kernel, monkeypatch, dtype_name, til
             assert not differ, f"{what}: calls {differ} differ from the first"
 
 
+@pytest.mark.parametrize("tile", ["ws8", "ws32w", "ws64b2", "ws128w", "ws256"])
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_ws_copy_settings_keep_the_bits(kernel, monkeypatch, dtype_name, tile):
+    """How the ws producer moves data must not change a bit of y: the weights by one 2-D TMA copy per
+    stage or a bulk copy per k-tile row (VLLM_QUICK_WS_WEIGHT_MAP), with or without programmatic
+    dependent launch (VLLM_QUICK_PDL), and any L2 prefetch distance (VLLM_QUICK_WS_L2_PREFETCH: none,
+    one stage, more stages than a block has). Group 32 (two group rows a stage) and 128, a schedule
+    with shared tiles (stream-K) and an odd tile count."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip(f"{tile} runs on sm_90 only")
+    dtype = DTYPES[dtype_name]
+    index = TILES.index(tile)
+    k, n = 4096, 4160
+    m = {"ws8": 5, "ws32w": 29, "ws64b2": 61, "ws128w": 125, "ws256": 253}[tile]  # a partial row block
+    monkeypatch.setenv("VLLM_QUICK_WS_STREAMK", "always")
+    for group_size in (32, 128):
+        w = make_weight(k, n, group_size)
+        x = random_x((m, k), dtype, seed=zlib.crc32(f"copy-settings/{tile}/{group_size}".encode()))
+        y = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, n, index)
+        check_output(y, x.float() @ w.w32, dtype, f"{tile} {dtype_name} g={group_size}")
+        for name, value in (("VLLM_QUICK_WS_WEIGHT_MAP", "0"), ("VLLM_QUICK_PDL", "0"),
+                            ("VLLM_QUICK_WS_L2_PREFETCH", "0"), ("VLLM_QUICK_WS_L2_PREFETCH", "1"),
+                            ("VLLM_QUICK_WS_L2_PREFETCH", "100000")):
+            monkeypatch.setenv(name, value)
+            other = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, n, index)
+            monkeypatch.delenv(name)
+            assert torch.equal(other, y), f"{tile} {dtype_name} g={group_size}: {name}={value} changes y"
+
+
 @pytest.mark.parametrize("tile", ["ws256", "ws8", "ws32w"])
 @pytest.mark.parametrize("x_scale", [1.0, 1e6, 1e-30, 1e30])
 def test_ws_tile_bf16_activation_range(kernel, x_scale, tile):
