@@ -2,7 +2,8 @@
 
 The extension is built with ninja through torch's ``BuildExtension`` when this torch has CUDA and
 nvcc is found; otherwise (CPU torch, no nvcc) the package installs without it and the
-``quick::gemm`` op uses its reference path. ``QUICK_CUDA_ARCH_LIST`` overrides the GPU targets.
+``quick::gemm`` op uses its reference path. ``QUICK_CUDA_ARCH_LIST`` overrides the GPU targets,
+``QUICK_NVCC_FLAGS`` adds nvcc flags.
 """
 
 import os
@@ -24,6 +25,8 @@ def cuda_extension():
     # on H100 / H200; other GPUs take their own targets).
     archs = [a + "a" if a == "90" else a for a in archs]
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    # QUICK_NVCC_FLAGS: extra nvcc flags, e.g. -DQUICK_WS_TIMELINE (benchmarks/ws_timeline.py).
+    extra_nvcc = os.environ.get("QUICK_NVCC_FLAGS", "").split()
     ext = CUDAExtension(
         name="vllm_quick._C",
         sources=["csrc/quick_ops.cpp", "csrc/quick_gemm.cu", "csrc/quick_dequant.cu", "csrc/quick_act_scale.cu"],
@@ -31,7 +34,7 @@ def cuda_extension():
             # C++20 like torch's own headers (>= 2.10): a C++17 binding crashed when it threw.
             "cxx": ["-O3", "-std=c++20"],
             # C++20 for templated lambdas in the launcher; the kernel file includes no torch headers.
-            "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo", *gencode],
+            "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo", *gencode, *extra_nvcc],
         },
     )
     return [ext], {"build_ext": BuildExtension}

@@ -36,7 +36,10 @@ struct KernelParams {
   int dp_blocks, sk_tiles, sk_blocks, max_pieces;
   bool weights_evict_first;
   bool weights_by_map;  // ws tiles: a stage's weights by one 2-D TMA copy (else a bulk copy per k-tile row)
-  int l2_prefetch_stages;  // ws tiles: stages of weights prefetched into L2 ahead of the copies (0: none)
+  // ws tiles (experiment, off by default): weight stages prefetched into L2 ahead of the TMA copies
+  // in the K loop (distance; 0: none), and before the wait for the previous kernel (0: none).
+  int l2_prefetch_stages, l2_prefetch_early;
+  int timeline_slot;  // ws tiles, diagnostic builds only (QUICK_WS_TIMELINE): where the blocks record
   bool split_major;     // mma.sync tiles, global split-K: grid (splits, grid_n, grid_m), see split_block
   bool cluster_reduce;  // the splits of a tile form one cluster and reduce in shared memory
   // bf16 through an fp16 tile (GemmArgs::act_row_abs_max): row i of x holds x[i] * 2^e_i, and

@@ -584,6 +584,15 @@ EncodeTiledFn tensor_map_encoder() {
   return fn;
 }
 
+bool read_ws_timeline(unsigned long long* host) {
+#ifdef QUICK_WS_TIMELINE
+  return cudaMemcpyFromSymbol(host, ws_timeline, sizeof(ws_timeline)) == cudaSuccess;
+#else
+  (void)host;
+  return false;
+#endif
+}
+
 // An on-by-default A/B switch of the ws tiles: off only where the variable is "0". Read on every
 // launch. VLLM_QUICK_WS_WEIGHT_MAP: "0" moves the weights by one bulk copy per k-tile row instead
 // of one 2-D TMA copy per stage; VLLM_QUICK_PDL: "0" launches without programmatic dependent launch.
@@ -593,9 +602,9 @@ bool switch_setting(const char* name) {
 }
 
 // A whole-number setting of the ws tiles, read on every launch: the variable's value where it is
-// a number >= 0, else `fallback`. VLLM_QUICK_WS_L2_PREFETCH: weight stages prefetched into L2
-// ahead of the TMA copies (0: none; default: the tile's stage count, i.e. the first round of
-// copies, prefetched before the wait for the previous kernel).
+// a number >= 0, else `fallback`. VLLM_QUICK_WS_L2_PREFETCH / _EARLY: the ws tiles' L2 prefetch
+// distance in the K loop and the stages prefetched before the wait for the previous kernel
+// (KernelParams; an experiment, 0 = off by default).
 int count_setting(const char* name, int fallback) {
   const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return fallback;
@@ -653,7 +662,11 @@ struct WsConfig {
                                w_row_bytes, w_box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
                                CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-    kp.l2_prefetch_stages = count_setting("VLLM_QUICK_WS_L2_PREFETCH", kStages);
+    kp.l2_prefetch_stages = count_setting("VLLM_QUICK_WS_L2_PREFETCH", 0);
+    kp.l2_prefetch_early = count_setting("VLLM_QUICK_WS_L2_PREFETCH_EARLY", 0);
+#ifdef QUICK_WS_TIMELINE
+    kp.timeline_slot = count_setting("VLLM_QUICK_WS_TIMELINE_SLOT", -1);
+#endif
     blocks_per_sm<WsConfig>();
     static const bool two_groups_ready =
         cudaFuncSetAttribute(kernel_two_groups, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) == cudaSuccess;

@@ -110,6 +110,10 @@ struct DequantArgs {
 
 GemmPlan plan(const GemmProblem& problem, int device);
 cudaError_t dequantize(const DequantArgs& args, cudaStream_t stream);
+// Diagnostic builds (QUICK_WS_TIMELINE, quick_gemm_ws.cuh): copies the ws blocks' phase times
+// (kTimelineSlots x kTimelineBlocks x kTimelineWords uint64) to host memory; false in other builds.
+constexpr int kTimelineSlots = 8, kTimelineBlocks = 2048, kTimelineWords = 16;
+bool read_ws_timeline(unsigned long long* host);
 cudaError_t run(const GemmProblem& problem, const GemmPlan& plan, const GemmArgs& args,
                 cudaStream_t stream);
 

@@ -139,6 +139,38 @@ __device__ __forceinline__ void bulk_prefetch_l2(const void* src, uint32_t bytes
 #endif
 }
 
+// A diagnostic build only (QUICK_WS_TIMELINE defined, e.g. QUICK_NVCC_FLAGS=-DQUICK_WS_TIMELINE
+// at build time; benchmarks/ws_timeline.py reads it): each block of a ws launch writes when its
+// phases happen -- %globaltimer (ns, one clock for the whole GPU) and clock64 (its SM's cycles) --
+// into launch slot KernelParams::timeline_slot of ws_timeline. Normal builds record nothing.
+enum WsTimelineEvent {
+  kTlStart,         // block start (thread 0)
+  kTlWaited,        // the producer past the wait for the previous kernel
+  kTlIssued,        // the producer has issued its last copy
+  kTlFirstData,     // consumer thread 0 past the first stage's "full" wait
+  kTlLoopDone,      // consumer thread 0: the last segment's K loop done (its epilogue next)
+  kTlEnd,           // consumer thread 0: the last epilogue done
+  kTlEvents
+};
+// Words per block: the events' globaltimer at 0.., the SM at 7, the events' clock64 at 8..
+#ifdef QUICK_WS_TIMELINE
+__device__ unsigned long long ws_timeline[kTimelineSlots][kTimelineBlocks][kTimelineWords];
+__device__ __forceinline__ void timeline_mark(const KernelParams& p, int event) {
+  if (p.timeline_slot < 0 || p.timeline_slot >= kTimelineSlots || blockIdx.x >= kTimelineBlocks) return;
+  unsigned long long ns;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+  ws_timeline[p.timeline_slot][blockIdx.x][event] = ns;
+  ws_timeline[p.timeline_slot][blockIdx.x][8 + event] = clock64();
+  if (event == kTlStart) {
+    unsigned smid;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+    ws_timeline[p.timeline_slot][blockIdx.x][7] = smid;
+  }
+}
+#else
+__device__ __forceinline__ void timeline_mark(const KernelParams&, int) {}
+#endif
+
 // ------------------------------------------------------------------------------------------
 // Shared memory of the ws tiles, per stage (a 64-row K slice): the activation tile first (the
 // 128-byte swizzle needs a 1024-byte boundary), then the weight rows of the block's tiles as
@@ -503,6 +535,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
   auto segment = [&](int g) { return g == 0 ? work->first : work->second; };
 
   if (threadIdx.x == 0) {
+    timeline_mark(p, kTlStart);
     *work = ws_block_work(blockIdx.x, p.dp_blocks, p.sk_tiles, p.sk_blocks, p.k / kStageK);
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
@@ -517,10 +550,10 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
     // ---- Producer warpgroup: one thread issues every copy, then the group leaves. ----
     setmaxnreg_dec<Registers::kProducer>();
     const bool issuer = warp % 4 == 0 && lane == 0;
-    // L2 prefetch, p.l2_prefetch_stages ahead of the copies (0: none): stage i of the block's work
-    // (its segments in order) -- the weights, scale and zero rows -- into L2. The first ones go out
-    // before the wait for the previous kernel: the TMA copies that follow it then find them in L2
-    // instead of starting the DRAM round trip only when the previous kernel has finished. Safe
+    // L2 prefetch (an experiment, off by default): stage i of the block's work (its segments in
+    // order) -- the weights, scale and zero rows -- into L2, p.l2_prefetch_stages stages ahead of
+    // the TMA copies, and the first p.l2_prefetch_early stages before the wait for the previous
+    // kernel, so that the copies after it may find them in L2. Safe
     // although that kernel may still be writing: a prefetch delivers nothing to this SM, and L2 is
     // the GPU's point of coherence, so the copies after the wait read what it wrote (and nothing
     // writes the weights, scales or zeros while a model runs anyway).
@@ -554,8 +587,9 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
       }
     };
     if (issuer)
-      for (int i = 0; i < p.l2_prefetch_stages; ++i) prefetch_stage(i);
+      for (int i = 0; i < p.l2_prefetch_early; ++i) prefetch_stage(i);
     wait_for_previous_grid();
+    if (issuer) timeline_mark(p, kTlWaited);
     if (issuer) {
       const uint64_t policy = p.weights_evict_first ? evict_first_policy() : evict_normal_policy();
       const uint64_t keep = evict_normal_policy();
@@ -610,6 +644,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
           if (++slot == kStages) slot = 0, phase ^= 1;
         }
       }
+      timeline_mark(p, kTlIssued);
     }
     return;  // (the consumers' split-K reduction synchronises them alone: a named barrier)
   }
@@ -658,6 +693,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
   uint32_t phase = 0;
   if constexpr (!kMmaSync) {
     mbarrier_wait(&full[0], 0);
+    if (threadIdx.x == 0) timeline_mark(p, kTlFirstData);
     load_stage(0, cur);
   }
 #pragma unroll 1
@@ -731,6 +767,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
         // do: at 72 registers the second set spilled); with 24 consumer warps per SM the
         // shared-memory latency is other warps' issue time.
         mbarrier_wait(&full[slot], phase);
+        if (threadIdx.x == 0 && g == 0 && s == 0) timeline_mark(p, kTlFirstData);
         const int at_slot = slot * Smem::kStageBytes;
         uint32_t words[kStageKTiles][kWarpWords];  // one 4- or 8-byte load per k-tile
 #pragma unroll
@@ -796,8 +833,10 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
       }
       mbarrier_arrive(&empty[read_slot]);  // (a segment has at least one stage)
       if (!kTwoGroups) flush_group();  // the segment ends inside a group (or on its end: adds 0)
+      if (threadIdx.x == 0 && g + 1 == work->count) timeline_mark(p, kTlLoopDone);
       ws_segment_epilogue<kWGs, kTokens, Out, kWarpWords, kRowScaled>(p, smem, acc, work, g, grid_n, n_tiles, wg, r,
                                                                        lane);
+      if (threadIdx.x == 0 && g + 1 == work->count) timeline_mark(p, kTlEnd);
     } else {
       float acc[kRows][8][4];
       zero_accumulators(acc);
@@ -844,8 +883,10 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
 #pragma unroll
       for (int i = 0; i < kRows; ++i) fence_registers(reinterpret_cast<float(&)[32]>(acc[i]));
       mbarrier_arrive(&empty[prev_slot]);  // the segment's last stage is read too
+      if (threadIdx.x == 0 && g + 1 == work->count) timeline_mark(p, kTlLoopDone);
       ws_segment_epilogue<kWGs, kTokens, Out, kWarpWords, kRowScaled>(
           p, smem, reinterpret_cast<float(&)[kWarpWords * kTokens / 8][4]>(acc), work, g, grid_n, n_tiles, wg, r, lane);
+      if (threadIdx.x == 0 && g + 1 == work->count) timeline_mark(p, kTlEnd);
     }
   }
 #endif

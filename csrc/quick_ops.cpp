@@ -256,6 +256,13 @@ pybind11::dict plan(int64_t m, int64_t k, int64_t n, int64_t group_size, bool bf
   return d;
 }
 
+// The ws blocks' phase times of a diagnostic build (benchmarks/ws_timeline.py), else None.
+pybind11::object ws_timeline() {
+  auto out = torch::empty({quick::kTimelineSlots, quick::kTimelineBlocks, quick::kTimelineWords}, torch::kInt64);
+  if (!quick::read_ws_timeline(reinterpret_cast<unsigned long long*>(out.data_ptr<int64_t>()))) return pybind11::none();
+  return pybind11::cast(out);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "QUICK W4A16 GEMM (CUDA); use torch.ops.quick.gemm from vllm_quick.ops";
   module.def("gemm", &gemm, "(y, '') with y = x @ dequant(W) (+ bias) on the interleaved layout, or "
@@ -268,6 +275,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("plan", &plan, "the kernel's plan for a call (splits, cluster_reduce, grid) as a dict; tile -1 = by M",
              pybind11::arg("m"), pybind11::arg("k"), pybind11::arg("n"), pybind11::arg("group_size"),
              pybind11::arg("bf16") = false, pybind11::arg("tile") = -1);
+  module.def("ws_timeline", &ws_timeline,
+             "diagnostic builds (QUICK_WS_TIMELINE): the ws blocks' phase times as int64 [slot, block, word]; else None");
   module.attr("LAYOUT_VERSION") = quick::kLayoutVersion;
   pybind11::list tiles;
   for (int t = 0; t < quick::kTileCount; ++t) tiles.append(quick::tile_name(t));
