@@ -584,15 +584,6 @@ EncodeTiledFn tensor_map_encoder() {
   return fn;
 }
 
-bool read_ws_timeline(unsigned long long* host) {
-#ifdef QUICK_WS_TIMELINE
-  return cudaMemcpyFromSymbol(host, ws_timeline, sizeof(ws_timeline)) == cudaSuccess;
-#else
-  (void)host;
-  return false;
-#endif
-}
-
 // An on-by-default A/B switch of the ws tiles: off only where the variable is "0". Read on every
 // launch. VLLM_QUICK_WS_WEIGHT_MAP: "0" moves the weights by one bulk copy per k-tile row instead
 // of one 2-D TMA copy per stage; VLLM_QUICK_PDL: "0" launches without programmatic dependent launch.
@@ -788,6 +779,15 @@ int sm_count(int device) {
 }
 
 }  // namespace
+
+bool read_ws_timeline(unsigned long long* host) {
+#ifdef QUICK_WS_TIMELINE
+  return cudaMemcpyFromSymbol(host, ws_timeline, sizeof(ws_timeline)) == cudaSuccess;
+#else
+  (void)host;
+  return false;
+#endif
+}
 
 // The ws tiles: the configurations with the stream-K schedule (WsConfig), whatever their place in Tile.
 static bool is_ws_tile(int tile) {
