@@ -328,10 +328,7 @@ WS_VARIANTS = {f"t{s}": {"VLLM_QUICK_WS_SPLITS": str(s)} for s in (1, 2, 3, 4, 6
 WS_VARIANTS.update(sk={"VLLM_QUICK_WS_STREAMK": "always"}, nosk={"VLLM_QUICK_WS_STREAMK": "0"},
                    nopdl={"VLLM_QUICK_PDL": "0"},  # without programmatic dependent launch
                    nowm={"VLLM_QUICK_WS_WEIGHT_MAP": "0"},  # weights by a bulk copy per k-tile row
-                   # L2 prefetch of the weights (off by default): "pf<s>" s stages ahead in the K
-                   # loop, "pfe<s>" the first s stages before the wait for the previous kernel
-                   **{f"pf{s}": {"VLLM_QUICK_WS_L2_PREFETCH": str(s)} for s in (12, 20, 40)},
-                   **{f"pfe{s}": {"VLLM_QUICK_WS_L2_PREFETCH_EARLY": str(s)} for s in (1, 2, 4, 10)})
+                   ew={"VLLM_QUICK_WS_EARLY_WEIGHTS": "1"})  # first stages' weights before the PDL wait
 WS_VARIANT_TILES = ("ws256", "ws128", "ws64", "ws64b2", "ws128w4", "ws16", "ws8", "ws16b2", "ws32b2", "ws8w",
                     "ws16w", "ws32w", "ws64w", "ws128w")
 TILE_VARIANTS.update(WS_VARIANTS)

@@ -36,9 +36,9 @@ struct KernelParams {
   int dp_blocks, sk_tiles, sk_blocks, max_pieces;
   bool weights_evict_first;
   bool weights_by_map;  // ws tiles: a stage's weights by one 2-D TMA copy (else a bulk copy per k-tile row)
-  // ws tiles (experiment, off by default): weight stages prefetched into L2 ahead of the TMA copies
-  // in the K loop (distance; 0: none), and before the wait for the previous kernel (0: none).
-  int l2_prefetch_stages, l2_prefetch_early;
+  // ws tiles: the first round of stages' weights, scales and zeros copied before the wait for the
+  // previous kernel (the caller vouches that no kernel just before this one writes them).
+  bool early_weights;
   int timeline_slot;  // ws tiles, diagnostic builds only (QUICK_WS_TIMELINE): where the blocks record
   bool split_major;     // mma.sync tiles, global split-K: grid (splits, grid_n, grid_m), see split_block
   bool cluster_reduce;  // the splits of a tile form one cluster and reduce in shared memory
