@@ -18,6 +18,7 @@ call recording into its own slot, replays it, and reads the last replay. Per cal
   loop         first stage landed -> K loop done (median block; max in brackets)
   epilogue     K loop done -> block done (median; max: the owners' wait for their pieces)
   tail         median block end -> last block end
+  fixup        shared tiles: the last of a tile's K loops done -> its owner done (median; max)
   stream TB/s  the layer's int4 bytes over (median loop end - min first data)
 
     python benchmarks/ws_timeline.py --cases 4096x12288:1,4096x12288:16 [--dtype float16] [--out f.json]
@@ -59,8 +60,23 @@ def make_copies(k: int, n: int, group: int, copies: int, seed: int = 0):
     return out
 
 
+def tile_pieces(plan: dict, stages: int) -> dict[int, list[int]]:
+    """Blocks per output tile in K order (the first is the owner), as ws_block_work cuts them
+    (csrc/quick_stream_k.cuh): whole tiles for blocks below dp_blocks, then the stream-K shares."""
+    dp, sk_tiles, sk_blocks = plan["dp_blocks"], plan["sk_tiles"], plan["sk_blocks"]
+    units = sk_tiles * stages
+    tiles: dict[int, list[tuple[int, int]]] = {b: [(0, b)] for b in range(dp)}
+    for i in range(sk_blocks):
+        u, end = i * units // sk_blocks, (i + 1) * units // sk_blocks
+        while u < end:
+            t = u // stages
+            tiles.setdefault(dp + t, []).append((u - t * stages, dp + i))
+            u = min(end, (t + 1) * stages)
+    return {t: [b for _, b in sorted(p)] for t, p in tiles.items()}
+
+
 def phases(tl: torch.Tensor, blocks: int, call: int, next_start: float | None, prev_end: float | None,
-           layer_bytes: int) -> dict:
+           layer_bytes: int, pieces: dict[int, list[int]] | None = None) -> dict:
     """One call's phases (us) from its slot of the timeline (globaltimer ns)."""
     t = tl[call, :blocks, :].double()
     start, waited, first, loop_done, end = (t[:, e] / 1000 for e in (START, WAITED, FIRST_DATA, LOOP_DONE, END))
@@ -78,6 +94,11 @@ def phases(tl: torch.Tensor, blocks: int, call: int, next_start: float | None, p
         "stream_tb_s": layer_bytes / max(1e-9, med(loop_done) - float(first.min())) / 1e6,
         "sms": int(tl[call, :blocks, 7].unique().numel()),
     }
+    # Shared tiles: the owner's end after the last of its tile's K loops (the fix-up's latency).
+    fixups = [float(end[bs[0]] - loop_done[bs].max()) for bs in (pieces or {}).values() if len(bs) > 1]
+    if fixups:
+        row["fixup"] = statistics.median(fixups)
+        row["fixup_max"] = max(fixups)
     if prev_end is not None:
         row["gap"] = float(start.min()) - prev_end
     if next_start is not None:
@@ -127,8 +148,8 @@ def run_case(ext, k: int, n: int, m: int, dtype: torch.dtype, group: int, replay
     for c in range(1, SLOTS):
         prev_end = float(tl[c - 1, :blocks, END].double().max()) / 1000
         next_start = float(tl[c + 1, :blocks, START].double().min()) / 1000 if c + 1 < SLOTS else None
-        calls.append(phases(tl, blocks, c, next_start, prev_end, layer_bytes))
-    keys = calls[0].keys() | {"period"}
+        calls.append(phases(tl, blocks, c, next_start, prev_end, layer_bytes, tile_pieces(plan, k // 64)))
+    keys = set().union(*(c.keys() for c in calls))
     summary = {key: statistics.median(c[key] for c in calls if key in c) for key in keys}
     stamps = tl[1:, :blocks, :6].flatten().unique()  # sorted: the smallest step is the timer's resolution
     resolution = int((stamps[1:] - stamps[:-1]).min()) if stamps.numel() > 1 else None
@@ -154,7 +175,7 @@ def main() -> int:
     dtype = getattr(torch, args.dtype)
     rows = []
     cols = ("period", "gap", "launch", "wait", "first_data", "loop", "loop_max", "epilogue", "epilogue_max", "tail",
-            "stream_tb_s", "sm_ghz")
+            "fixup", "fixup_max", "stream_tb_s", "sm_ghz")
     print(f"{'case':>16} {'tile':>7} {'blocks':>6} {'us/call':>8} " + " ".join(f"{c:>12}" for c in cols))
     for spec in args.cases.split(","):
         shape, m = spec.split(":")

@@ -362,18 +362,38 @@ __device__ __forceinline__ void ws_segment_epilogue(const KernelParams& p, unsig
 #pragma unroll
         for (int x = 0; x < kQuads; ++x) __stcg(part + x * kThreads, make_float4(out[x][0], out[x][1], out[x][2], out[x][3]));
       }
-      __threadfence();  // the partial visible device-wide before the counter says so
-      part_barrier<kThreads>();
-      if (threadIdx.x == 0) atomicAdd(p.counters + seg.sk_tile, 1);
+      if (p.lean_fixup) {
+        // Release by thread 0 after the barrier (cumulative over the other threads' stores, which
+        // bar.sync orders before it: cooperative groups' grid-sync pattern, reduce_split_k).
+        part_barrier<kThreads>();
+        if (threadIdx.x == 0) red_release_gpu_add(p.counters + seg.sk_tile, 1);
+      } else {
+        __threadfence();  // the partial visible device-wide before the counter says so
+        part_barrier<kThreads>();
+        if (threadIdx.x == 0) atomicAdd(p.counters + seg.sk_tile, 1);
+      }
       return;
     }
-    if (threadIdx.x == 0) {
-      volatile int* counter = p.counters + seg.sk_tile;
-      while (*counter < seg.pieces - 1) __nanosleep(100);
-      *counter = 0;  // every other piece has counted in: ready for the next launch / graph replay
+    if (p.lean_fixup) {
+      // Thread 0 spins on an acquire load (no sleep) and the barrier passes its acquire on; no
+      // thread fences after it -- a fence of thread 0 would first wait for its counter reset to
+      // land (session 18's timeline: ~2.6 us from the last piece's K loop to the owner's store).
+      if (threadIdx.x == 0) {
+        int* counter = p.counters + seg.sk_tile;
+        while (ld_acquire_gpu(counter) < seg.pieces - 1) {
+        }
+        st_relaxed_gpu(counter, 0);  // every other piece has counted in: ready for the next launch
+      }
+      part_barrier<kThreads>();
+    } else {
+      if (threadIdx.x == 0) {
+        volatile int* counter = p.counters + seg.sk_tile;
+        while (*counter < seg.pieces - 1) __nanosleep(100);
+        *counter = 0;  // every other piece has counted in: ready for the next launch / graph replay
+      }
+      part_barrier<kThreads>();
+      __threadfence();  // acquire side: see the other pieces' partials
     }
-    part_barrier<kThreads>();
-    __threadfence();  // acquire side: see the other pieces' partials
     if (stores) {
       const float4* part = reinterpret_cast<const float4*>(p.partials) + slot_base;
       // Four float4 loads in flight per thread at a time: more made ptxas spill on ws256 (bf16)

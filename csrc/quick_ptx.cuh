@@ -83,6 +83,23 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
 #define QUICK_CLUSTERS 0
 #endif
 
+// GPU-scope flag operations (sm_70+) for the split-K counters: an acquire load, a release
+// add (orders this thread's earlier writes -- and, through a block barrier before it, the other
+// threads' -- before the add), and a plain relaxed store.
+__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void red_release_gpu_add(int* p, int v) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ void st_relaxed_gpu(int* p, int v) {
+  asm volatile("st.relaxed.gpu.global.s32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+
 // Barrier over every thread of every CTA of the cluster; shared-memory writes before it (release)
 // are visible to any CTA of the cluster after it (acquire).
 __device__ __forceinline__ void cluster_sync() {
