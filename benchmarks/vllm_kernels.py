@@ -339,9 +339,8 @@ for _tile, _variants in _VARIANTS_OF.items():
     for _variant in _variants:
         CALLS[f"quick_{_tile}_{_variant}"] = (f"quick_{_tile} with the environment {TILE_VARIANTS[_variant]} while "
                                               "it is called (and captured)")
-for _variant in WS_VARIANTS:
-    CALLS[f"quick_op_{_variant}"] = (f"quick with the environment {WS_VARIANTS[_variant]} while it is called (and "
-                                     "captured)")
+for _variant, _env in WS_VARIANTS.items():
+    CALLS[f"quick_op_{_variant}"] = f"quick with the environment {_env} while it is called (and captured)"
 
 
 @contextlib.contextmanager
