@@ -39,7 +39,6 @@ struct KernelParams {
   // ws tiles: the first round of stages' weights, scales and zeros copied before the wait for the
   // previous kernel (the caller vouches that no kernel just before this one writes them).
   bool early_weights;
-  bool bulk_fixup;  // ws mma.sync tiles: the owner copies the pieces' partials into shared memory in bulk
   bool lean_fixup;  // ws tiles' shared-tile fix-up: thread 0's release / acquire only (else every thread fences)
   int timeline_slot;  // ws tiles, diagnostic builds only (QUICK_WS_TIMELINE): where the blocks record
   bool split_major;     // mma.sync tiles, global split-K: grid (splits, grid_n, grid_m), see split_block

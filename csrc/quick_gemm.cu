@@ -587,9 +587,7 @@ EncodeTiledFn tensor_map_encoder() {
 // An on-by-default A/B switch of the ws tiles: off only where the variable is "0". Read on every
 // launch. VLLM_QUICK_WS_WEIGHT_MAP: "0" moves the weights by one bulk copy per k-tile row instead
 // of one 2-D TMA copy per stage; VLLM_QUICK_PDL: "0" launches without programmatic dependent launch;
-// VLLM_QUICK_WS_LEAN_FIXUP: "0" fixes up shared tiles with every thread's fences (the old way);
-// VLLM_QUICK_WS_BULK_FIXUP: "0" has the mma.sync ws tiles' owners load the pieces' partials into
-// registers a few at a time instead of copying them into shared memory in bulk.
+// VLLM_QUICK_WS_LEAN_FIXUP: "0" fixes up shared tiles with every thread's fences (the old way).
 bool switch_setting(const char* name) {
   const char* v = std::getenv(name);
   return v == nullptr || std::strcmp(v, "0") != 0;
@@ -658,7 +656,6 @@ struct WsConfig {
                                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
     kp.early_weights = count_setting("VLLM_QUICK_WS_EARLY_WEIGHTS", 0) == 1;
     kp.lean_fixup = switch_setting("VLLM_QUICK_WS_LEAN_FIXUP");
-    kp.bulk_fixup = switch_setting("VLLM_QUICK_WS_BULK_FIXUP");
 #ifdef QUICK_WS_TIMELINE
     kp.timeline_slot = count_setting("VLLM_QUICK_WS_TIMELINE_SLOT", -1);
 #endif

@@ -174,9 +174,8 @@ struct WsSmem {
   static constexpr int kStageBytes = (kZeroOffset + kMaxGroupRowsPerStage * kZeroRowBytes + 1023) / 1024 * 1024;
   static constexpr int kBarrierOffset = kStages * kStageBytes;
   static constexpr int kWorkOffset = kBarrierOffset + 2 * kStages * 8;  // the block's WsBlockWork
-  static constexpr int kFixupBarrierOffset = kWorkOffset + 56;           // ws_segment_epilogue's bulk fix-up
   static constexpr int kTotalBytes = kWorkOffset + 64 + 1024;             // + alignment slack
-  static_assert(sizeof(WsBlockWork) <= 56, "the work fits its slot");
+  static_assert(sizeof(WsBlockWork) <= 64, "the work fits its slot");
 };
 
 // Register budgets of the two roles (setmaxnreg, sm_90a). A block of 128 (kWGs + 1) threads,
@@ -326,13 +325,10 @@ __device__ __forceinline__ void copy_output_tile(const KernelParams& p, const un
 // tile wg kWarpWords + r / kWarpsPerTile of the block (WsWarpWord).
 // kRowScaled: x came as the fp16 copy of a bf16 x, row t times 2^e_t (the wgmma ws tiles' bf16
 // calls; the kernel's kRowScaled); the mma.sync ws tiles multiply a bf16 x as it is.
-// kPipelineBytes, fixup_bar: the pipeline's shared memory and an mbarrier of the block's own, for
-// the owner's bulk fix-up (p.bulk_fixup, the mma.sync ws tiles).
-template <int kWGs, int kTokens, typename Out, int kWarpWords, bool kRowScaled, int kPipelineBytes>
+template <int kWGs, int kTokens, typename Out, int kWarpWords, bool kRowScaled>
 __device__ __forceinline__ void ws_segment_epilogue(const KernelParams& p, unsigned char* smem,
                                                     float (&out)[kWarpWords * kTokens / 8][4], const WsBlockWork* work,
-                                                    int g, int grid_n, int n_tiles, int wg, int r, int lane,
-                                                    uint64_t* fixup_bar) {
+                                                    int g, int grid_n, int n_tiles, int wg, int r, int lane) {
   constexpr int kThreads = 128 * kWGs;           // the consumers: threads [0, kThreads) of the block
   constexpr int kTiles = kWGs * kWarpWords;      // 64-column tiles per block
   constexpr int kSetQuads = kTokens / 8;         // float4s of one word's accumulators
@@ -398,47 +394,7 @@ __device__ __forceinline__ void ws_segment_epilogue(const KernelParams& p, unsig
       part_barrier<kThreads>();
       __threadfence();  // acquire side: see the other pieces' partials
     }
-    // The mma.sync ws tiles (p.bulk_fixup): thread 0 copies the other pieces' partial tiles, each
-    // one contiguous slot, into the idle pipeline shared memory with bulk copies (as many as fit,
-    // then the next ones), completing on fixup_bar, and every thread adds its float4s from there in
-    // piece order -- the same sums as below. Below, a thread's loads are few at a time (ws16 at 72
-    // registers: 2 pieces a round trip, ~7 round trips for the 13 pieces of a 14336-deep layer at
-    // M = 16; session 18's timeline); here one round trip takes up to kPerPass pieces.
-    constexpr int kSlotBytes = kPartialQuads * 16;
-    constexpr int kPerPass = kPipelineBytes / kSlotBytes;
-    constexpr bool kBulk = kTokens < 64 && kPerPass >= 1;
-    if (kBulk && p.bulk_fixup) {
-      const float4* slots = reinterpret_cast<const float4*>(p.partials) + (slot_base - threadIdx.x);
-      const float4* staged = reinterpret_cast<const float4*>(smem) + threadIdx.x;
-      uint32_t parity = 0;
-      for (int first = 1; first < seg.pieces; first += kPerPass, parity ^= 1) {
-        const int n = min(kPerPass, seg.pieces - first);
-        if (threadIdx.x == 0) {
-          // The pieces' stores (generic proxy, acquired above) before these async-proxy reads; this
-          // block's own shared-memory reads (the K loop, a previous pass) before the async writes.
-          fence_proxy_async_global();
-          fence_async_proxy_smem();
-          mbarrier_arrive_expect_tx(fixup_bar, n * kSlotBytes);
-          const uint64_t once = evict_first_policy();
-          for (int j = 0; j < n; ++j)
-            bulk_load(smem + j * kSlotBytes, slots + static_cast<size_t>(first - 1 + j) * kPartialQuads, kSlotBytes,
-                      fixup_bar, once);
-        }
-        mbarrier_wait(fixup_bar, parity);
-        if (stores) {
-          for (int j = 0; j < n; ++j)  // piece order: the sum is deterministic
-#pragma unroll
-            for (int x = 0; x < kQuads; ++x) {
-              const float4 v = staged[j * kPartialQuads + x * kThreads];
-              out[x][0] += v.x;
-              out[x][1] += v.y;
-              out[x][2] += v.z;
-              out[x][3] += v.w;
-            }
-        }
-        part_barrier<kThreads>();  // every thread done with the staged pieces before the next pass or the output
-      }
-    } else if (stores) {
+    if (stores) {
       const float4* part = reinterpret_cast<const float4*>(p.partials) + slot_base;
       // Four float4 loads in flight per thread at a time: more made ptxas spill on ws256 (bf16)
       // and ws64b2, whose accumulators fill most of their registers. A thread of ws16 / ws8 has
@@ -573,7 +529,6 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
   // starts and again where it ends, so nothing of it stays live across the K loop (ws256's
   // consumers spilled with the two segments in registers).
   WsBlockWork* work = reinterpret_cast<WsBlockWork*>(smem + Smem::kWorkOffset);
-  uint64_t* fixup_bar = reinterpret_cast<uint64_t*>(smem + Smem::kFixupBarrierOffset);
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -591,7 +546,6 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
       mbarrier_init(&full[s], 1);            // the producer's arrive.expect_tx
       mbarrier_init(&empty[s], 128 * kWGs);  // every consumer thread (an idle warpgroup too)
     }
-    mbarrier_init(fixup_bar, 1);  // the owner's thread 0 (bulk fix-up)
     fence_mbarrier_init();
   }
   __syncthreads();
@@ -871,8 +825,8 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
       mbarrier_arrive(&empty[read_slot]);  // (a segment has at least one stage)
       if (!kTwoGroups) flush_group();  // the segment ends inside a group (or on its end: adds 0)
       if (threadIdx.x == 0 && g + 1 == work->count) timeline_mark(p, kTlLoopDone);
-      ws_segment_epilogue<kWGs, kTokens, Out, kWarpWords, kRowScaled, Smem::kBarrierOffset>(
-          p, smem, acc, work, g, grid_n, n_tiles, wg, r, lane, fixup_bar);
+      ws_segment_epilogue<kWGs, kTokens, Out, kWarpWords, kRowScaled>(p, smem, acc, work, g, grid_n, n_tiles, wg, r,
+                                                                       lane);
       if (threadIdx.x == 0 && g + 1 == work->count) timeline_mark(p, kTlEnd);
     } else {
       float acc[kRows][8][4];
@@ -921,9 +875,8 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
       for (int i = 0; i < kRows; ++i) fence_registers(reinterpret_cast<float(&)[32]>(acc[i]));
       mbarrier_arrive(&empty[prev_slot]);  // the segment's last stage is read too
       if (threadIdx.x == 0 && g + 1 == work->count) timeline_mark(p, kTlLoopDone);
-      ws_segment_epilogue<kWGs, kTokens, Out, kWarpWords, kRowScaled, Smem::kBarrierOffset>(
-          p, smem, reinterpret_cast<float(&)[kWarpWords * kTokens / 8][4]>(acc), work, g, grid_n, n_tiles, wg, r, lane,
-          fixup_bar);
+      ws_segment_epilogue<kWGs, kTokens, Out, kWarpWords, kRowScaled>(
+          p, smem, reinterpret_cast<float(&)[kWarpWords * kTokens / 8][4]>(acc), work, g, grid_n, n_tiles, wg, r, lane);
       if (threadIdx.x == 0 && g + 1 == work->count) timeline_mark(p, kTlEnd);
     }
   }

@@ -44,14 +44,6 @@ __device__ __forceinline__ void wgmma_wait() {
 #endif
 }
 
-// Global memory written through the generic proxy (other blocks' stores, acquired) before this
-// thread's async-proxy reads of it (a bulk copy).
-__device__ __forceinline__ void fence_proxy_async_global() {
-#if QUICK_WGMMA
-  asm volatile("fence.proxy.async.global;\n" ::: "memory");
-#endif
-}
-
 // cp.async writes shared memory through the generic proxy, wgmma reads it through the async
 // proxy: this fence (before the barrier that publishes a stage) orders the two.
 __device__ __forceinline__ void fence_async_proxy_smem() {
