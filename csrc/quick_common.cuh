@@ -39,8 +39,7 @@ struct KernelParams {
   // ws tiles: the first round of stages' weights, scales and zeros copied before the wait for the
   // previous kernel (the caller vouches that no kernel just before this one writes them).
   bool early_weights;
-  bool lean_fixup;
-  bool partials_polled;  // ws mma.sync tiles: GemmArgs::partials_polled  // ws tiles' shared-tile fix-up: thread 0's release / acquire only (else every thread fences)
+  bool lean_fixup;  // ws tiles' shared-tile fix-up: thread 0's release / acquire only (else every thread fences)
   int timeline_slot;  // ws tiles, diagnostic builds only (QUICK_WS_TIMELINE): where the blocks record
   bool split_major;     // mma.sync tiles, global split-K: grid (splits, grid_n, grid_m), see split_block
   bool cluster_reduce;  // the splits of a tile form one cluster and reduce in shared memory

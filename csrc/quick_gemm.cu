@@ -587,9 +587,7 @@ EncodeTiledFn tensor_map_encoder() {
 // An on-by-default A/B switch of the ws tiles: off only where the variable is "0". Read on every
 // launch. VLLM_QUICK_WS_WEIGHT_MAP: "0" moves the weights by one bulk copy per k-tile row instead
 // of one 2-D TMA copy per stage; VLLM_QUICK_PDL: "0" launches without programmatic dependent launch;
-// VLLM_QUICK_WS_LEAN_FIXUP: "0" fixes up shared tiles with every thread's fences (the old way);
-// VLLM_QUICK_WS_POLLED_PARTIALS: "0" has the mma.sync ws tiles count their pieces in on a counter
-// instead of the owner polling the partials.
+// VLLM_QUICK_WS_LEAN_FIXUP: "0" fixes up shared tiles with every thread's fences (the old way).
 bool switch_setting(const char* name) {
   const char* v = std::getenv(name);
   return v == nullptr || std::strcmp(v, "0") != 0;
@@ -927,7 +925,6 @@ GemmPlan plan(const GemmProblem& pr, int device) {
       pl.blocks = w.blocks;
       pl.partial_floats = static_cast<size_t>(w.sk_tiles) * (w.max_pieces - 1) * tile_floats;
       pl.counters = w.sk_tiles;
-      pl.polled_partials = Cfg::kMmaSync && switch_setting("VLLM_QUICK_WS_POLLED_PARTIALS");
       return pl;
     }
     // Split K until the grid fills the GPU once, with at most max_splits (8) splits: every split
@@ -1000,7 +997,6 @@ cudaError_t run(const GemmProblem& pr, const GemmPlan& pl, const GemmArgs& a, cu
   kp.cluster_reduce = pl.cluster_reduce;
   kp.split_major = pl.split_major;
   kp.act_row_abs_max = a.act_row_abs_max;
-  kp.partials_polled = pl.polled_partials && a.partials_polled;
   // With one row of blocks along M every weight byte is read once: stream it past L2. With
   // several, neighbouring row blocks re-read the same tiles, so let L2 keep them.
   kp.weights_evict_first = pl.grid_m == 1;

@@ -68,7 +68,6 @@ struct GemmPlan {
   int max_active_clusters; // such clusters the GPU holds at once (0 where not asked)
   size_t partial_floats;  // fp32 workspace for split-K partial sums (0 without a global reduction)
   int counters;           // int counters needed (zeroed once, each launch leaves them zeroed)
-  bool polled_partials;   // ws mma.sync tiles: the partials may be polled (GemmArgs::partials_polled)
 };
 
 struct GemmArgs {
@@ -80,9 +79,6 @@ struct GemmArgs {
   void* y;               // [m, size_n] in the activation type
   float* partials;       // plan.partial_floats fp32, or nullptr when that is 0
   int* counters;         // plan.counters ints, all zero on entry (and on exit)
-  // plan.polled_partials: `partials` holds the sentinel kPolledEmpty in every word on entry (and on
-  // exit), so the owner of a shared tile polls its pieces' partials instead of a counter.
-  bool partials_polled = false;
   // bf16 calls of a tile_takes_fp16_activations() tile: x is the fp16 copy written by
   // scale_bf16_to_fp16, row i holding x[i] * 2^e_i, and this is its per-row max|x| words
   // (M of them), from which the tile finds each e_i and writes y[i] = acc * 2^-e_i in bf16.
@@ -116,9 +112,6 @@ GemmPlan plan(const GemmProblem& problem, int device);
 cudaError_t dequantize(const DequantArgs& args, cudaStream_t stream);
 // Diagnostic builds (QUICK_WS_TIMELINE, quick_gemm_ws.cuh): copies the ws blocks' phase times
 // (kTimelineSlots x kTimelineBlocks x kTimelineWords uint64) to host memory; false in other builds.
-// The word a polled partial holds where no piece has stored yet (a NaN no arithmetic makes: the
-// pieces store 0x7FFFFFFF in its place).
-constexpr unsigned kPolledEmpty = 0xFFFFFFFFu;
 constexpr int kTimelineSlots = 8, kTimelineBlocks = 2048, kTimelineWords = 16;
 bool read_ws_timeline(unsigned long long* host);
 cudaError_t run(const GemmProblem& problem, const GemmPlan& plan, const GemmArgs& args,

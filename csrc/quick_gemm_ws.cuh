@@ -297,13 +297,6 @@ __device__ __forceinline__ void copy_output_tile(const KernelParams& p, const un
   }
 }
 
-// A polled partial's word for v: its bits, with the sentinel kPolledEmpty (a NaN) stored as the
-// canonical NaN instead, so that no value can look like "not stored yet" and stall its owner.
-__device__ __forceinline__ uint32_t polled_word(float v) {
-  const uint32_t w = __float_as_uint(v);
-  return w == kPolledEmpty ? 0x7FFFFFFFu : w;
-}
-
 // What the consumers do with a segment's accumulators (out: the D fragments as kTokens / 2
 // floats out[x][e], x = 8 i + nb: output feature n0 + 8 (e / 2), token t0 + 8 x + e % 2), the
 // K loop done and its last stage released.
@@ -363,21 +356,6 @@ __device__ __forceinline__ void ws_segment_epilogue(const KernelParams& p, unsig
   if (const WsSegment& seg = segment(); seg.pieces > 1) {
     // Slots of pieces 1 .. max_pieces - 1 of this tile, from slot_base on; this thread's float4s.
     const size_t slot_base = static_cast<size_t>(seg.sk_tile) * (p.max_pieces - 1) * kPartialQuads + threadIdx.x;
-    // (The wgmma ws tiles, kTokens >= 64, always count their pieces in: plan().)
-    constexpr bool kPolled = kTokens < 64;
-    if (kPolled && seg.piece > 0 && p.partials_polled) {
-      // Polled partials (the mma.sync ws tiles): the store is all; the owner polls the words
-      // themselves (no fence, no counter: session 18's timeline had ~2 us from the last piece's K
-      // loop to its owner's end, most of it the fence and counter round trips).
-      if (stores) {
-        uint4* part = reinterpret_cast<uint4*>(p.partials) + slot_base + (seg.piece - 1) * kPartialQuads;
-#pragma unroll
-        for (int x = 0; x < kQuads; ++x)
-          st_relaxed_gpu_v4(part + x * kThreads, make_uint4(polled_word(out[x][0]), polled_word(out[x][1]),
-                                                            polled_word(out[x][2]), polled_word(out[x][3])));
-      }
-      return;
-    }
     if (seg.piece > 0) {
       if (stores) {
         float4* part = reinterpret_cast<float4*>(p.partials) + slot_base + (seg.piece - 1) * kPartialQuads;
@@ -396,8 +374,7 @@ __device__ __forceinline__ void ws_segment_epilogue(const KernelParams& p, unsig
       }
       return;
     }
-    const bool polled = kPolled && p.partials_polled;
-    if (!polled && p.lean_fixup) {
+    if (p.lean_fixup) {
       // Thread 0 spins on an acquire load (no sleep) and the barrier passes its acquire on; no
       // thread fences after it -- a fence of thread 0 would first wait for its counter reset to
       // land (session 18's timeline: ~2.6 us from the last piece's K loop to the owner's store).
@@ -408,7 +385,7 @@ __device__ __forceinline__ void ws_segment_epilogue(const KernelParams& p, unsig
         st_relaxed_gpu(counter, 0);  // every other piece has counted in: ready for the next launch
       }
       part_barrier<kThreads>();
-    } else if (!polled) {
+    } else {
       if (threadIdx.x == 0) {
         volatile int* counter = p.counters + seg.sk_tile;
         while (*counter < seg.pieces - 1) __nanosleep(100);
@@ -418,55 +395,34 @@ __device__ __forceinline__ void ws_segment_epilogue(const KernelParams& p, unsig
       __threadfence();  // acquire side: see the other pieces' partials
     }
     if (stores) {
-      uint4* part = reinterpret_cast<uint4*>(p.partials) + slot_base;
+      const float4* part = reinterpret_cast<const float4*>(p.partials) + slot_base;
       // Four float4 loads in flight per thread at a time: more made ptxas spill on ws256 (bf16)
       // and ws64b2, whose accumulators fill most of their registers. A thread of ws16 / ws8 has
       // only 2 / 1 float4s per piece but a tile of many pieces (a small-M call shares every tile
-      // among several blocks): kBatch pieces' loads go out together, 4 float4s in flight for ws8
-      // (8 with its poll loop spilled at 72 registers) and ws16 (8 spilled).
-      // Polled partials: a batch of loads is repeated until no word is kPolledEmpty -- each word is
-      // its own single-copy-atomic store, so it is either the sentinel or its final value -- and
-      // once summed the slots get the sentinel back for the next launch (nothing else reads them
-      // in this one).
+      // among several blocks): kBatch pieces' loads go out together, 8 float4s in flight for ws8
+      // and 4 for ws16 (8 spilled at its 72 registers).
       constexpr int kChunk = kQuads < 4 ? kQuads : 4;
-      constexpr int kBatch = kQuads == 1 ? (kPolled ? 4 : 8) : kQuads < 4 ? 4 / kQuads : 1;
+      constexpr int kBatch = kQuads == 1 ? 8 : kQuads < 4 ? 4 / kQuads : 1;
       for (int piece = 1; piece < seg.pieces; piece += kBatch) {
 #pragma unroll
         for (int x0 = 0; x0 < kQuads; x0 += kChunk) {
-          uint4 v[kBatch][kChunk];
-          bool ready;
-          do {
-            ready = true;
+          float4 v[kBatch][kChunk];
 #pragma unroll
-            for (int b = 0; b < kBatch; ++b)
+          for (int b = 0; b < kBatch; ++b)
 #pragma unroll
-              for (int j = 0; j < kChunk; ++j)
-                if (kBatch == 1 || piece + b < seg.pieces) {
-                  v[b][j] = ld_relaxed_gpu_v4(part + static_cast<size_t>(piece - 1 + b) * kPartialQuads + (x0 + j) * kThreads);
-                  if (polled)
-                    ready &= v[b][j].x != kPolledEmpty && v[b][j].y != kPolledEmpty && v[b][j].z != kPolledEmpty &&
-                             v[b][j].w != kPolledEmpty;
-                }
-          } while (!ready);
+            for (int j = 0; j < kChunk; ++j)
+              if (kBatch == 1 || piece + b < seg.pieces)
+                v[b][j] = __ldcg(part + static_cast<size_t>(piece - 1 + b) * kPartialQuads + (x0 + j) * kThreads);
 #pragma unroll
           for (int b = 0; b < kBatch; ++b)  // piece order: the sum is deterministic
 #pragma unroll
             for (int j = 0; j < kChunk; ++j)
               if (kBatch == 1 || piece + b < seg.pieces) {
-                out[x0 + j][0] += __uint_as_float(v[b][j].x);
-                out[x0 + j][1] += __uint_as_float(v[b][j].y);
-                out[x0 + j][2] += __uint_as_float(v[b][j].z);
-                out[x0 + j][3] += __uint_as_float(v[b][j].w);
+                out[x0 + j][0] += v[b][j].x;
+                out[x0 + j][1] += v[b][j].y;
+                out[x0 + j][2] += v[b][j].z;
+                out[x0 + j][3] += v[b][j].w;
               }
-          if (polled) {
-            const uint4 empty = make_uint4(kPolledEmpty, kPolledEmpty, kPolledEmpty, kPolledEmpty);
-#pragma unroll
-            for (int b = 0; b < kBatch; ++b)
-#pragma unroll
-              for (int j = 0; j < kChunk; ++j)
-                if (kBatch == 1 || piece + b < seg.pieces)
-                  part[static_cast<size_t>(piece - 1 + b) * kPartialQuads + (x0 + j) * kThreads] = empty;
-          }
         }
       }
     }

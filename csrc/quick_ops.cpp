@@ -7,7 +7,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
-#include <algorithm>
 #include <mutex>
 #include <string>
 #include <tuple>
@@ -91,31 +90,6 @@ int* split_counters(const torch::Tensor& x, int needed) {
     per_device[dev] = torch::zeros({kCounterSlots}, x.options().dtype(torch::kInt32));
   }
   return per_device[dev].data_ptr<int>();
-}
-
-// The polled partial tiles of the ws mma.sync tiles (GemmArgs::partials_polled): one buffer per
-// device holding quick::kPolledEmpty in every word between launches -- a piece stores its partial
-// over it, the tile's owner polls the words until none is the sentinel and puts it back. Grows to
-// the largest plan seen (at least 4 MB); a replaced buffer is kept, since a CUDA graph may have
-// captured it. nullptr where it would have to grow inside a graph capture (the call then counts
-// its pieces in on the counters, with partials of its own).
-float* polled_partials(const torch::Tensor& x, size_t floats) {
-  static std::mutex mutex;
-  static std::vector<std::vector<torch::Tensor>> per_device;  // every buffer made; the last is in use
-  std::lock_guard<std::mutex> lock(mutex);
-  const int dev = x.get_device();
-  if (static_cast<int>(per_device.size()) <= dev) per_device.resize(dev + 1);
-  std::vector<torch::Tensor>& buffers = per_device[dev];
-  if (buffers.empty() || static_cast<size_t>(buffers.back().numel()) < floats) {
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    if (cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &capture) != cudaSuccess ||
-        capture != cudaStreamCaptureStatusNone)
-      return nullptr;
-    const int64_t words = std::max<int64_t>(static_cast<int64_t>(floats), int64_t{1} << 20);
-    static_assert(quick::kPolledEmpty == 0xFFFFFFFFu, "the fill below is -1");
-    buffers.push_back(torch::full({words}, -1, x.options().dtype(torch::kInt32)));
-  }
-  return reinterpret_cast<float*>(buffers.back().data_ptr<int>());
 }
 
 }  // namespace
@@ -207,14 +181,10 @@ std::tuple<c10::optional<torch::Tensor>, std::string> gemm(
     args.act_row_abs_max = reinterpret_cast<const unsigned*>(abs_max.data_ptr<int>());
   }
   if (plan.partial_floats > 0) {  // split-K through global memory (not in a cluster)
+    partials = torch::empty({static_cast<int64_t>(plan.partial_floats)}, x.options().dtype(torch::kFloat32));
+    args.partials = partials.data_ptr<float>();
     args.counters = split_counters(x, plan.counters);
     if (args.counters == nullptr) return {c10::nullopt, "quick::gemm: split-K plan needs too many counters"};
-    args.partials = plan.polled_partials ? polled_partials(x, plan.partial_floats) : nullptr;
-    args.partials_polled = args.partials != nullptr;
-    if (!args.partials_polled) {
-      partials = torch::empty({static_cast<int64_t>(plan.partial_floats)}, x.options().dtype(torch::kFloat32));
-      args.partials = partials.data_ptr<float>();
-    }
   }
   const cudaError_t err = quick::run(problem, plan, args, c10::cuda::getCurrentCUDAStream());
   if (err != cudaSuccess) return {c10::nullopt, std::string("quick::gemm: kernel launch failed: ") + cudaGetErrorString(err)};
@@ -283,7 +253,6 @@ pybind11::dict plan(int64_t m, int64_t k, int64_t n, int64_t group_size, bool bf
   d["sk_blocks"] = pl.sk_blocks;
   d["split_major"] = pl.split_major;
   d["partial_floats"] = pl.partial_floats;
-  d["polled_partials"] = pl.polled_partials;
   return d;
 }
 

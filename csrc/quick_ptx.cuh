@@ -100,23 +100,6 @@ __device__ __forceinline__ void st_relaxed_gpu(int* p, int v) {
   asm volatile("st.relaxed.gpu.global.s32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
 }
 
-// 16 bytes as four GPU-scope relaxed words (each word single-copy atomic, not the four together):
-// the polled partials of the ws tiles, stored by one block and polled by another.
-__device__ __forceinline__ uint4 ld_relaxed_gpu_v4(const uint4* p) {
-  uint4 v;
-  asm volatile("ld.relaxed.gpu.global.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p)
-               : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void st_relaxed_gpu_v4(uint4* p, uint4 v) {
-  asm volatile("st.relaxed.gpu.global.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z),
-               "r"(v.w)
-               : "memory");
-}
-
 // Barrier over every thread of every CTA of the cluster; shared-memory writes before it (release)
 // are visible to any CTA of the cluster after it (acquire).
 __device__ __forceinline__ void cluster_sync() {

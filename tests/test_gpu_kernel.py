@@ -457,9 +457,7 @@ def test_ws_copy_settings_keep_the_bits(kernel, monkeypatch, dtype_name, tile):
     """How the ws producer moves data must not change a bit of y: the weights by one 2-D TMA copy per
     stage or a bulk copy per k-tile row (VLLM_QUICK_WS_WEIGHT_MAP), with or without programmatic
     dependent launch (VLLM_QUICK_PDL), the first stages' weights before or after the wait for the
-    previous kernel (VLLM_QUICK_WS_EARLY_WEIGHTS), the shared tiles' fix-up with thread 0's or every
-    thread's fences (VLLM_QUICK_WS_LEAN_FIXUP), the mma.sync tiles' polled partials or counters
-    (VLLM_QUICK_WS_POLLED_PARTIALS; ws8 / ws32w take ~12 pieces a tile here). Group 32 (two group rows a stage) and 128, a schedule
+    previous kernel (VLLM_QUICK_WS_EARLY_WEIGHTS), the shared tiles' fix-up (VLLM_QUICK_WS_LEAN_FIXUP). Group 32 (two group rows a stage) and 128, a schedule
     with shared tiles (stream-K) and an odd tile count."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip(f"{tile} runs on sm_90 only")
@@ -474,37 +472,11 @@ def test_ws_copy_settings_keep_the_bits(kernel, monkeypatch, dtype_name, tile):
         y = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, n, index)
         check_output(y, x.float() @ w.w32, dtype, f"{tile} {dtype_name} g={group_size}")
         for name, value in (("VLLM_QUICK_WS_WEIGHT_MAP", "0"), ("VLLM_QUICK_PDL", "0"),
-                            ("VLLM_QUICK_WS_EARLY_WEIGHTS", "1"), ("VLLM_QUICK_WS_LEAN_FIXUP", "0"),
-                            ("VLLM_QUICK_WS_POLLED_PARTIALS", "0")):
+                            ("VLLM_QUICK_WS_EARLY_WEIGHTS", "1"), ("VLLM_QUICK_WS_LEAN_FIXUP", "0")):
             monkeypatch.setenv(name, value)
             other = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, n, index)
             monkeypatch.delenv(name)
             assert torch.equal(other, y), f"{tile} {dtype_name} g={group_size}: {name}={value} changes y"
-
-
-@pytest.mark.parametrize("tile", ["ws8", "ws16", "ws32w"])
-def test_ws_polled_partials_with_nan_rows(kernel, monkeypatch, tile):
-    """The mma.sync ws tiles' owners poll their pieces' partials until no word is the "not stored yet"
-    sentinel (a NaN): a NaN in x makes NaN partials, which must neither hang the owner nor leak into
-    the other rows -- and the next call on clean inputs must be right (every slot got its sentinel
-    back). Stream-K over one wave: ~12 pieces a tile."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip(f"{tile} runs on sm_90 only")
-    index = TILES.index(tile)
-    k, n = 4096, 4160
-    m = {"ws8": 7, "ws16": 13, "ws32w": 30}[tile]
-    monkeypatch.setenv("VLLM_QUICK_WS_STREAMK", "always")
-    w = make_weight(k, n, 128)
-    assert kernel.plan(m, k, n, w.group, False, index)["polled_partials"]
-    x = random_x((m, k), torch.float16, seed=zlib.crc32(f"polled-nan/{tile}".encode()))
-    x_nan = x.clone()
-    x_nan[1, 77] = float("nan")
-    y = ops.kernel_gemm(x_nan, w.qweight, w.qzeros, w.scales, None, w.group, n, index)
-    assert torch.isnan(y[1]).all(), f"{tile}: the NaN row"
-    rows = [i for i in range(m) if i != 1]
-    check_output(y[rows], x[rows].float() @ w.w32, torch.float16, f"{tile} the rows without NaN")
-    y = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, n, index)
-    check_output(y, x.float() @ w.w32, torch.float16, f"{tile} the call after")
 
 
 @pytest.mark.parametrize("tile", ["ws256", "ws8", "ws32w"])
