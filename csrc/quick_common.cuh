@@ -36,9 +36,6 @@ struct KernelParams {
   int dp_blocks, sk_tiles, sk_blocks, max_pieces;
   bool weights_evict_first;
   bool weights_by_map;  // ws tiles: a stage's weights by one 2-D TMA copy (else a bulk copy per k-tile row)
-  // ws tiles: the first round of stages' weights, scales and zeros copied before the wait for the
-  // previous kernel (the caller vouches that no kernel just before this one writes them).
-  bool early_weights;
   bool lean_fixup;  // ws tiles' shared-tile fix-up: thread 0's release / acquire only (else every thread fences)
   int timeline_slot;  // ws tiles, diagnostic builds only (QUICK_WS_TIMELINE): where the blocks record
   bool split_major;     // mma.sync tiles, global split-K: grid (splits, grid_n, grid_m), see split_block

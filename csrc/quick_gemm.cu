@@ -594,9 +594,7 @@ bool switch_setting(const char* name) {
 }
 
 // A whole-number setting of the ws tiles, read on every launch: the variable's value where it is
-// a number >= 0, else `fallback`. VLLM_QUICK_WS_EARLY_WEIGHTS=1: the ws tiles copy their first
-// stages' weights before the wait for the previous kernel (KernelParams::early_weights; an
-// experiment, off by default). VLLM_QUICK_WS_TIMELINE_SLOT: see quick_gemm_ws.cuh.
+// a number >= 0, else `fallback`. VLLM_QUICK_WS_TIMELINE_SLOT: see quick_gemm_ws.cuh.
 int count_setting(const char* name, int fallback) {
   const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return fallback;
@@ -654,7 +652,6 @@ struct WsConfig {
                                w_row_bytes, w_box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
                                CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-    kp.early_weights = count_setting("VLLM_QUICK_WS_EARLY_WEIGHTS", 0) == 1;
     kp.lean_fixup = switch_setting("VLLM_QUICK_WS_LEAN_FIXUP");
 #ifdef QUICK_WS_TIMELINE
     kp.timeline_slot = count_setting("VLLM_QUICK_WS_TIMELINE_SLOT", -1);

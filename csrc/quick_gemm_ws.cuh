@@ -553,90 +553,63 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
   if (warp / 4 == kWGs) {
     // ---- Producer warpgroup: one thread issues every copy, then the group leaves. ----
     setmaxnreg_dec<Registers::kProducer>();
-    if (warp % 4 != 0 || lane != 0) return;
-    const uint64_t policy = p.weights_evict_first ? evict_first_policy() : evict_normal_policy();
-    const uint64_t keep = evict_normal_policy();
-    const size_t w_row = static_cast<size_t>(n_tiles) * Smem::kTileBytes;  // bytes per k-tile row
-    // Stage i of the block's work (its segments in order): its K stage and output tile.
-    struct StageAt {
-      int gs, tile_n0, row0, block_tiles;
-    };
-    auto stage_at = [&](int i) {
-      const bool second = i >= work->first.stage_count;
-      const WsSegment seg = segment(second ? 1 : 0);
-      StageAt at;
-      at.gs = seg.stage_begin + (second ? i - work->first.stage_count : i);
-      at.tile_n0 = seg.tile % grid_n * kTiles;
-      at.row0 = seg.tile / grid_n * kTokens;
-      at.block_tiles = min(kTiles, n_tiles - at.tile_n0);
-      return at;
-    };
-    // A stage's transaction bytes: x's box (rows past M come back as zeros and still count), the
-    // weights -- the map's box is the block's kTiles tiles of the stage's 4 k-tile rows, tiles past
-    // N zero-filled but counted; the bulk copies move the working tiles only -- and the group rows.
-    auto stage_bytes = [&](const StageAt& at) {
-      const uint32_t w_bytes = p.weights_by_map ? kStageKTiles * Smem::kWeightRowBytes
-                                                : kStageKTiles * at.block_tiles * Smem::kTileBytes;
-      return Smem::kActBytes + w_bytes + kGroupRows * at.block_tiles * (kTileN * 2 + kTileN / 2);
-    };
-    // Everything of a stage but x: the weights (one 2-D copy of kStageKTiles rows of the block's
-    // tiles -- the map counts 8-byte elements, 64 per tile -- or one bulk copy per k-tile row), and
-    // the scale and zero rows of its group(s).
-    auto copy_weights = [&](const StageAt& at, unsigned char* base, uint64_t* bar) {
-      if (p.weights_by_map) {
-        tma_load_2d(base + Smem::kWeightOffset, &weight_map, at.tile_n0 * (Smem::kTileBytes / 8), at.gs * kStageKTiles,
-                    bar, policy);
-      } else {
-        const unsigned char* w_src = reinterpret_cast<const unsigned char*>(p.qweight) +
-                                     static_cast<size_t>(at.gs) * kStageKTiles * w_row +
-                                     static_cast<size_t>(at.tile_n0) * Smem::kTileBytes;
-#pragma unroll
-        for (int kt = 0; kt < kStageKTiles; ++kt)
-          bulk_load(base + Smem::kWeightOffset + kt * Smem::kWeightRowBytes, w_src + kt * w_row,
-                    at.block_tiles * Smem::kTileBytes, bar, policy);
-      }
-#pragma unroll
-      for (int r = 0; r < kGroupRows; ++r) {
-        const size_t group_row = kTwoGroups ? 2 * at.gs + r : at.gs * kStageK / p.group_size;
-        bulk_load(base + Smem::kScaleOffset + r * Smem::kScaleRowBytes,
-                  reinterpret_cast<const unsigned char*>(p.scales) + group_row * p.n * 2 + at.tile_n0 * kTileN * 2,
-                  at.block_tiles * kTileN * 2, bar, keep);
-        bulk_load(base + Smem::kZeroOffset + r * Smem::kZeroRowBytes,
-                  reinterpret_cast<const unsigned char*>(p.qzeros) + group_row * p.n / 2 + at.tile_n0 * kTileN / 2,
-                  at.block_tiles * kTileN / 2, bar, keep);
-      }
-    };
-    auto copy_x = [&](const StageAt& at, unsigned char* base, uint64_t* bar) {
-      tma_load_2d(base, &act_map, at.gs * kStageK, at.row0, bar);
-    };
-    const int total = work->first.stage_count + (work->count > 1 ? work->second.stage_count : 0);
-    // p.early_weights: the first round of stages gets its weights, scales and zeros before the
-    // wait for the previous kernel (which only x depends on), so their DRAM round trip overlaps
-    // that wait; x follows after it. A stage's one arrive.expect_tx counts both parts, so its
-    // "full" phase still completes only once x has landed too.
-    const int early = p.early_weights ? min(total, kStages) : 0;
-    for (int i = 0; i < early; ++i) {
-      const StageAt at = stage_at(i);
-      mbarrier_arrive_expect_tx(&full[i], stage_bytes(at));
-      copy_weights(at, smem + i * Smem::kStageBytes, &full[i]);
-    }
     wait_for_previous_grid();
-    timeline_mark(p, kTlWaited);
-    for (int i = 0; i < early; ++i) copy_x(stage_at(i), smem + i * Smem::kStageBytes, &full[i]);
-    int slot = early == kStages ? 0 : early;
-    uint32_t phase = early == kStages ? 1 : 0;
+    if (warp % 4 == 0 && lane == 0) {
+      timeline_mark(p, kTlWaited);
+      const uint64_t policy = p.weights_evict_first ? evict_first_policy() : evict_normal_policy();
+      const uint64_t keep = evict_normal_policy();
+      const size_t w_row = static_cast<size_t>(n_tiles) * Smem::kTileBytes;  // bytes per k-tile row
+      int slot = 0, issued = 0;
+      uint32_t phase = 0;
 #pragma unroll 1
-    for (int i = early; i < total; ++i) {
-      // Slot reuse: wait for the consumers' release of the stage kStages earlier.
-      if (i >= kStages) mbarrier_wait(&empty[slot], phase ^ 1);
-      const StageAt at = stage_at(i);
-      unsigned char* base = smem + slot * Smem::kStageBytes;
-      mbarrier_arrive_expect_tx(&full[slot], stage_bytes(at));
-      copy_x(at, base, &full[slot]);
-      copy_weights(at, base, &full[slot]);
-      if (++slot == kStages) slot = 0, phase ^= 1;
+      for (int g = 0; g < work->count; ++g) {
+        const WsSegment seg = segment(g);
+        const int tile_n0 = seg.tile % grid_n * kTiles, row0 = seg.tile / grid_n * kTokens;
+        const int block_tiles = min(kTiles, n_tiles - tile_n0);
+        const unsigned char* w_src = reinterpret_cast<const unsigned char*>(p.qweight) +
+                                     static_cast<size_t>(seg.stage_begin) * kStageKTiles * w_row +
+                                     static_cast<size_t>(tile_n0) * Smem::kTileBytes;
+        const unsigned char* s_src = reinterpret_cast<const unsigned char*>(p.scales) + tile_n0 * kTileN * 2;
+        const unsigned char* z_src = reinterpret_cast<const unsigned char*>(p.qzeros) + tile_n0 * kTileN / 2;
+        const uint32_t w_bytes = block_tiles * Smem::kTileBytes;
+        const uint32_t s_bytes = block_tiles * kTileN * 2, z_bytes = block_tiles * kTileN / 2;
+        // The weight map's box is the block's kTiles tiles of the stage's 4 k-tile rows, tiles
+        // past N zero-filled but counted; the bulk copies move the working tiles only.
+        const uint32_t w_stage_bytes = p.weights_by_map ? kStageKTiles * Smem::kWeightRowBytes : kStageKTiles * w_bytes;
+        const uint32_t stage_bytes = Smem::kActBytes + w_stage_bytes + kGroupRows * (s_bytes + z_bytes);
+        for (int s = 0; s < seg.stage_count; ++s, ++issued) {
+          // Slot reuse: wait for the consumers' release of the stage kStages earlier.
+          if (issued >= kStages) mbarrier_wait(&empty[slot], phase ^ 1);
+          unsigned char* base = smem + slot * Smem::kStageBytes;
+          mbarrier_arrive_expect_tx(&full[slot], stage_bytes);
+          const int gs = seg.stage_begin + s;
+          // Rows past M come back as zeros and still count as box bytes.
+          tma_load_2d(base, &act_map, gs * kStageK, row0, &full[slot]);
+          if (p.weights_by_map) {
+            // One 2-D copy of the stage's weights (kStageKTiles rows of the block's tiles; the map
+            // counts 8-byte elements, 64 per tile) instead of one bulk copy per k-tile row.
+            tma_load_2d(base + Smem::kWeightOffset, &weight_map, tile_n0 * (Smem::kTileBytes / 8), gs * kStageKTiles,
+                        &full[slot], policy);
+          } else {
+#pragma unroll
+            for (int kt = 0; kt < kStageKTiles; ++kt)
+              bulk_load(base + Smem::kWeightOffset + kt * Smem::kWeightRowBytes, w_src + kt * w_row, w_bytes,
+                        &full[slot], policy);
+          }
+          w_src += kStageKTiles * w_row;
+#pragma unroll
+          for (int r = 0; r < kGroupRows; ++r) {
+            const size_t group_row = kTwoGroups ? 2 * gs + r : gs * kStageK / p.group_size;
+            bulk_load(base + Smem::kScaleOffset + r * Smem::kScaleRowBytes, s_src + group_row * p.n * 2, s_bytes,
+                      &full[slot], keep);
+            bulk_load(base + Smem::kZeroOffset + r * Smem::kZeroRowBytes, z_src + group_row * p.n / 2, z_bytes,
+                      &full[slot], keep);
+          }
+          if (++slot == kStages) slot = 0, phase ^= 1;
+        }
+      }
+      timeline_mark(p, kTlIssued);
     }
-    timeline_mark(p, kTlIssued);
     return;  // (the consumers' split-K reduction synchronises them alone: a named barrier)
   }
 

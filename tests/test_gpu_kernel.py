@@ -454,11 +454,11 @@ def test_ws_tile_repeats_give_the_same_bits(kernel, monkeypatch, dtype_name, til
 @pytest.mark.parametrize("tile", ["ws8", "ws32w", "ws64b2", "ws128w", "ws256"])
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 def test_ws_copy_settings_keep_the_bits(kernel, monkeypatch, dtype_name, tile):
-    """How the ws producer moves data must not change a bit of y: the weights by one 2-D TMA copy per
+    """How the ws tiles move data must not change a bit of y: the weights by one 2-D TMA copy per
     stage or a bulk copy per k-tile row (VLLM_QUICK_WS_WEIGHT_MAP), with or without programmatic
-    dependent launch (VLLM_QUICK_PDL), the first stages' weights before or after the wait for the
-    previous kernel (VLLM_QUICK_WS_EARLY_WEIGHTS), the shared tiles' fix-up (VLLM_QUICK_WS_LEAN_FIXUP). Group 32 (two group rows a stage) and 128, a schedule
-    with shared tiles (stream-K) and an odd tile count."""
+    dependent launch (VLLM_QUICK_PDL), the shared tiles' fix-up with thread 0's or every thread's
+    fences (VLLM_QUICK_WS_LEAN_FIXUP). Group 32 (two group rows a stage) and 128, a schedule with
+    shared tiles (stream-K) and an odd tile count."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip(f"{tile} runs on sm_90 only")
     dtype = DTYPES[dtype_name]
@@ -472,7 +472,7 @@ def test_ws_copy_settings_keep_the_bits(kernel, monkeypatch, dtype_name, tile):
         y = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, n, index)
         check_output(y, x.float() @ w.w32, dtype, f"{tile} {dtype_name} g={group_size}")
         for name, value in (("VLLM_QUICK_WS_WEIGHT_MAP", "0"), ("VLLM_QUICK_PDL", "0"),
-                            ("VLLM_QUICK_WS_EARLY_WEIGHTS", "1"), ("VLLM_QUICK_WS_LEAN_FIXUP", "0")):
+                            ("VLLM_QUICK_WS_LEAN_FIXUP", "0")):
             monkeypatch.setenv(name, value)
             other = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, n, index)
             monkeypatch.delenv(name)
