@@ -898,11 +898,12 @@ GemmPlan plan(const GemmProblem& pr, int device) {
     pl.block_m = Cfg::kBlockM;
     pl.grid_n = (pr.n / kTileN + Cfg::kTilesN - 1) / Cfg::kTilesN;
     pl.grid_m = (pr.m + Cfg::kBlockM - 1) / Cfg::kBlockM;
+    pl.blocks_per_sm = blocks_per_sm<Cfg>();
     const int total_stages = pr.k / kStageK;
     if constexpr (Cfg::kStreamK) {
       // Whole tiles, then stream-K over the last, partial wave (quick_stream_k.cuh).
       const int tile_floats = Cfg::kBlockM * Cfg::kTilesN * kTileN;
-      const int tiles = pl.grid_n * pl.grid_m, slots = sm_count(device) * blocks_per_sm<Cfg>();
+      const int tiles = pl.grid_n * pl.grid_m, slots = sm_count(device) * pl.blocks_per_sm;
       StreamK streamk = ws_streamk_setting();
       int forced_splits = ws_splits_setting();
       if (Cfg::kMmaSync && streamk == StreamK::kAuto && forced_splits == 0) {
@@ -928,7 +929,7 @@ GemmPlan plan(const GemmProblem& pr, int device) {
     // costs M x N x 4 bytes of partials to write and re-read. E.g. N = 4096, M = 1 on 132 SMs
     // holding 4 blocks each: 16 column blocks, 528 / 16 = 33 -> 8 splits of 8 stages (512 rows).
     // (Up to 22 splits were tried first: at M = 16 the reduction then cost more than it saved.)
-    const int capacity = sm_count(device) * blocks_per_sm<Cfg>();
+    const int capacity = sm_count(device) * pl.blocks_per_sm;
     const int mn_blocks = pl.grid_n * pl.grid_m;
     // Long K (>= 128 stages) and few column blocks (8 splits give at most 1.5 blocks per SM):
     // up to 16 splits, each still >= 8 stages. H100, session 12 (results/

@@ -59,6 +59,7 @@ struct GemmPlan {
   int stages_per_split;
   int grid_n, grid_m;  // blocks along N and M
   int blocks;          // thread blocks launched
+  int blocks_per_sm;   // of this tile, resident at once (the occupancy query plan() sizes its grids by)
   int dp_blocks;       // ws tiles: blocks of whole tiles (quick_stream_k.cuh); the other blocks are
   int sk_tiles;        //   sk_blocks blocks sharing out the K stages of sk_tiles tiles, each cut
   int sk_blocks;       //   into at most max_pieces pieces (splits = max_pieces for the ws tiles)

@@ -248,6 +248,7 @@ pybind11::dict plan(int64_t m, int64_t k, int64_t n, int64_t group_size, bool bf
   d["cluster_reduce"] = pl.cluster_reduce;
   d["max_active_clusters"] = pl.max_active_clusters;
   d["blocks"] = pl.blocks;
+  d["blocks_per_sm"] = pl.blocks_per_sm;
   d["dp_blocks"] = pl.dp_blocks;
   d["sk_tiles"] = pl.sk_tiles;
   d["sk_blocks"] = pl.sk_blocks;

@@ -335,9 +335,6 @@ def test_every_tile(kernel, tile, dtype_name, group_size):
 
 WS_TILES = ["ws256", "ws128", "ws64", "ws64b2", "ws128w4", "ws16", "ws8", "ws16b2", "ws32b2", "ws8w", "ws16w", "ws32w",
             "ws64w", "ws128w"]
-# Blocks of a ws tile an SM holds at once (WsConfig's kBlocksPerSm in csrc/quick_gemm.cu).
-WS_BLOCKS_PER_SM = {"ws64b2": 2, "ws16": 3, "ws8": 3, "ws16b2": 2, "ws32b2": 2, "ws8w": 4, "ws16w": 4, "ws32w": 3,
-                    "ws64w": 3, "ws128w": 2}
 
 
 @pytest.mark.parametrize("tile", WS_TILES)
@@ -384,8 +381,10 @@ def test_ws_tile_stream_k(kernel, monkeypatch, group_size, dtype_name, tile):
     dtype = DTYPES[dtype_name]
     index = TILES.index(tile)
     tokens = int(re.match(r"ws(\d+)", tile)[1])
-    # blocks the GPU holds at once: one per SM, more for ws64b2 and the mma.sync ws tiles
-    sms = torch.cuda.get_device_properties(0).multi_processor_count * WS_BLOCKS_PER_SM.get(tile, 1)
+    # blocks the GPU holds at once: one per SM, more for ws64b2 and the mma.sync ws tiles (the
+    # occupancy plan() sizes its grids by)
+    per_sm = kernel.plan(tokens, 1024, 64 * 65, 128, dtype == torch.bfloat16, index)["blocks_per_sm"]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
     n = 64 * 65  # 33 column blocks of 128 (17 of 256 for ws128w4), the last with one 64-column tile
     column_blocks = 17 if tile.endswith("w4") else 33
     row_blocks = sms // column_blocks + 1  # e.g. 165 tiles on 132 SMs: 132 whole, 33 split
