@@ -88,7 +88,7 @@ class QuickConfig(QuantizationConfig):
         return ["quant_config.json", "quantize_config.json"]
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "QuickConfig":
+    def from_config(cls, config: dict[str, Any]) -> QuickConfig:
         method = str(config.get("quant_method", "")).lower()
         if method not in CHECKPOINT_FORMATS:
             raise ValueError(

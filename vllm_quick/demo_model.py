@@ -182,7 +182,7 @@ def init_weights(vocab_size: int, seed: int = SEED) -> dict:
     def linear(n_out, n_in):
         return normal((n_out, n_in), n_in**-0.5)
 
-    ones = lambda n: torch.ones(n, dtype=torch.float16)  # noqa: E731
+    ones = lambda n: torch.ones(n, dtype=torch.float16)
     w = {"model.embed_tokens.weight": normal((vocab_size, HIDDEN), EMBED_STD)}
     for i in range(LAYERS):
         p = f"model.layers.{i}"

@@ -37,13 +37,13 @@ QUANT_SUFFIXES = ("qweight", "qzeros", "scales")
 
 
 def dequantize_linear(
-    qweight: "torch.Tensor",
-    qzeros: "torch.Tensor",
-    scales: "torch.Tensor",
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
     fmt: str,
     group_size: int,
     name: str = "layer",
-) -> "torch.Tensor":
+) -> torch.Tensor:
     """One quantised Linear -> fp32 ``W`` ``[K, N]`` (``y = x @ W``), ``layout.dequantize`` exactly."""
     from vllm_quick import layout
 
@@ -75,13 +75,12 @@ def dequantize_linear(
 def dequantize_checkpoint(
     src: str | Path,
     dst: str | Path,
-    dtype: "str | torch.dtype" = "float32",
+    dtype: str | torch.dtype = "float32",
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
     """Dequantise the AWQ/QUICK checkpoint folder ``src`` into ``dst``; returns ``dst``."""
-    import torch
     from tqdm import tqdm
 
     from vllm_quick import layout
@@ -146,7 +145,7 @@ def dequantize_checkpoint(
     return dst
 
 
-def _torch_dtype(dtype) -> "torch.dtype":
+def _torch_dtype(dtype) -> torch.dtype:
     import torch
 
     if isinstance(dtype, torch.dtype):

@@ -87,7 +87,7 @@ Shapes the layout accepts: ``K % 16 == 0``, ``N % 64 == 0`` (callers pad N, see 
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -154,7 +154,7 @@ def _inverse(perm) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 # the interleave: index tables
 # ----------------------------------------------------------------------------------------------
-@lru_cache(maxsize=None)
+@cache
 def weight_tile_source() -> torch.Tensor:
     """For the 1024 nibbles of a tile in storage order (lane, word j, nibble i), the index
     ``k_local * TILE_N + n_local`` of the tile element each one holds (int64 ``[1024]``)."""
@@ -166,7 +166,7 @@ def weight_tile_source() -> torch.Tensor:
     return (k_local * TILE_N + n_local).reshape(-1)
 
 
-@lru_cache(maxsize=None)
+@cache
 def scale_tile_source() -> torch.Tensor:
     """For the 64 positions of a tile's scales in storage order, the column each holds."""
     p = torch.arange(TILE_N)
@@ -174,7 +174,7 @@ def scale_tile_source() -> torch.Tensor:
     return 8 * nb + 2 * a + e
 
 
-@lru_cache(maxsize=None)
+@cache
 def zero_tile_source() -> torch.Tensor:
     """For the 64 nibbles of a tile's zeros in storage order (word r, nibble i), the column."""
     r = torch.arange(8).view(8, 1)
@@ -264,7 +264,7 @@ def deinterleave_zeros(packed: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # whole conversions
 # ----------------------------------------------------------------------------------------------
-def pad_columns(t: torch.Tensor, n_to: int, value: float | int = 0) -> torch.Tensor:
+def pad_columns(t: torch.Tensor, n_to: int, value: float = 0) -> torch.Tensor:
     """Pad the last dimension of ``t`` with ``value`` up to ``n_to`` columns."""
     missing = n_to - t.shape[-1]
     if missing < 0:

@@ -43,7 +43,8 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
+from collections.abc import Iterable
 
 if TYPE_CHECKING:  # torch is imported lazily so that ``vllm-quick --help`` stays fast
     import torch
@@ -68,9 +69,9 @@ DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3  # bytes, as transformers' "5GB" default
 class QuantizedWeight:
     """RTN result for one Linear, in natural (unpacked) order with ``y = x @ W``, ``W`` ``[K, N]``."""
 
-    codes: "torch.Tensor"  # int32 [K, N], 0..15
-    zeros: "torch.Tensor"  # int32 [G, N], 0..15
-    scales: "torch.Tensor"  # float16 [G, N]
+    codes: torch.Tensor  # int32 [K, N], 0..15
+    zeros: torch.Tensor  # int32 [G, N], 0..15
+    scales: torch.Tensor  # float16 [G, N]
 
 
 def effective_group_size(group_size: int, k: int) -> int:
@@ -85,7 +86,7 @@ def check_group_size(group_size: int) -> None:
         )
 
 
-def quantize_weight(weight: "torch.Tensor", group_size: int, name: str = "weight") -> QuantizedWeight:
+def quantize_weight(weight: torch.Tensor, group_size: int, name: str = "weight") -> QuantizedWeight:
     """Quantise one HF Linear weight ``[N, K]`` (any float dtype) by round-to-nearest.
 
     ``name`` only goes into error messages.
@@ -125,7 +126,7 @@ def quantize_weight(weight: "torch.Tensor", group_size: int, name: str = "weight
     )
 
 
-def _fp16_round_up(x: "torch.Tensor") -> "torch.Tensor":
+def _fp16_round_up(x: torch.Tensor) -> torch.Tensor:
     """fp32 -> fp16, rounding up to the next fp16 value wherever plain rounding went down."""
     import torch
 
@@ -134,7 +135,7 @@ def _fp16_round_up(x: "torch.Tensor") -> "torch.Tensor":
     return torch.where(h.to(torch.float32) < x, up, h)
 
 
-def pack_awq(qw: QuantizedWeight) -> dict[str, "torch.Tensor"]:
+def pack_awq(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     """AWQ tensors (suffix -> tensor) for one quantised Linear."""
     from vllm_quick import layout
 
@@ -145,7 +146,7 @@ def pack_awq(qw: QuantizedWeight) -> dict[str, "torch.Tensor"]:
     }
 
 
-def pack_quick(qw: QuantizedWeight, name: str = "weight") -> dict[str, "torch.Tensor"]:
+def pack_quick(qw: QuantizedWeight, name: str = "weight") -> dict[str, torch.Tensor]:
     """Pre-interleaved QUICK tensors (suffix -> tensor) for one quantised Linear."""
     from vllm_quick import layout
 
@@ -285,7 +286,7 @@ def _validate_linear(name: str, shape: tuple, dtype: str, group_size: int, fmt: 
         check_quick_shape(k, n, g, prefix)
 
 
-def to_fp16(tensor: "torch.Tensor", name: str) -> "torch.Tensor":
+def to_fp16(tensor: torch.Tensor, name: str) -> torch.Tensor:
     """Floating tensors -> fp16 (refusing values fp16 cannot hold); others unchanged."""
     import torch
 
@@ -334,7 +335,7 @@ def write_json(path: Path, data: dict) -> None:
         f.write("\n")
 
 
-def set_config_dtype(config: dict, dtype: "torch.dtype") -> None:
+def set_config_dtype(config: dict, dtype: torch.dtype) -> None:
     """Record the weight dtype under both spellings: ``torch_dtype`` (transformers 4.x, read by
     older vLLM) and ``dtype`` (transformers 5)."""
     name = str(dtype).removeprefix("torch.")
@@ -370,13 +371,13 @@ class CheckpointReader:
                 raise FileNotFoundError(f"{src}: {file} is listed in {WEIGHT_INDEX} but missing")
             handle = safe_open(str(path), framework="pt")
             self._handles[file] = handle
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
                 if name in self._file_of:
                     raise ValueError(f"{src}: tensor {name} appears in both {self._file_of[name]} and {file}")
                 self._file_of[name] = file
                 self.names.append(name)
 
-    def get(self, name: str) -> "torch.Tensor":
+    def get(self, name: str) -> torch.Tensor:
         return self._handles[self._file_of[name]].get_tensor(name)
 
     def shape(self, name: str) -> tuple:
@@ -394,12 +395,12 @@ class ShardWriter:
     def __init__(self, dst: Path, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE):
         self.dst = Path(dst)
         self.max_shard_size = max_shard_size
-        self._pending: dict[str, "torch.Tensor"] = {}
+        self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards: list[tuple[Path, list[str]]] = []  # temporary file, tensor names
         self.total_bytes = 0
 
-    def add(self, name: str, tensor: "torch.Tensor") -> None:
+    def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._pending or any(name in names for _, names in self._shards):
             raise ValueError(f"tensor {name} written twice")
         size = tensor.numel() * tensor.element_size()

@@ -152,7 +152,7 @@ class VllmServer:
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
-    def __enter__(self) -> "VllmServer":
+    def __enter__(self) -> VllmServer:  # noqa: PYI034 (typing.Self is 3.11+; we support 3.10)
         try:
             self.start()
             self.wait_until_ready()
@@ -166,9 +166,8 @@ class VllmServer:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "wb")
         self._t0 = time.monotonic()
-        try:
+        with open(self.log_path, "wb") as log:  # closed here: the child holds its own descriptor
             self.proc = subprocess.Popen(
                 self.cmd,
                 stdout=log,
@@ -177,8 +176,6 @@ class VllmServer:
                 env=self.env,
                 start_new_session=True,  # own process group: stop() kills the whole tree
             )
-        finally:
-            log.close()  # the child holds its own descriptor
 
     def wait_until_ready(self) -> float:
         """Poll ``/health`` until it answers 200; returns the seconds since start. Raises
