@@ -593,14 +593,14 @@ bool switch_setting(const char* name) {
   return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
-// A whole-number setting of the ws tiles, read on every launch: the variable's value where it is
-// a number >= 0, else `fallback`. VLLM_QUICK_WS_TIMELINE_SLOT: see quick_gemm_ws.cuh.
-int count_setting(const char* name, int fallback) {
+// An integer tuning knob from the environment: its value when it parses as an integer in
+// [lo, hi], else `fallback` (unset, empty or out of range). Read on every plan or launch, so a
+// benchmark may change it between calls; std::strtol parses in the C locale.
+int int_setting(const char* name, int lo, int hi, int fallback) {
   const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return fallback;
-  char* end = nullptr;
-  const long n = std::strtol(v, &end, 10);
-  return *end == '\0' && n >= 0 && n <= (1 << 20) ? static_cast<int>(n) : fallback;
+  const long n = std::strtol(v, nullptr, 10);
+  return n >= lo && n <= hi ? static_cast<int>(n) : fallback;
 }
 
 // The ws tiles (quick_gemm_ws.cuh): the Config interface, plus the activations' TMA map: x
@@ -654,7 +654,8 @@ struct WsConfig {
                                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
     kp.lean_fixup = switch_setting("VLLM_QUICK_WS_LEAN_FIXUP");
 #ifdef QUICK_WS_TIMELINE
-    kp.timeline_slot = count_setting("VLLM_QUICK_WS_TIMELINE_SLOT", -1);
+    // VLLM_QUICK_WS_TIMELINE_SLOT: the launch slot the blocks record into (quick_gemm_ws.cuh).
+    kp.timeline_slot = int_setting("VLLM_QUICK_WS_TIMELINE_SLOT", 0, kTimelineSlots - 1, -1);
 #endif
     blocks_per_sm<WsConfig>();
     static const bool two_groups_ready =
@@ -846,16 +847,6 @@ int default_tile(int m, ActType) {
   if (m <= 16) return kTileX16;
   if (m <= 32) return kTileX32;
   return kTileX64;
-}
-
-// An integer tuning knob from the environment: its value when it parses as an integer in
-// [lo, hi], else `fallback` (unset, empty or out of range). Read on every plan, so a benchmark may
-// change it between calls; std::strtol parses in the C locale.
-static int int_setting(const char* name, int lo, int hi, int fallback) {
-  const char* v = std::getenv(name);
-  if (v == nullptr || *v == '\0') return fallback;
-  const long n = std::strtol(v, nullptr, 10);
-  return n >= lo && n <= hi ? static_cast<int>(n) : fallback;
 }
 
 // The most K splits plan() makes: 8, or VLLM_QUICK_MAX_SPLITS (1-32) for tuning experiments
