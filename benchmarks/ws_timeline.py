@@ -46,17 +46,18 @@ DEFAULT_CASES = ("4096x4096:1,4096x4096:16,4096x12288:1,4096x12288:16,4096x12288
                  "14336x4096:1,14336x4096:16,8192x57344:1")
 
 
-def make_copies(k: int, n: int, group: int, copies: int, seed: int = 0):
-    from vllm_quick import layout
+def make_copies(k: int, n: int, group: int, copies: int, dtype: torch.dtype, seed: int = 0):
+    """`copies` random QUICK weights (qweight, qzeros, scales) on the GPU, made as kernel_bench.py
+    makes them (its random_weight, then the quick backend's repack)."""
+    from kernel_bench import random_weight
+    from vllm_kernels import QuickBackend
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    quick = QuickBackend()
     out = []
     for _ in range(copies):
-        codes = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.int32)
-        zeros = torch.randint(0, 16, (k // group, n), generator=gen, dtype=torch.int32)
-        scales = ((torch.rand((k // group, n), generator=gen) + 0.5) * 2 ** -10).half()
-        qw, qz, s = layout.awq_to_quick(layout.awq_pack(codes), layout.awq_pack(zeros), scales)
-        out.append((qw.cuda(), qz.cuda(), s.cuda()))
+        w = quick.prepare(*random_weight(k, n, group, gen, "cuda"), group, dtype).weights
+        out.append((w["qweight"], w["qzeros"], w["scales"]))
     return out
 
 
@@ -121,7 +122,7 @@ def run_case(ext, k: int, n: int, m: int, dtype: torch.dtype, group: int, replay
     plan = ext.plan(m, k, n, group, dtype == torch.bfloat16, index)
     layer_bytes = k * n // 2
     copies = max(2, min(SLOTS, math.ceil(2 * 50e6 / layer_bytes)))
-    weights = make_copies(k, n, group, copies)
+    weights = make_copies(k, n, group, copies, dtype)
     x = torch.randn((m, k), device="cuda", dtype=dtype)
     os.environ.pop("VLLM_QUICK_WS_TIMELINE_SLOT", None)
     for w in weights:  # warm-up, unrecorded
