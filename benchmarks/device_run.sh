@@ -169,9 +169,6 @@ step_memcheck() {
   echo "--- memcheck, stream-K forced (VLLM_QUICK_WS_STREAMK=always)"
   VLLM_QUICK_WS_STREAMK=always PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$cs" --tool memcheck --error-exitcode 99 \
     --print-limit 20 "$PY" benchmarks/memcheck_cases.py --preset streamk || rc1=$?
-  echo "--- memcheck, tail splits of 4 fixed up in clusters (VLLM_QUICK_CLUSTER_REDUCE=always)"
-  VLLM_QUICK_WS_SPLITS=4 VLLM_QUICK_CLUSTER_REDUCE=always PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$cs" --tool memcheck \
-    --error-exitcode 99 --print-limit 20 "$PY" benchmarks/memcheck_cases.py || rc1=$?
   echo "--- racecheck"
   "$cs" --tool racecheck --error-exitcode 99 --print-limit 20 \
     "$PY" benchmarks/memcheck_cases.py --preset race

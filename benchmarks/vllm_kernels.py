@@ -328,12 +328,7 @@ WS_VARIANTS = {f"t{s}": {"VLLM_QUICK_WS_SPLITS": str(s)} for s in (1, 2, 3, 4, 6
 WS_VARIANTS.update(sk={"VLLM_QUICK_WS_STREAMK": "always"}, nosk={"VLLM_QUICK_WS_STREAMK": "0"},
                    nopdl={"VLLM_QUICK_PDL": "0"},  # without programmatic dependent launch
                    nowm={"VLLM_QUICK_WS_WEIGHT_MAP": "0"},  # weights by a bulk copy per k-tile row
-                   oldfix={"VLLM_QUICK_WS_LEAN_FIXUP": "0"},  # shared tiles' fix-up with every thread's fences
-                   cf={"VLLM_QUICK_CLUSTER_REDUCE": "always"},  # tail splits' fix-up in clusters (sm_90)
-                   nocf={"VLLM_QUICK_CLUSTER_REDUCE": "0"},  # ... through global slots and counters
-                   el={"VLLM_QUICK_WS_EARLY_LAUNCH": "1"})  # the next PDL grid may launch once copies are issued
-WS_VARIANTS.update({f"t{s}cf": {"VLLM_QUICK_WS_SPLITS": str(s), "VLLM_QUICK_CLUSTER_REDUCE": "always"}
-                    for s in (2, 4, 8)})
+                   oldfix={"VLLM_QUICK_WS_LEAN_FIXUP": "0"})  # shared tiles' fix-up with every thread's fences
 WS_VARIANT_TILES = ("ws256", "ws128", "ws64", "ws64b2", "ws128w4", "ws16", "ws8", "ws16b2", "ws32b2", "ws8w",
                     "ws16w", "ws32w", "ws64w", "ws128w")
 TILE_VARIANTS.update(WS_VARIANTS)

@@ -37,10 +37,9 @@ struct KernelParams {
   bool weights_evict_first;
   bool weights_by_map;  // ws tiles: a stage's weights by one 2-D TMA copy (else a bulk copy per k-tile row)
   bool lean_fixup;  // ws tiles' shared-tile fix-up: thread 0's release / acquire only (else every thread fences)
-  bool early_launch;  // ws tiles: the producer lets the next (PDL) grid launch once its copies are issued
   int timeline_slot;  // ws tiles, diagnostic builds only (QUICK_WS_TIMELINE): where the blocks record
   bool split_major;     // mma.sync tiles, global split-K: grid (splits, grid_n, grid_m), see split_block
-  bool cluster_reduce;  // the splits (ws tiles: a tail split's pieces) of a tile form one cluster and reduce in shared memory
+  bool cluster_reduce;  // the splits of a tile form one cluster and reduce in shared memory
   // bf16 through an fp16 tile (GemmArgs::act_row_abs_max): row i of x holds x[i] * 2^e_i, and
   // y[i] gets acc * 2^-e_i.
   const unsigned* act_row_abs_max;
@@ -61,9 +60,6 @@ constexpr int kPartialStride = kBlockTiles * kTileN + 8;
 __host__ __device__ constexpr int partial_tile_bytes(int block_rows) { return block_rows * kPartialStride * 4; }
 // The largest cluster plan() forms (16 CTAs is Hopper's non-portable maximum; 8 is portable).
 constexpr int kMaxClusterSplits = 16;
-// The largest cluster of the ws tiles' cluster fix-up (the portable size: their kernels do not
-// opt in to more).
-constexpr int kMaxWsClusterPieces = 8;
 
 // y[row, col], y[row, col + 1] = v0, v1 (+ bias), for rows < M and columns < size_n.
 template <typename T>

@@ -618,7 +618,6 @@ struct WsConfig {
   static constexpr bool kWgmma = true;
   static constexpr bool kStreamK = true;  // stream-K over the last wave's tiles (ws_block_work)
   static constexpr bool kMmaSync = ws_tile_uses_mma_sync(kTokens);  // ws8 .. ws32b2, ws8w .. ws32w
-  static constexpr bool kClusterFixup = ws_tile_has_cluster_fixup(kTokens);
   // Group size 32 (two group rows per stage) and every other group size: two kernels.
   static constexpr auto kernel = quick_gemm_ws_kernel<kWGs, kTokens, kStages, false, Out, kBlocksPerSm, kWarpWords>;
   static constexpr auto kernel_two_groups =
@@ -654,7 +653,6 @@ struct WsConfig {
                                CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
     kp.lean_fixup = switch_setting("VLLM_QUICK_WS_LEAN_FIXUP");
-    kp.early_launch = int_setting("VLLM_QUICK_WS_EARLY_LAUNCH", 0, 1, 0) == 1;
 #ifdef QUICK_WS_TIMELINE
     // VLLM_QUICK_WS_TIMELINE_SLOT: the launch slot the blocks record into (quick_gemm_ws.cuh).
     kp.timeline_slot = int_setting("VLLM_QUICK_WS_TIMELINE_SLOT", 0, kTimelineSlots - 1, -1);
@@ -665,27 +663,16 @@ struct WsConfig {
     (void)two_groups_ready;
     // Whole tiles, then the stream-K blocks (ws_block_work); with programmatic dependent launch
     // (the kernel waits for the previous one in the stream itself: wait_for_previous_grid).
-    // A cluster fix-up (plan.cluster_reduce) launches each shared tile's max_pieces pieces, i.e.
-    // consecutive blocks, as one cluster.
     cudaLaunchConfig_t config{};
     config.gridDim = dim3(plan.blocks);
     config.blockDim = dim3(kThreads);
     config.dynamicSmemBytes = kSmem;
     config.stream = stream;
-    cudaLaunchAttribute attrs[2]{};
-    config.attrs = attrs;
-    if (plan.cluster_reduce) {
-      attrs[config.numAttrs].id = cudaLaunchAttributeClusterDimension;
-      attrs[config.numAttrs].val.clusterDim.x = static_cast<unsigned>(plan.max_pieces);
-      attrs[config.numAttrs].val.clusterDim.y = 1;
-      attrs[config.numAttrs].val.clusterDim.z = 1;
-      ++config.numAttrs;
-    }
-    if (switch_setting("VLLM_QUICK_PDL")) {
-      attrs[config.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      attrs[config.numAttrs].val.programmaticStreamSerializationAllowed = 1;
-      ++config.numAttrs;
-    }
+    cudaLaunchAttribute pdl{};
+    pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    pdl.val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = &pdl;
+    config.numAttrs = switch_setting("VLLM_QUICK_PDL") ? 1 : 0;
     return cudaLaunchKernelEx(&config, params.group_size == 32 ? kernel_two_groups : kernel, map, weight_map, kp);
   }
 };
@@ -883,8 +870,7 @@ static StreamK ws_streamk_setting() {
 
 // VLLM_QUICK_CLUSTER_REDUCE: "0" turns the cluster split-K reduction off (the global-memory one
 // runs instead), "always" takes it wherever it can run; unset, plan() decides. A/B switches for
-// benchmarks and tests, read on every plan like VLLM_QUICK_MAX_SPLITS. The same switch governs the
-// ws tiles' cluster fix-up of tail splits (ws_segment_epilogue), which unset is not taken yet.
+// benchmarks and tests, read on every plan like VLLM_QUICK_MAX_SPLITS.
 enum class ClusterSetting { kOff, kAuto, kAlways };
 static ClusterSetting cluster_reduce_setting() {
   const char* v = std::getenv("VLLM_QUICK_CLUSTER_REDUCE");
@@ -926,19 +912,8 @@ GemmPlan plan(const GemmProblem& pr, int device) {
       pl.splits = w.max_pieces;
       pl.stages_per_split = w.sk_tiles > 0 ? (w.sk_tiles * total_stages + w.sk_blocks - 1) / w.sk_blocks : total_stages;
       pl.blocks = w.blocks;
-      // sm_90: a tail split (every shared tile in max_pieces pieces, consecutive blocks) may fix up
-      // in thread-block clusters, one per tile (ws_segment_epilogue), where the cluster boundaries
-      // fall on the tiles' (dp_blocks a multiple of the cluster size) and the clusters hold a
-      // wave's blocks at once, as a plain launch does.
-      const ClusterSetting cluster = cluster_reduce_setting();
-      const int pieces = w.max_pieces;
-      if (Cfg::kClusterFixup && cluster == ClusterSetting::kAlways && is_sm90(device) && w.sk_tiles > 0 && w.sk_blocks == w.sk_tiles * pieces &&
-          pieces <= kMaxWsClusterPieces && w.dp_blocks % pieces == 0) {
-        pl.max_active_clusters = max_active_clusters<Cfg>(pieces);
-        pl.cluster_reduce = pl.max_active_clusters * pieces >= std::min(w.blocks, slots);
-      }
-      pl.partial_floats = pl.cluster_reduce ? 0 : static_cast<size_t>(w.sk_tiles) * (w.max_pieces - 1) * tile_floats;
-      pl.counters = pl.cluster_reduce ? 0 : w.sk_tiles;
+      pl.partial_floats = static_cast<size_t>(w.sk_tiles) * (w.max_pieces - 1) * tile_floats;
+      pl.counters = w.sk_tiles;
       return pl;
     }
     // Split K until the grid fills the GPU once, with at most max_splits (8) splits: every split

@@ -64,7 +64,7 @@ struct GemmPlan {
   int sk_tiles;        //   sk_blocks blocks sharing out the K stages of sk_tiles tiles, each cut
   int sk_blocks;       //   into at most max_pieces pieces (splits = max_pieces for the ws tiles)
   int max_pieces;
-  bool cluster_reduce;     // sm_90: the splits (ws tiles: pieces) of a tile form a cluster and reduce in shared memory
+  bool cluster_reduce;     // sm_90: the splits of a tile form a cluster and reduce in shared memory
   bool split_major;        // global split-K in which every split sums a slice (reduce_split_k)
   int max_active_clusters; // such clusters the GPU holds at once (0 where not asked)
   size_t partial_floats;  // fp32 workspace for split-K partial sums (0 without a global reduction)

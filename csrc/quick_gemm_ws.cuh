@@ -41,8 +41,6 @@ namespace {
 // whose warps take two words per k-step) have mma.sync consumers instead of wgmma ones (the
 // kernel's K loop) and their own schedule rule (plan() in quick_gemm.cu, small_tile_schedule).
 constexpr bool ws_tile_uses_mma_sync(int tokens) { return tokens < 64; }
-// Which of them may fix up shared tiles in thread-block clusters (plan(), ws_segment_epilogue).
-constexpr bool ws_tile_has_cluster_fixup(int tokens) { return ws_tile_uses_mma_sync(tokens); }
 
 // ------------------------------------------------------------------------------------------
 // mbarriers and TMA (sm_90): the PTX ISA's "mbarrier" and "cp.async.bulk" sections. On other
@@ -84,30 +82,6 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
       ".reg .pred done;\n"
       "WAIT:\n"
       "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT;\n"
-      "}\n" ::"r"(smem_u32(bar)),
-      "r"(parity)
-      : "memory");
-#endif
-}
-
-// The cluster fix-up of shared tiles (ws_segment_epilogue): one arrival on an mbarrier of another
-// CTA of the cluster (a map_shared_to_rank address), releasing this thread's earlier shared-memory
-// writes to the cluster; and mbarrier_wait with cluster-scope acquire, after which what other
-// CTAs' threads released with their arrivals is visible to this thread.
-__device__ __forceinline__ void mbarrier_arrive_remote(uint32_t cluster_bar) {
-#if QUICK_WGMMA
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_bar) : "memory");
-#endif
-}
-
-__device__ __forceinline__ void mbarrier_wait_cluster(uint64_t* bar, uint32_t parity) {
-#if QUICK_WGMMA
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "WAIT:\n"
-      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
       "@!done bra WAIT;\n"
       "}\n" ::"r"(smem_u32(bar)),
       "r"(parity)
@@ -200,11 +174,7 @@ struct WsSmem {
   static constexpr int kStageBytes = (kZeroOffset + kMaxGroupRowsPerStage * kZeroRowBytes + 1023) / 1024 * 1024;
   static constexpr int kBarrierOffset = kStages * kStageBytes;
   static constexpr int kWorkOffset = kBarrierOffset + 2 * kStages * 8;  // the block's WsBlockWork
-  // The cluster fix-up's two mbarriers (ws_segment_epilogue): an owner's "pieces staged", a
-  // piece's "owner done".
-  static constexpr int kClusterBarrierOffset = kWorkOffset + 64;
-  // + alignment slack: the window is 16-byte aligned, so moving it to 1024 takes at most 1008.
-  static constexpr int kTotalBytes = kClusterBarrierOffset + 16 + 1008;
+  static constexpr int kTotalBytes = kWorkOffset + 64 + 1024;             // + alignment slack
   static_assert(sizeof(WsBlockWork) <= 64, "the work fits its slot");
 };
 
@@ -252,15 +222,6 @@ __device__ __forceinline__ void setmaxnreg_dec() {
 __device__ __forceinline__ void wait_for_previous_grid() {
 #if QUICK_WGMMA
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-
-// The other half of programmatic dependent launch: once every block of this grid has run this
-// (or exited), the next grid in the stream, if launched with the attribute, may start its blocks
-// where there is room; they still wait for this grid to complete (wait_for_previous_grid).
-__device__ __forceinline__ void allow_next_grid() {
-#if QUICK_WGMMA
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
 
@@ -353,9 +314,6 @@ __device__ __forceinline__ void copy_output_tile(const KernelParams& p, const un
 // ~6 us after the K loops on ws128 at M = 128, which ate the balance's gain.
 // Partials are stored in fragment order, [quad x][consumer thread] float4s: each warp store and
 // load is 512 contiguous bytes, and the owner's thread t reads exactly what thread t stored.
-// With KernelParams::cluster_reduce (sm_90, a tail split whose tiles' pieces are launched as one
-// cluster each: plan() in quick_gemm.cu) the partials go through distributed shared memory instead
-// of the global slots and counters, summed in the same order (the same bits).
 //
 // A whole tile (or the owner once summed): the block's last segment with no bias and y's rows
 // 16-byte aligned goes through the (by then idle) pipeline shared memory with 16-byte stores
@@ -367,11 +325,10 @@ __device__ __forceinline__ void copy_output_tile(const KernelParams& p, const un
 // tile wg kWarpWords + r / kWarpsPerTile of the block (WsWarpWord).
 // kRowScaled: x came as the fp16 copy of a bf16 x, row t times 2^e_t (the wgmma ws tiles' bf16
 // calls; the kernel's kRowScaled); the mma.sync ws tiles multiply a bf16 x as it is.
-template <int kWGs, int kTokens, typename Out, int kWarpWords, bool kRowScaled, bool kClusterFixup>
+template <int kWGs, int kTokens, typename Out, int kWarpWords, bool kRowScaled>
 __device__ __forceinline__ void ws_segment_epilogue(const KernelParams& p, unsigned char* smem,
                                                     float (&out)[kWarpWords * kTokens / 8][4], const WsBlockWork* work,
-                                                    int cluster_bar_offset, int g, int grid_n, int n_tiles, int wg,
-                                                    int r, int lane) {
+                                                    int g, int grid_n, int n_tiles, int wg, int r, int lane) {
   constexpr int kThreads = 128 * kWGs;           // the consumers: threads [0, kThreads) of the block
   constexpr int kTiles = kWGs * kWarpWords;      // 64-column tiles per block
   constexpr int kSetQuads = kTokens / 8;         // float4s of one word's accumulators
@@ -397,14 +354,53 @@ __device__ __forceinline__ void ws_segment_epilogue(const KernelParams& p, unsig
       }
   }
   if (const WsSegment& seg = segment(); seg.pieces > 1) {
-    // The owner adds the other pieces' partials, float4 x of piece `piece` from load(piece, x),
-    // in piece order (deterministic, and the same sum whichever way the partials travel).
-    // Four float4 loads in flight per thread at a time: more made ptxas spill on ws256 (bf16)
-    // and ws64b2, whose accumulators fill most of their registers. A thread of ws16 / ws8 has
-    // only 2 / 1 float4s per piece but a tile of many pieces (a small-M call shares every tile
-    // among several blocks): kBatch pieces' loads go out together, 8 float4s in flight for ws8
-    // and 4 for ws16 (8 spilled at its 72 registers).
-    auto add_partials = [&](auto&& load) {
+    // Slots of pieces 1 .. max_pieces - 1 of this tile, from slot_base on; this thread's float4s.
+    const size_t slot_base = static_cast<size_t>(seg.sk_tile) * (p.max_pieces - 1) * kPartialQuads + threadIdx.x;
+    if (seg.piece > 0) {
+      if (stores) {
+        float4* part = reinterpret_cast<float4*>(p.partials) + slot_base + (seg.piece - 1) * kPartialQuads;
+#pragma unroll
+        for (int x = 0; x < kQuads; ++x) __stcg(part + x * kThreads, make_float4(out[x][0], out[x][1], out[x][2], out[x][3]));
+      }
+      if (p.lean_fixup) {
+        // Release by thread 0 after the barrier (cumulative over the other threads' stores, which
+        // bar.sync orders before it: cooperative groups' grid-sync pattern, reduce_split_k).
+        part_barrier<kThreads>();
+        if (threadIdx.x == 0) red_release_gpu_add(p.counters + seg.sk_tile, 1);
+      } else {
+        __threadfence();  // the partial visible device-wide before the counter says so
+        part_barrier<kThreads>();
+        if (threadIdx.x == 0) atomicAdd(p.counters + seg.sk_tile, 1);
+      }
+      return;
+    }
+    if (p.lean_fixup) {
+      // Thread 0 spins on an acquire load (no sleep) and the barrier passes its acquire on; no
+      // thread fences after it -- a fence of thread 0 would first wait for its counter reset to
+      // land (session 18's timeline: ~2.6 us from the last piece's K loop to the owner's store).
+      if (threadIdx.x == 0) {
+        int* counter = p.counters + seg.sk_tile;
+        while (ld_acquire_gpu(counter) < seg.pieces - 1) {
+        }
+        st_relaxed_gpu(counter, 0);  // every other piece has counted in: ready for the next launch
+      }
+      part_barrier<kThreads>();
+    } else {
+      if (threadIdx.x == 0) {
+        volatile int* counter = p.counters + seg.sk_tile;
+        while (*counter < seg.pieces - 1) __nanosleep(100);
+        *counter = 0;  // every other piece has counted in: ready for the next launch / graph replay
+      }
+      part_barrier<kThreads>();
+      __threadfence();  // acquire side: see the other pieces' partials
+    }
+    if (stores) {
+      const float4* part = reinterpret_cast<const float4*>(p.partials) + slot_base;
+      // Four float4 loads in flight per thread at a time: more made ptxas spill on ws256 (bf16)
+      // and ws64b2, whose accumulators fill most of their registers. A thread of ws16 / ws8 has
+      // only 2 / 1 float4s per piece but a tile of many pieces (a small-M call shares every tile
+      // among several blocks): kBatch pieces' loads go out together, 8 float4s in flight for ws8
+      // and 4 for ws16 (8 spilled at its 72 registers).
       constexpr int kChunk = kQuads < 4 ? kQuads : 4;
       constexpr int kBatch = kQuads == 1 ? 8 : kQuads < 4 ? 4 / kQuads : 1;
       for (int piece = 1; piece < seg.pieces; piece += kBatch) {
@@ -415,9 +411,10 @@ __device__ __forceinline__ void ws_segment_epilogue(const KernelParams& p, unsig
           for (int b = 0; b < kBatch; ++b)
 #pragma unroll
             for (int j = 0; j < kChunk; ++j)
-              if (kBatch == 1 || piece + b < seg.pieces) v[b][j] = load(piece + b, x0 + j);
+              if (kBatch == 1 || piece + b < seg.pieces)
+                v[b][j] = __ldcg(part + static_cast<size_t>(piece - 1 + b) * kPartialQuads + (x0 + j) * kThreads);
 #pragma unroll
-          for (int b = 0; b < kBatch; ++b)  // piece order
+          for (int b = 0; b < kBatch; ++b)  // piece order: the sum is deterministic
 #pragma unroll
             for (int j = 0; j < kChunk; ++j)
               if (kBatch == 1 || piece + b < seg.pieces) {
@@ -427,96 +424,6 @@ __device__ __forceinline__ void ws_segment_epilogue(const KernelParams& p, unsig
                 out[x0 + j][3] += v[b][j].w;
               }
         }
-      }
-    };
-    // (The launch's cluster size tells the cluster fix-up, rather than p.cluster_reduce, which
-    // ptxas kept in a register across the K loop, spilling it on the tightest tiles.)
-    bool cluster_fixup = false;
-    if constexpr (kClusterFixup) cluster_fixup = cluster_size() > 1;
-    if (cluster_fixup) {
-      // The cluster fix-up (plan(): a tail split launched with each tile's pieces as one cluster,
-      // piece j at cluster rank j): the partials never leave the chip. A piece > 0 stages its
-      // accumulators in its own drained pipeline shared memory, in the global slots' order
-      // ([quad x][consumer thread] float4s: conflict-free), and every consumer thread arrives on
-      // the owner's "pieces staged" mbarrier with a cluster-scope release of its own stores;
-      // the owner's consumers wait on it (cluster-scope acquire), read the pieces with
-      // ld.shared::cluster, and once all of them have read, arrive on each piece's "owner done"
-      // mbarrier, on which that piece's thread 0 waits so that its shared memory outlives the
-      // reads. No L2 round trip, no counter to reset. (The kernel's start initialised both
-      // barriers and arrived on the cluster barrier; cluster_wait makes sure every CTA of the
-      // cluster had, before this thread touches another CTA's barrier.)
-      cluster_wait();
-      // (The offset, a constant, rather than a pointer the kernel would keep live across its K loop.)
-      uint64_t* cluster_bars = reinterpret_cast<uint64_t*>(smem + cluster_bar_offset);
-      const uint32_t rank = cluster_ctarank();
-      const uint32_t staged = smem_u32(smem) + threadIdx.x * 16;  // + x kThreads 16: float4 x
-      if (seg.piece > 0) {
-        part_barrier<kThreads>();  // every consumer warp is done with the pipeline's last stage
-        if (stores) {
-#pragma unroll
-          for (int x = 0; x < kQuads; ++x)
-            *reinterpret_cast<float4*>(smem + (x * kThreads + threadIdx.x) * 16) =
-                make_float4(out[x][0], out[x][1], out[x][2], out[x][3]);
-        }
-        mbarrier_arrive_remote(map_shared_to_rank(smem_u32(&cluster_bars[0]), rank - seg.piece));
-        if (threadIdx.x == 0) mbarrier_wait(&cluster_bars[1], 0);
-        return;
-      }
-      mbarrier_wait_cluster(&cluster_bars[0], 0);
-      if (stores)
-        add_partials([&](int piece, int x) {
-          return ld_shared_cluster_f4(map_shared_to_rank(staged, rank + piece) + x * kThreads * 16);
-        });
-      part_barrier<kThreads>();  // every consumer thread's reads are done: the pieces may leave
-      if (threadIdx.x > 0 && threadIdx.x < seg.pieces)
-        mbarrier_arrive_remote(map_shared_to_rank(smem_u32(&cluster_bars[1]), rank + threadIdx.x));
-    } else {
-      // Slots of pieces 1 .. max_pieces - 1 of this tile, from slot_base on; this thread's float4s.
-      const size_t slot_base = static_cast<size_t>(seg.sk_tile) * (p.max_pieces - 1) * kPartialQuads + threadIdx.x;
-      if (seg.piece > 0) {
-        if (stores) {
-          float4* part = reinterpret_cast<float4*>(p.partials) + slot_base + (seg.piece - 1) * kPartialQuads;
-#pragma unroll
-          for (int x = 0; x < kQuads; ++x)
-            __stcg(part + x * kThreads, make_float4(out[x][0], out[x][1], out[x][2], out[x][3]));
-        }
-        if (p.lean_fixup) {
-          // Release by thread 0 after the barrier (cumulative over the other threads' stores, which
-          // bar.sync orders before it: cooperative groups' grid-sync pattern, reduce_split_k).
-          part_barrier<kThreads>();
-          if (threadIdx.x == 0) red_release_gpu_add(p.counters + seg.sk_tile, 1);
-        } else {
-          __threadfence();  // the partial visible device-wide before the counter says so
-          part_barrier<kThreads>();
-          if (threadIdx.x == 0) atomicAdd(p.counters + seg.sk_tile, 1);
-        }
-        return;
-      }
-      if (p.lean_fixup) {
-        // Thread 0 spins on an acquire load (no sleep) and the barrier passes its acquire on; no
-        // thread fences after it -- a fence of thread 0 would first wait for its counter reset to
-        // land (session 18's timeline: ~2.6 us from the last piece's K loop to the owner's store).
-        if (threadIdx.x == 0) {
-          int* counter = p.counters + seg.sk_tile;
-          while (ld_acquire_gpu(counter) < seg.pieces - 1) {
-          }
-          st_relaxed_gpu(counter, 0);  // every other piece has counted in: ready for the next launch
-        }
-        part_barrier<kThreads>();
-      } else {
-        if (threadIdx.x == 0) {
-          volatile int* counter = p.counters + seg.sk_tile;
-          while (*counter < seg.pieces - 1) __nanosleep(100);
-          *counter = 0;  // every other piece has counted in: ready for the next launch / graph replay
-        }
-        part_barrier<kThreads>();
-        __threadfence();  // acquire side: see the other pieces' partials
-      }
-      if (stores) {
-        const float4* part = reinterpret_cast<const float4*>(p.partials) + slot_base;
-        add_partials([&](int piece, int x) {
-          return __ldcg(part + static_cast<size_t>(piece - 1) * kPartialQuads + x * kThreads);
-        });
       }
     }
   }
@@ -605,9 +512,6 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
   using Registers = WsRegisters<kWGs, kBlocksPerSm>;
   // ws16 / ws8 (fewer than 64 tokens): mma.sync consumers instead of wgmma (the K loop below).
   constexpr bool kMmaSync = ws_tile_uses_mma_sync(kTokens);
-  // The cluster fix-up (ws_segment_epilogue) is compiled into the mma.sync tiles only: in the
-  // wgmma tiles of two group rows a stage its code made ptxas spill a register.
-  constexpr bool kClusterFixup = ws_tile_has_cluster_fixup(kTokens);
   // What the fragments, x's tile and the mma hold: fp16 for the wgmma consumers, the call's type
   // for the mma.sync ones; the lean (16x magic) dequantisation is fp16's alone.
   using T = std::conditional_t<kMmaSync, Out, __half>;
@@ -625,9 +529,6 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
   // starts and again where it ends, so nothing of it stays live across the K loop (ws256's
   // consumers spilled with the two segments in registers).
   WsBlockWork* work = reinterpret_cast<WsBlockWork*>(smem + Smem::kWorkOffset);
-  // The cluster fix-up stages a piece's accumulators (kWarpWords kTokens / 8 float4s per consumer
-  // thread) in the pipeline's shared memory.
-  static_assert(kWarpWords * kTokens / 8 * 128 * kWGs * 16 <= Smem::kBarrierOffset, "a partial fits the pipeline");
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -645,18 +546,9 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
       mbarrier_init(&full[s], 1);            // the producer's arrive.expect_tx
       mbarrier_init(&empty[s], 128 * kWGs);  // every consumer thread (an idle warpgroup too)
     }
-    if (kClusterFixup && cluster_size() > 1) {  // p.cluster_reduce (a tail split: every shared tile has max_pieces pieces)
-      uint64_t* cluster_bars = reinterpret_cast<uint64_t*>(smem + Smem::kClusterBarrierOffset);
-      mbarrier_init(&cluster_bars[0], (p.max_pieces - 1) * 128 * kWGs);  // every piece's consumers
-      mbarrier_init(&cluster_bars[1], 1);                                  // one owner thread
-    }
-    fence_mbarrier_init();  // (release at cluster scope)
+    fence_mbarrier_init();
   }
   __syncthreads();
-  // Cluster fix-up: every thread arrives here, and a shared tile's consumers wait on the cluster
-  // barrier before their first remote arrival (ws_segment_epilogue): by then every CTA of the
-  // cluster has initialised its barriers. The producer leaves without waiting.
-  if (kClusterFixup && cluster_size() > 1) cluster_arrive();
 
   if (warp / 4 == kWGs) {
     // ---- Producer warpgroup: one thread issues every copy, then the group leaves. ----
@@ -717,9 +609,6 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
         }
       }
       timeline_mark(p, kTlIssued);
-      // VLLM_QUICK_WS_EARLY_LAUNCH=1 (an experiment, off by default): the next grid's blocks may
-      // start their prologue while this block's consumers still run.
-      if (p.early_launch) allow_next_grid();
     }
     return;  // (the consumers' split-K reduction synchronises them alone: a named barrier)
   }
@@ -909,8 +798,8 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
       mbarrier_arrive(&empty[read_slot]);  // (a segment has at least one stage)
       if (!kTwoGroups) flush_group();  // the segment ends inside a group (or on its end: adds 0)
       if (threadIdx.x == 0 && g + 1 == work->count) timeline_mark(p, kTlLoopDone);
-      ws_segment_epilogue<kWGs, kTokens, Out, kWarpWords, kRowScaled, kClusterFixup>(p, smem, acc, work, Smem::kClusterBarrierOffset, g, grid_n,
-                                                                       n_tiles, wg, r, lane);
+      ws_segment_epilogue<kWGs, kTokens, Out, kWarpWords, kRowScaled>(p, smem, acc, work, g, grid_n, n_tiles, wg, r,
+                                                                       lane);
       if (threadIdx.x == 0 && g + 1 == work->count) timeline_mark(p, kTlEnd);
     } else {
       float acc[kRows][8][4];
@@ -959,9 +848,8 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), kBlocksPerSm)
       for (int i = 0; i < kRows; ++i) fence_registers(reinterpret_cast<float(&)[32]>(acc[i]));
       mbarrier_arrive(&empty[prev_slot]);  // the segment's last stage is read too
       if (threadIdx.x == 0 && g + 1 == work->count) timeline_mark(p, kTlLoopDone);
-      ws_segment_epilogue<kWGs, kTokens, Out, kWarpWords, kRowScaled, kClusterFixup>(
-          p, smem, reinterpret_cast<float(&)[kWarpWords * kTokens / 8][4]>(acc), work, Smem::kClusterBarrierOffset, g, grid_n, n_tiles,
-          wg, r, lane);
+      ws_segment_epilogue<kWGs, kTokens, Out, kWarpWords, kRowScaled>(
+          p, smem, reinterpret_cast<float(&)[kWarpWords * kTokens / 8][4]>(acc), work, g, grid_n, n_tiles, wg, r, lane);
       if (threadIdx.x == 0 && g + 1 == work->count) timeline_mark(p, kTlEnd);
     }
   }

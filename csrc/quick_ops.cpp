@@ -252,10 +252,8 @@ pybind11::dict plan(int64_t m, int64_t k, int64_t n, int64_t group_size, bool bf
   d["dp_blocks"] = pl.dp_blocks;
   d["sk_tiles"] = pl.sk_tiles;
   d["sk_blocks"] = pl.sk_blocks;
-  d["max_pieces"] = pl.max_pieces;
   d["split_major"] = pl.split_major;
   d["partial_floats"] = pl.partial_floats;
-  d["counters"] = pl.counters;
   return d;
 }
 

@@ -108,30 +108,6 @@ __device__ __forceinline__ void cluster_sync() {
 #endif
 }
 
-// cluster_sync in two halves, for a barrier whose arrival and wait lie far apart (the ws tiles:
-// every thread arrives once its block's mbarriers are initialised, only the consumers of a shared
-// tile wait, just before their first access to another CTA's shared memory).
-__device__ __forceinline__ void cluster_arrive() {
-#if QUICK_CLUSTERS
-  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void cluster_wait() {
-#if QUICK_CLUSTERS
-  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-#endif
-}
-
-// CTAs in this CTA's cluster: 1 for a launch without clusters.
-__device__ __forceinline__ uint32_t cluster_size() {
-  uint32_t n = 1;
-#if QUICK_CLUSTERS
-  asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(n));
-#endif
-  return n;
-}
-
 __device__ __forceinline__ uint32_t cluster_ctarank() {
   uint32_t rank = 0;
 #if QUICK_CLUSTERS
@@ -140,31 +116,17 @@ __device__ __forceinline__ uint32_t cluster_ctarank() {
   return rank;
 }
 
-// Shared-memory address `addr` (this CTA's window) as the same offset in CTA `rank` of the
-// cluster (a shared::cluster address; a pure function of its operands, so not volatile: the
-// compiler may share one mapping among loads at fixed offsets from it).
-__device__ __forceinline__ uint32_t map_shared_to_rank(uint32_t addr, uint32_t rank) {
-  uint32_t remote = addr;
-#if QUICK_CLUSTERS
-  asm("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(addr), "r"(rank));
-#endif
-  return remote;
-}
-
-// 16 bytes at a shared::cluster address (map_shared_to_rank).
-__device__ __forceinline__ float4 ld_shared_cluster_f4(uint32_t remote) {
+// 16 bytes at shared-memory address `addr` (this CTA's window) of CTA `rank` of the cluster.
+__device__ __forceinline__ float4 ld_shared_cluster_f4(uint32_t addr, uint32_t rank) {
   float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
 #if QUICK_CLUSTERS
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(addr), "r"(rank));
   asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
                : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
                : "r"(remote));
 #endif
   return v;
-}
-
-// 16 bytes at shared-memory address `addr` (this CTA's window) of CTA `rank` of the cluster.
-__device__ __forceinline__ float4 ld_shared_cluster_f4(uint32_t addr, uint32_t rank) {
-  return ld_shared_cluster_f4(map_shared_to_rank(addr, rank));
 }
 
 // Per activation type: the mma instruction, the magic exponent and 2-wide subtraction.

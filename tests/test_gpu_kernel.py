@@ -478,49 +478,6 @@ def test_ws_copy_settings_keep_the_bits(kernel, monkeypatch, dtype_name, tile):
             assert torch.equal(other, y), f"{tile} {dtype_name} g={group_size}: {name}={value} changes y"
 
 
-# The mma.sync ws tiles, whose shared tiles may fix up in thread-block clusters (sm_90).
-WS_CLUSTER_FIXUP_TILES = ["ws8", "ws16", "ws16b2", "ws32b2", "ws8w", "ws16w", "ws32w"]
-
-
-@pytest.mark.parametrize("tile", WS_CLUSTER_FIXUP_TILES)
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
-def test_ws_cluster_fixup_keeps_the_bits(kernel, monkeypatch, dtype_name, tile):
-    """A tail split of the mma.sync ws tiles may launch each shared tile's pieces as one
-    thread-block cluster and add the pieces' partials through distributed shared memory
-    (VLLM_QUICK_CLUSTER_REDUCE=always) instead of global slots and counters ("0"). The owner adds
-    the pieces in the same order either way, so y must be the same bits, and match the
-    reference: 2, 4 and 8 pieces per tile, group 32 and 128, one and two row blocks, an odd tile
-    count (the last block's second warpgroup stores nothing), twice in a row (each launch sets
-    its barriers up afresh). With "always" the plan must really take the clusters here (else the
-    test would compare a path with itself) and need no workspace."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip(f"{tile} runs on sm_90 only")
-    dtype = DTYPES[dtype_name]
-    index = TILES.index(tile)
-    block_m = {"ws8": 8, "ws8w": 8, "ws16": 16, "ws16b2": 16, "ws16w": 16}.get(tile, 32)
-    k, n = 4096, 4160
-    for group_size in (32, 128):
-        w = make_weight(k, n, group_size)
-        for m in (block_m - 3, block_m + 5):
-            x = random_x((m, k), dtype, seed=zlib.crc32(f"cluster-fixup/{tile}/{group_size}/{m}".encode()))
-            ref = x.float() @ w.w32
-            for pieces in ("2", "4", "8"):
-                monkeypatch.setenv("VLLM_QUICK_WS_SPLITS", pieces)
-                what = f"{tile} {dtype_name} g={group_size} M={m} pieces={pieces}"
-                monkeypatch.setenv("VLLM_QUICK_CLUSTER_REDUCE", "always")
-                plan = kernel.plan(m, k, n, group_size, dtype == torch.bfloat16, index)
-                assert plan["cluster_reduce"] and plan["max_pieces"] == int(pieces), f"{what}: {plan}"
-                assert plan["partial_floats"] == 0 and plan["counters"] == 0, f"{what}: {plan}"
-                y_cluster = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, n, index)
-                again = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, n, index)
-                monkeypatch.setenv("VLLM_QUICK_CLUSTER_REDUCE", "0")
-                assert not kernel.plan(m, k, n, group_size, dtype == torch.bfloat16, index)["cluster_reduce"]
-                y_global = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, n, index)
-                check_output(y_cluster, ref, dtype, f"cluster fix-up {what}")
-                assert torch.equal(y_cluster, y_global), f"{what}: the cluster and the global fix-up differ"
-                assert torch.equal(again, y_cluster), f"{what}: a second cluster call differs"
-
-
 @pytest.mark.parametrize("tile", ["ws256", "ws8", "ws32w"])
 @pytest.mark.parametrize("x_scale", [1.0, 1e6, 1e-30, 1e30])
 def test_ws_tile_bf16_activation_range(kernel, x_scale, tile):
