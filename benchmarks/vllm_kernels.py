@@ -266,13 +266,16 @@ class QuickBackend(Backend):
 def quick_op_path(m: int, act_dtype: torch.dtype, weight_elements: int | None = None) -> str:
     """Which path torch.ops.quick.gemm takes for M rows of a K x N = weight_elements layer on this
     GPU: a kernel tile name ("x16", ...), "auto" or "dequant" (vllm_quick/dispatch.py; small
-    layers have their own plan)."""
+    layers have their own plan); "<tile>+<tile>" where the op splits off its last rows
+    (dispatch.row_split)."""
     try:
         from vllm_quick import dispatch
     except ImportError:
         return "kernel"
-    return dispatch.choose(m, act_dtype, torch.device("cuda", torch.cuda.current_device()),
-                           weight_elements=weight_elements)
+    device = torch.device("cuda", torch.cuda.current_device())
+    path = dispatch.choose(m, act_dtype, device, weight_elements=weight_elements)
+    split = dispatch.row_split(m, path, act_dtype, device, weight_elements=weight_elements)
+    return path if split is None else f"{path}+{split[1]}"
 
 
 class QuickKernelBackend(QuickBackend):
@@ -328,7 +331,8 @@ WS_VARIANTS = {f"t{s}": {"VLLM_QUICK_WS_SPLITS": str(s)} for s in (1, 2, 3, 4, 6
 WS_VARIANTS.update(sk={"VLLM_QUICK_WS_STREAMK": "always"}, nosk={"VLLM_QUICK_WS_STREAMK": "0"},
                    nopdl={"VLLM_QUICK_PDL": "0"},  # without programmatic dependent launch
                    nowm={"VLLM_QUICK_WS_WEIGHT_MAP": "0"},  # weights by a bulk copy per k-tile row
-                   oldfix={"VLLM_QUICK_WS_LEAN_FIXUP": "0"})  # shared tiles' fix-up with every thread's fences
+                   oldfix={"VLLM_QUICK_WS_LEAN_FIXUP": "0"},  # shared tiles' fix-up with every thread's fences
+                   nors={"VLLM_QUICK_ROW_SPLIT": "0"})  # the op without its row split (dispatch.row_split)
 WS_VARIANT_TILES = ("ws256", "ws128", "ws64", "ws64b2", "ws128w4", "ws16", "ws8", "ws16b2", "ws32b2", "ws8w",
                     "ws16w", "ws32w", "ws64w", "ws128w")
 TILE_VARIANTS.update(WS_VARIANTS)

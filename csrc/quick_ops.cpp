@@ -144,19 +144,35 @@ std::string gemm_error(const torch::Tensor& x, const torch::Tensor& qweight, con
   return "";
 }
 
+// Why `out` cannot take y = [M, size_n] in x's dtype, or "".
+std::string out_error(const torch::Tensor& out, const torch::Tensor& x, int64_t size_n) {
+  constexpr const char* kWhere = "quick::gemm: ";
+  std::string e = cuda_error(kWhere, out, "out", x);
+  if (!e.empty()) return e;
+  QUICK_REQUIRE(out.scalar_type() == x.scalar_type() && out.dim() == 2 && out.size(0) == x.size(0) &&
+                    out.size(1) == size_n,
+                "out must be [", x.size(0), ", ", size_n, "] of x's dtype ", dtype_name(x.scalar_type()), ", got ",
+                dtype_name(out.scalar_type()), " ", out.sizes());
+  QUICK_REQUIRE(reinterpret_cast<uintptr_t>(out.data_ptr()) % 4 == 0, "out must be 4-byte aligned");
+  return "";
+}
+
 // (y, "") on success, (None, message) otherwise; vllm_quick.ops.kernel_gemm raises the message.
+// `out`, when given, receives y (a contiguous [M, size_n] of x's dtype, e.g. a block of rows of a
+// larger output: ops.py's row split) and is returned.
 std::tuple<c10::optional<torch::Tensor>, std::string> gemm(
     const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& qzeros,
     const torch::Tensor& scales, const c10::optional<torch::Tensor>& bias, int64_t group_size,
-    int64_t size_n, int64_t tile) {
+    int64_t size_n, int64_t tile, const c10::optional<torch::Tensor>& out) {
   std::string error = gemm_error(x, qweight, qzeros, scales, bias, group_size, size_n, tile);
+  if (error.empty() && out.has_value()) error = out_error(*out, x, size_n);
   if (!error.empty()) return {c10::nullopt, error};
   const int64_t m = x.size(0), k = x.size(1), n = qweight.size(1) * quick::kTileN;
   const quick::ActType act =
       x.scalar_type() == torch::kBFloat16 ? quick::ActType::kBFloat16 : quick::ActType::kFloat16;
 
   const at::cuda::OptionalCUDAGuard guard(x.device());
-  torch::Tensor y = torch::empty({m, size_n}, x.options());
+  torch::Tensor y = out.has_value() ? *out : torch::empty({m, size_n}, x.options());
   if (m == 0) return {y, ""};
 
   quick::GemmProblem problem{static_cast<int>(m), static_cast<int>(k), static_cast<int>(n),
@@ -267,9 +283,10 @@ pybind11::object ws_timeline() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "QUICK W4A16 GEMM (CUDA); use torch.ops.quick.gemm from vllm_quick.ops";
   module.def("gemm", &gemm, "(y, '') with y = x @ dequant(W) (+ bias) on the interleaved layout, or "
-             "(None, error); tile: an index into TILES, or -1 to let the kernel choose by M", pybind11::arg("x"), pybind11::arg("qweight"),
+             "(None, error); tile: an index into TILES, or -1 to let the kernel choose by M; out: y's storage, or None", pybind11::arg("x"), pybind11::arg("qweight"),
              pybind11::arg("qzeros"), pybind11::arg("scales"), pybind11::arg("bias"),
-             pybind11::arg("group_size"), pybind11::arg("size_n"), pybind11::arg("tile") = -1);
+             pybind11::arg("group_size"), pybind11::arg("size_n"), pybind11::arg("tile") = -1,
+             pybind11::arg("out") = pybind11::none());
   module.def("dequantize", &dequantize, "(dense [K, Np] weight in the given dtype, '') or (None, error)",
              pybind11::arg("qweight"), pybind11::arg("qzeros"), pybind11::arg("scales"),
              pybind11::arg("group_size"), pybind11::arg("dtype"));

@@ -49,6 +49,38 @@ def test_small_layers_take_their_own_plan(monkeypatch):
     assert dispatch.choose(100, torch.bfloat16, dev, weight_elements=big) == "x64"
 
 
+def test_row_split_sends_the_last_rows_to_their_own_tile(monkeypatch):
+    """A call planned on ws256 with M = 256 q + r (q >= 1), 0 < r <= 64 (128 on a layer of K x N >=
+    LARGE_LAYER_ELEMENTS), runs its last r rows on the plan's tile for M = r; not where r is 0 or
+    larger, not below M = 257, not on other paths, not where the rest would go to dequantise +
+    cuBLAS, and not with VLLM_QUICK_ROW_SPLIT=0."""
+    monkeypatch.setattr(dispatch, "_major", lambda device: 9)
+    monkeypatch.setattr(dispatch, "_env_plans", {})
+    monkeypatch.delenv(dispatch.ROW_SPLIT_ENV, raising=False)
+    monkeypatch.setitem(dispatch.PLANS, 9, {
+        torch.float16: ((16, "ws16"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
+        torch.bfloat16: ((64, "dequant_fp16"), (None, "ws256")),
+    })
+    dev = torch.device("cuda", 0)
+
+    def split(m, dtype=torch.float16):
+        return dispatch.row_split(m, dispatch.choose(m, dtype, dev), dtype, dev)
+
+    assert [split(m) for m in (257, 300, 320, 527, 575, 4100)] == [
+        (256, "ws16"), (256, "ws64b2"), (256, "ws64b2"), (512, "ws16"), (512, "ws64b2"), (4096, "ws16")]
+    assert [split(m) for m in (1, 128, 200, 256, 321, 384, 420, 512, 4096)] == [None] * 9
+    big = dispatch.LARGE_LAYER_ELEMENTS
+    rest_on_large = dispatch.choose(128, torch.float16, dev, weight_elements=big)  # (LARGE_LAYER_PLANS)
+    assert dispatch.row_split(384, "ws256", torch.float16, dev, weight_elements=big) == (256, rest_on_large)
+    assert dispatch.row_split(384, "ws256", torch.float16, dev, weight_elements=big - 1) is None
+    assert dispatch.row_split(420, "ws256", torch.float16, dev, weight_elements=big) is None  # r = 164
+    assert split(575, torch.bfloat16) is None  # its 63 rows would take dequant_fp16
+    assert split(600, torch.bfloat16) is None  # its 88 rows would take ws256 again
+    assert dispatch.row_split(575, "ws128", torch.float16, dev) is None  # only ws256 calls split
+    monkeypatch.setenv(dispatch.ROW_SPLIT_ENV, "0")
+    assert split(575) is None
+
+
 def test_unmeasured_gpu_family_lets_the_kernel_choose(monkeypatch):
     monkeypatch.setattr(dispatch, "_major", lambda device: 7)
     monkeypatch.setattr(dispatch, "_env_plans", {})
@@ -193,6 +225,11 @@ def test_describe_says_what_runs(monkeypatch):
                     "M >= 129: dequantise + cuBLAS; layers of K x N <= 25165824: M 1-64: tile s32m; "
                     "M >= 65: dequantise + cuBLAS; layers of K x N >= 78643200: M 1-128: tile ws128w4; "
                     "M >= 129: dequantise + cuBLAS (measured)")
+    # ws256 in a plan: the row split is named too (dispatch.row_split)
+    monkeypatch.setitem(dispatch.PLANS, 9, {torch.float16: ((128, "s64"), (None, "ws256"))})
+    assert dispatch.describe(torch.float16, dev).endswith(
+        "M = 256 q + r with 0 < r <= 64 (128 on the large layers) on ws256: the last r rows on the plan's "
+        "tile for M = r (measured)")
     monkeypatch.setattr(dispatch, "_major", lambda device: 8)
     assert dispatch.describe(torch.float16, dev).endswith("M >= 1: the kernel's own tile choice (not measured on this GPU family)")
 

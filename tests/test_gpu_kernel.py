@@ -478,6 +478,48 @@ def test_ws_copy_settings_keep_the_bits(kernel, monkeypatch, dtype_name, tile):
             assert torch.equal(other, y), f"{tile} {dtype_name} g={group_size}: {name}={value} changes y"
 
 
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_row_split_is_the_two_tiles_it_names(kernel, monkeypatch, dtype_name):
+    """Beyond M = 256 the op runs a small remainder of rows (M mod 256 <= 64 on this layer) on the
+    plan's tile for that many rows, and ws256 the rest (dispatch.row_split): its y must be exactly those two
+    tile calls' rows, bias included, and match the reference; with VLLM_QUICK_ROW_SPLIT=0 it is
+    one ws256 call. On sm_90, whose plans take ws256 there, the split must really happen (else
+    this would test nothing). Also: the binding's `out` argument refuses a wrong shape or dtype."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the row split follows sm_90's plans (ws256 beyond M = 128)")
+    from vllm_quick import dispatch
+
+    dtype = DTYPES[dtype_name]
+    dev = torch.device("cuda", torch.cuda.current_device())
+    k, n = 2048, 4160
+    w = make_weight(k, n, 128)
+    ws256 = TILES.index("ws256")
+    bias = random_x((n,), dtype, seed=zlib.crc32(f"row-split/bias/{dtype_name}".encode()))
+    for m, b in ((257, None), (300, bias), (320, None), (575, bias), (1100, None)):
+        what = f"{dtype_name} K={k} N={n} M={m} bias={b is not None}"
+        path = dispatch.choose(m, dtype, dev, weight_elements=k * n)
+        split = dispatch.row_split(m, path, dtype, dev, weight_elements=k * n)
+        assert path == "ws256" and split is not None and split[0] == m - m % 256, f"{what}: {path} {split}"
+        rows, rest = split
+        x = random_x((m, k), dtype, seed=zlib.crc32(f"row-split/{what}".encode()))
+        ref = x.float() @ w.w32 + (0 if b is None else b.float())
+        y = torch.ops.quick.gemm(x, w.qweight, w.qzeros, w.scales, b, w.group, n)
+        check_output(y, ref, dtype, f"row split {what} ({rows} rows ws256 + {m - rows} {rest})")
+        head = ops.kernel_gemm(x[:rows], w.qweight, w.qzeros, w.scales, b, w.group, n, ws256)
+        tail = ops.kernel_gemm(x[rows:], w.qweight, w.qzeros, w.scales, b, w.group, n, TILES.index(rest))
+        assert torch.equal(y[:rows], head) and torch.equal(y[rows:], tail), f"{what}: not the two tiles' rows"
+        monkeypatch.setenv(dispatch.ROW_SPLIT_ENV, "0")
+        whole = torch.ops.quick.gemm(x, w.qweight, w.qzeros, w.scales, b, w.group, n)
+        monkeypatch.delenv(dispatch.ROW_SPLIT_ENV)
+        assert torch.equal(whole, ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, b, w.group, n, ws256)), what
+        check_output(whole, ref, dtype, f"without the row split {what}")
+    x = random_x((40, k), dtype, seed=1)
+    for bad in (torch.empty((40, n + 2), dtype=dtype, device=dev), torch.empty((40, n), dtype=torch.float32, device=dev),
+                torch.empty((39, n), dtype=dtype, device=dev)):
+        with pytest.raises(ValueError, match="out must be"):
+            ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, n, ws256, out=bad)
+
+
 @pytest.mark.parametrize("tile", ["ws256", "ws8", "ws32w"])
 @pytest.mark.parametrize("x_scale", [1.0, 1e6, 1e-30, 1e30])
 def test_ws_tile_bf16_activation_range(kernel, x_scale, tile):

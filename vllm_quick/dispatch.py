@@ -329,6 +329,10 @@ def describe(dtype: torch.dtype, device: torch.device) -> str:
     large = None if from_env else LARGE_LAYER_PLANS.get(_major(device), {}).get(dtype)
     if large is not None:
         text += f"; layers of K x N >= {LARGE_LAYER_ELEMENTS}: " + _describe_plan(large)
+    shown = [plan] + [p for p in (small, large) if p is not None]
+    if os.environ.get(ROW_SPLIT_ENV) != "0" and any(path == ROW_SPLIT_TILE for p in shown for _, path in p):
+        text += (f"; M = {ROW_SPLIT_BLOCK_M} q + r with 0 < r <= {ROW_SPLIT_MAX_REST} ({ROW_SPLIT_MAX_REST_LARGE} on "
+                 f"the large layers) on {ROW_SPLIT_TILE}: the last r rows on the plan's tile for M = r")
     return text + f" ({source})"
 
 
@@ -357,6 +361,44 @@ def choose(m: int, dtype: torch.dtype, device: torch.device, weight_elements: in
 def choose_path(m: int, dtype: torch.dtype, device: torch.device, weight_elements: int | None = None) -> str:
     """``"kernel"`` or ``"dequant"`` (either dequantise + cuBLAS path) for a call with M rows."""
     return "dequant" if choose(m, dtype, device, weight_elements) in DEQUANT_PATHS else "kernel"
+
+
+# Row split (session 19). ws256, the plans' tile beyond M = 128, computes 256 rows per block, so a
+# call of M = 256 q + r rows with a small remainder r pays a whole row block of tensor-core work for
+# r rows: on the H100 at M = 384 it ran at 0.64-0.83x cuBLAS where it runs 0.86-1.40x at 256 and 512
+# (benchmarks/results/kernel_h100_s19_large_m_tiles.md). vLLM's mixed steps hit exactly that: a
+# 512-token prefill chunk beside the running decodes is M = 527 at concurrency 16 and 575 at 64,
+# and such steps take most of a serving run's GEMM time. So for a small r the op computes rows
+# [0, M - r) with ws256 and the last r rows with the plan's tile for M = r: one more pass over the
+# int4 weights (at that M the tile streams them) instead of the padded row block. Measured with and
+# without it on the 12 shapes (kernel_h100_s19_row_split.md, fp16 g128): r <= 64 (M = 272, 320,
+# 527, 575, 1088, 2112) 1.06-1.40x faster in geomean, the worst shape 0.97x; r = 128 (M = 384,
+# 640) 1.02-1.27x on the large layers but down to 0.77x on the small ones, whose padded row block
+# runs beside the others in a wave that does not fill the GPU anyway. Hence r <= 64 on every layer,
+# r <= 128 on layers of K x N >= LARGE_LAYER_ELEMENTS. VLLM_QUICK_ROW_SPLIT=0 turns it off (A/B
+# switch, read on every call).
+ROW_SPLIT_TILE = "ws256"
+ROW_SPLIT_BLOCK_M = 256
+ROW_SPLIT_MAX_REST = 64
+ROW_SPLIT_MAX_REST_LARGE = 128
+ROW_SPLIT_ENV = "VLLM_QUICK_ROW_SPLIT"
+
+
+def row_split(m: int, path: str, dtype: torch.dtype, device: torch.device,
+              weight_elements: int | None = None) -> tuple[int, str] | None:
+    """``(rows, rest_path)`` when a call of M rows planned on ``path`` should run rows [0, rows) on
+    it and the other M - rows on the kernel tile ``rest_path`` (the plan's for that many rows);
+    None to run the call whole."""
+    if path != ROW_SPLIT_TILE or m <= ROW_SPLIT_BLOCK_M or os.environ.get(ROW_SPLIT_ENV) == "0":
+        return None
+    rest = m % ROW_SPLIT_BLOCK_M
+    large = weight_elements is not None and weight_elements >= LARGE_LAYER_ELEMENTS
+    if rest == 0 or rest > (ROW_SPLIT_MAX_REST_LARGE if large else ROW_SPLIT_MAX_REST):
+        return None
+    rest_path = choose(rest, dtype, device, weight_elements)
+    if rest_path in DEQUANT_PATHS or rest_path in ("auto", path) or fp16_tile_of(rest_path) is not None:
+        return None
+    return m - rest, rest_path
 
 
 # "fp16:<tile>": bf16 activations moved exactly into fp16 (a power-of-two scale, as for

@@ -147,8 +147,19 @@ def _cuda_gemm(x, qweight, qzeros, scales, bias, group_size: int, size_n: int):
         tile = dispatch.tile_index(fp16_tile, kernel_extension().TILES)
         y = kernel_fp16_for_bf16(x2, qweight, qzeros, scales, bias, group_size, size_n, tile)
     else:
-        tile = dispatch.tile_index(fp16_tile or path, kernel_extension().TILES)
-        y = kernel_gemm(x2, qweight, qzeros, scales, bias, group_size, size_n, tile)
+        tiles = kernel_extension().TILES
+        split = None if fp16_tile else dispatch.row_split(x2.shape[0], path, x.dtype, x.device,
+                                                           weight_elements=x2.shape[1] * size_n)
+        if split is None:
+            y = kernel_gemm(x2, qweight, qzeros, scales, bias, group_size, size_n,
+                            dispatch.tile_index(fp16_tile or path, tiles))
+        else:  # the last few rows on a tile of their own (dispatch.row_split), into one y
+            rows, rest_path = split
+            y = x2.new_empty((x2.shape[0], size_n))
+            kernel_gemm(x2[:rows], qweight, qzeros, scales, bias, group_size, size_n,
+                        dispatch.tile_index(path, tiles), out=y[:rows])
+            kernel_gemm(x2[rows:], qweight, qzeros, scales, bias, group_size, size_n,
+                        dispatch.tile_index(rest_path, tiles), out=y[rows:])
     return y.reshape(*x.shape[:-1], size_n)
 
 
@@ -158,10 +169,12 @@ def _raise_if(error: str) -> None:
         raise (RuntimeError if "launch failed" in error else ValueError)(error)
 
 
-def kernel_gemm(x2, qweight, qzeros, scales, bias, group_size: int, size_n: int, tile: int = -1) -> torch.Tensor:
+def kernel_gemm(x2, qweight, qzeros, scales, bias, group_size: int, size_n: int, tile: int = -1,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """The QUICK kernel itself on a CUDA ``[M, K]`` x (``tile``: an index into
-    ``vllm_quick._C.TILES``, -1 = the kernel's own choice by M); ValueError on bad arguments."""
-    y, error = kernel_extension().gemm(x2, qweight, qzeros, scales, bias, group_size, size_n, tile)
+    ``vllm_quick._C.TILES``, -1 = the kernel's own choice by M), into ``out`` (a contiguous
+    ``[M, size_n]`` of x's dtype) when given; ValueError on bad arguments."""
+    y, error = kernel_extension().gemm(x2, qweight, qzeros, scales, bias, group_size, size_n, tile, out)
     _raise_if(error)
     return y
 
