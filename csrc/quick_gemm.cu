@@ -899,7 +899,7 @@ GemmPlan plan(const GemmProblem& pr, int device) {
       int forced_splits = ws_splits_setting();
       if (Cfg::kMmaSync && streamk == StreamK::kAuto && forced_splits == 0) {
         // ws8 / ws16 / ws16b2 / ws32b2: a tail split or one stream-K wave (quick_stream_k.cuh).
-        const SmallTileSchedule choice = small_tile_schedule(tiles, slots, total_stages);
+        const SmallTileSchedule choice = small_tile_schedule(tiles, slots, total_stages, pl.blocks_per_sm);
         forced_splits = choice.forced_splits;
         streamk = choice.streamk;
       }

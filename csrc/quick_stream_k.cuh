@@ -171,17 +171,21 @@ inline WsSchedule plan_ws_schedule(int tiles, int slots, int tile_tokens, int ti
 // fills at least 90% of the slots with blocks of under 32 stages; one wave otherwise. Within 3% of
 // the faster of the two on 191 of that run's 192 cases (4 tiles x 12 shapes x M = 1 / 8 / 16 /
 // 32; the other, 4096 x 12288 on ws32b2's 264 slots at M = 1, 8%), 1.00-1.03x one wave's time in
-// geomean; fitted on that run, not re-timed.
+// geomean; fitted on that run, not re-timed. Tiles of four blocks per SM (ws8w / ws16w) need only
+// 80%: a split that fills 85% of their slots still leaves every SM three blocks or more (session
+// 19, H100, ws16w at M = 16 on 4096 x 28672: 224 tiles split 2 ways on 528 slots 28.3 us, one wave
+// 31.7, results/kernel_h100_s19_ws16w_sched.md; the only one of the 12 shapes the change moves).
 struct SmallTileSchedule {
   int forced_splits;  // > 0: split each partial-wave tile into this many K ranges
   StreamK streamk;    // kAlways where forced_splits is 0
 };
-inline SmallTileSchedule small_tile_schedule(int tiles, int slots, int stages) {
+inline SmallTileSchedule small_tile_schedule(int tiles, int slots, int stages, int blocks_per_sm) {
   const int tail = tiles % slots;
   if (tail == 0) return {0, StreamK::kAlways};  // whole waves: nothing to share out
   const int s = slots / tail < 8 ? slots / tail : 8;
   const long long wave_share = static_cast<long long>(tail) * stages / slots;
-  const bool fills = static_cast<long long>(tail) * s * 10 >= 9LL * slots;
+  const long long fill_tenths = blocks_per_sm >= 4 ? 8 : 9;
+  const bool fills = static_cast<long long>(tail) * s * 10 >= fill_tenths * slots;
   if (s >= 2 && (wave_share < 6 || (fills && wave_share < 32))) return {s, StreamK::kAuto};
   return {0, StreamK::kAlways};
 }

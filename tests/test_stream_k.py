@@ -179,8 +179,8 @@ def test_forced_schedules(plans):
 
 # The small ws tiles' choice between a tail split and one stream-K wave (small_tile_schedule):
 # the 12 benchmark shapes at M <= 16 as 128-column tiles (N / 128 of them, one row block), with
-# K / 64 stages, on the H100's 396 slots of ws8 / ws16 (3 blocks per SM) and 264 of ws16b2 /
-# ws32b2 (2 per SM). Expected: the faster of the two forced in session 14's run
+# K / 64 stages, on the H100's 396 slots of ws8 / ws16 (3 blocks per SM), 264 of ws16b2 /
+# ws32b2 (2 per SM) and 528 of ws16w (4 per SM). Expected: the faster of the two forced in session 14's run
 # (results/kernel_h100_s14_sched_tiles.md, M = 1); the rule's one miss in that run (within 3% on
 # the other 191 cases) is 4096 x 12288 on 264 slots, where the wave lost 8% to a 2-way split.
 SMALL_TILE_CASES = [
@@ -201,6 +201,10 @@ SMALL_TILE_CASES = [
     ("4096x6144 ws16b2", 48, 64, 264, 5),    # 240 of 264, 12-stage shares: 11.6 vs 12.0
     ("8192x10240 ws16b2", 80, 128, 264, 0),  # 240 of 264, 39-stage shares: wave 24.4 vs 25.7
     ("whole waves", 264, 64, 264, 0),
+    # 4 blocks per SM (ws16w, 528 slots): a split needs to fill 80% only (session 19)
+    ("4096x28672 ws16w", 224, 64, 528, 2),   # 448 of 528: 28.3 vs 31.7 us at M = 16
+    ("4096x22016 ws16w", 172, 64, 528, 3),   # 516 of 528
+    ("4096x6144 ws16w", 48, 64, 528, 8),     # 384 of 528 (73%), but 5.8-stage wave shares: 11.2 us
 ]
 
 
@@ -211,7 +215,7 @@ def test_small_tile_schedule_choices(tmp_path):
 #include "quick_stream_k.cuh"
 using namespace quick;
 void run(const char* name, int tiles, int stages, int slots) {
-  const SmallTileSchedule c = small_tile_schedule(tiles, slots, stages);
+  const SmallTileSchedule c = small_tile_schedule(tiles, slots, stages, slots / 132);
   std::printf("%s|%d %d\n", name, c.forced_splits, c.streamk == StreamK::kAlways ? 1 : 0);
 }
 int main() {

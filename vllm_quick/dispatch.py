@@ -36,7 +36,7 @@ freeze it). The paths:
   per k-step (32 features) with one warpgroup per block (four blocks per SM, ``ws32w`` three).
   ``ws64w`` / ``ws128w`` (session 17) are ``ws64`` / ``ws128`` whose warps take two words per
   k-step: two wgmmas per k-step, one warpgroup per block (three / two blocks per SM).
-  The plans use ``ws8`` to M = 8, ``ws16`` to 16 and ``ws32w`` to 32; the partial wave is split
+  The plans use ``ws8`` to M = 8, ``ws16`` to 16 (``ws16w`` on fp16's large layers) and ``ws32w`` to 32; the partial wave is split
   along K or shared out by stream-K by ``small_tile_schedule`` (csrc/quick_stream_k.cuh).
   These ``mma.sync`` ws tiles multiply in the call's dtype (bf16 fragments of the exact
   ``q - z`` for bf16, since session 16); the wgmma ws tiles' fragments are fp16, so a bf16 x goes
@@ -222,10 +222,16 @@ SMALL_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {}
 # ws64w 1.02x) and the same sweep again (kernel_h100_s17_tiles_weight_map.json): on the large layers
 # ws64w 1.01-1.06 against ws64b2 1.04-1.06 at M = 40-64 (ahead at 48-64 by 1.5-4%, 1% behind at 40),
 # ws128w 1.01-1.02 against ws128w4 1.02-1.05 at 96-128, ws128w4 1.00-1.01 at 80 -> the same plans.
+# Session 19 (H100, kernel_h100_s19_small_m_tiles.md and kernel_h100_s19_ws16w_sched.md, fp16, M = 12
+# and 16): ws16w, one warpgroup of two words per warp at four blocks per SM, beat ws16 on five of
+# the six large layers (1.03-1.15x: 13824 .. 8192 x 57344), and on the sixth (4096 x 28672) once
+# small_tile_schedule split its 224 tiles two ways (80% of the slots suffice at four blocks per SM:
+# 28.3 against ws16's 30.7 us); on the small and mid layers ws16 stays (ws16w 0.93-1.04x) -> fp16's
+# large layers take ws16w from M = 9 to 16 (bf16 not measured: ws16 stays).
 LARGE_LAYER_ELEMENTS = 5120 * 15360
 LARGE_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
-        torch.float16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64w"), (80, "ws128w4"), (128, "ws128w"),
+        torch.float16: ((8, "ws8"), (16, "ws16w"), (32, "ws32w"), (64, "ws64w"), (80, "ws128w4"), (128, "ws128w"),
                         (None, "ws256")),
         torch.bfloat16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64w"), (80, "ws128w4"), (128, "ws128w"),
                          (None, "ws256")),
