@@ -61,6 +61,8 @@ PRESETS = {
         "4096x8192:g128:M24:bfloat16:bias",  # bf16 through ws32b2, bias
         "5120x15360:g128:M100:float16",  # a large layer: ws128w4 (four consumer warpgroups)
         "5120x15360:g32:M72:bfloat16:bias",  # ws128w4, bf16, group 32, bias
+        "4096x28672:g128:M16:float16",  # ws16w on a large layer, its 224 tiles split 2 ways (80% fill)
+        "5120x15360:g128:M575:float16:bias",  # row split: 512 rows ws256 + 63 rows ws64w, into one y
     ],
     # Run under VLLM_QUICK_WS_STREAMK=always (device_run.sh memcheck): the ws tiles' partial wave
     # as one full wave of stream-K blocks, blocks ending one tile and starting the next.
