@@ -331,8 +331,9 @@ WS_VARIANTS = {f"t{s}": {"VLLM_QUICK_WS_SPLITS": str(s)} for s in (1, 2, 3, 4, 6
 WS_VARIANTS.update(sk={"VLLM_QUICK_WS_STREAMK": "always"}, nosk={"VLLM_QUICK_WS_STREAMK": "0"},
                    nopdl={"VLLM_QUICK_PDL": "0"},  # without programmatic dependent launch
                    nowm={"VLLM_QUICK_WS_WEIGHT_MAP": "0"},  # weights by a bulk copy per k-tile row
-                   oldfix={"VLLM_QUICK_WS_LEAN_FIXUP": "0"},  # shared tiles' fix-up with every thread's fences
-                   nors={"VLLM_QUICK_ROW_SPLIT": "0"})  # the op without its row split (dispatch.row_split)
+                   oldfix={"VLLM_QUICK_WS_LEAN_FIXUP": "0"})  # shared tiles' fix-up with every thread's fences
+# Settings of the op alone (no tile of their own): quick_op_<variant> only.
+OP_VARIANTS = {**WS_VARIANTS, "nors": {"VLLM_QUICK_ROW_SPLIT": "0"}}  # without the row split (dispatch.row_split)
 WS_VARIANT_TILES = ("ws256", "ws128", "ws64", "ws64b2", "ws128w4", "ws16", "ws8", "ws16b2", "ws32b2", "ws8w",
                     "ws16w", "ws32w", "ws64w", "ws128w")
 TILE_VARIANTS.update(WS_VARIANTS)
@@ -342,7 +343,7 @@ for _tile, _variants in _VARIANTS_OF.items():
     for _variant in _variants:
         CALLS[f"quick_{_tile}_{_variant}"] = (f"quick_{_tile} with the environment {TILE_VARIANTS[_variant]} while "
                                               "it is called (and captured)")
-for _variant, _env in WS_VARIANTS.items():
+for _variant, _env in OP_VARIANTS.items():
     CALLS[f"quick_op_{_variant}"] = f"quick with the environment {_env} while it is called (and captured)"
 
 
@@ -391,11 +392,11 @@ class QuickTileBackend(QuickKernelBackend):
 
 
 class QuickOpVariantBackend(QuickBackend):
-    """The op as the plugin calls it (each M's planned tile) under a WS_VARIANTS setting:
-    "quick_op_<variant>", for A/B timings of a ws-tile setting across the plans."""
+    """The op as the plugin calls it (each M's planned tile) under an OP_VARIANTS setting (a ws-tile
+    setting or one of the op's own): "quick_op_<variant>", for A/B timings across the plans."""
 
     def __init__(self, variant: str):
-        self.env = WS_VARIANTS[variant]
+        self.env = OP_VARIANTS[variant]
         self.name = f"quick_op_{variant}"
 
     def run(self, state, x):
@@ -719,7 +720,7 @@ BACKENDS: dict[str, Backend] = {
         QuickDequantFp16Backend(),
         *(QuickTileBackend(t) for t in KERNEL_TILES),
         *(QuickTileBackend(t, v) for t, variants in _VARIANTS_OF.items() for v in variants),
-        *(QuickOpVariantBackend(v) for v in WS_VARIANTS),
+        *(QuickOpVariantBackend(v) for v in OP_VARIANTS),
         QuickFp16TileBackend("ws256"),
         CublasBackend(),
         AwqGemmBackend(),

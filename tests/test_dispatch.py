@@ -81,6 +81,43 @@ def test_row_split_sends_the_last_rows_to_their_own_tile(monkeypatch):
     assert split(575) is None
 
 
+def test_op_row_split_writes_both_tiles_rows_into_one_y(monkeypatch):
+    """The op's CUDA path on a ws256 call of M = 575 (ops._cuda_gemm, with a fake extension that
+    records its calls and fills its output with the tile's number): rows [0, 512) go to ws256 and
+    [512, 575) to the rest tile, each written into its rows of one y; with VLLM_QUICK_ROW_SPLIT=0
+    one ws256 call makes y."""
+    from vllm_quick import ops
+
+    calls = []
+
+    class FakeExtension:
+        TILES = ["ws64b2", "ws256"]
+
+        def gemm(self, x, qweight, qzeros, scales, bias, group_size, size_n, tile, out):
+            calls.append((x.shape[0], self.TILES[tile], out is not None))
+            y = out if out is not None else x.new_empty((x.shape[0], size_n))
+            y.fill_(tile + 1)
+            return y, ""
+
+    monkeypatch.setattr(ops, "kernel_extension", lambda: FakeExtension())
+    monkeypatch.setattr(dispatch, "_tile_index", {})
+    monkeypatch.setattr(dispatch, "_major", lambda device: 9)
+    monkeypatch.setattr(dispatch, "_env_plans", {})
+    monkeypatch.delenv(dispatch.ROW_SPLIT_ENV, raising=False)
+    monkeypatch.setitem(dispatch.PLANS, 9, {torch.float16: ((64, "ws64b2"), (None, "ws256"))})
+    k, n = 128, 64
+    x = torch.randn(575, k).half()
+    weights = (torch.zeros(k // 16, 1, 128, dtype=torch.int32), torch.zeros(1, 8, dtype=torch.int32),
+               torch.ones(1, n, dtype=torch.float16))
+    y = ops._cuda_gemm(x, *weights, None, 128, n)
+    assert calls == [(512, "ws256", True), (63, "ws64b2", True)]
+    assert y.shape == (575, n) and bool((y[:512] == 2).all()) and bool((y[512:] == 1).all())
+    calls.clear()
+    monkeypatch.setenv(dispatch.ROW_SPLIT_ENV, "0")
+    y = ops._cuda_gemm(x, *weights, None, 128, n)
+    assert calls == [(575, "ws256", False)] and bool((y == 2).all())
+
+
 def test_unmeasured_gpu_family_lets_the_kernel_choose(monkeypatch):
     monkeypatch.setattr(dispatch, "_major", lambda device: 7)
     monkeypatch.setattr(dispatch, "_env_plans", {})
