@@ -91,7 +91,7 @@ def test_op_row_split_writes_both_tiles_rows_into_one_y(monkeypatch):
     calls = []
 
     class FakeExtension:
-        TILES = ["ws64b2", "ws256"]
+        TILES = ("ws64b2", "ws256")
 
         def gemm(self, x, qweight, qzeros, scales, bias, group_size, size_n, tile, out):
             calls.append((x.shape[0], self.TILES[tile], out is not None))
