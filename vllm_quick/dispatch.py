@@ -65,6 +65,10 @@ dispatch_table.py prints that string too. bf16 never takes ``"dequant"`` or an `
 bf16 fragments: a dense bf16 weight rounds ``(q - z) * s`` to bf16, which costs ~2.3e-3 of
 relative error against the 2e-3 budget, while the ``x`` tiles keep the weights exact
 (layout.py) and ``s16m`` / ``s32m`` / the ws tiles round it once to fp16 (1.7e-3 measured).
+
+One call may take two tiles: where the plan gives ``ws256`` (256 rows per block) and M = 256 q + r
+with a small r, the op runs rows [0, 256 q) on ws256 and the last r rows on the plan's tile for
+M = r, into one output (``row_split``; vLLM's mixed prefill + decode steps, e.g. M = 575).
 """
 
 from __future__ import annotations
