@@ -145,11 +145,12 @@ def run_case(ext, k: int, n: int, m: int, dtype: torch.dtype, group: int, replay
     us_per_call = begin.elapsed_time(finish) * 1000 / replays / SLOTS
     tl = ext.ws_timeline()
     blocks = plan["blocks"]
+    pieces = tile_pieces(plan, k // 64)  # the same launch plan for every call
     calls = []
     for c in range(1, SLOTS):
         prev_end = float(tl[c - 1, :blocks, END].double().max()) / 1000
         next_start = float(tl[c + 1, :blocks, START].double().min()) / 1000 if c + 1 < SLOTS else None
-        calls.append(phases(tl, blocks, c, next_start, prev_end, layer_bytes, tile_pieces(plan, k // 64)))
+        calls.append(phases(tl, blocks, c, next_start, prev_end, layer_bytes, pieces))
     keys = set().union(*(c.keys() for c in calls))
     summary = {key: statistics.median(c[key] for c in calls if key in c) for key in keys}
     stamps = tl[1:, :blocks, :6].flatten().unique()  # sorted: the smallest step is the timer's resolution
