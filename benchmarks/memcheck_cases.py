@@ -45,7 +45,7 @@ PRESETS = {
         "512x200:g128:M7:bfloat16",  # padded N (200 -> 256): last tile partly written
         "1024x320:g64:M33:float16",  # M not a multiple of the M tile
         "512x192:g-1:M128:bfloat16",  # per-channel
-        "2048x512:g32:M300:float16",  # group 32 (two groups per k stage), M > 256
+        "2048x512:g32:M300:float16",  # group 32 (two groups per k stage), M > 256 (ws192, two row blocks)
         "4096x4096:g128:M1:bfloat16",  # x16 (bf16, small layer), split-K path
         "4096x4096:g128:M16:float16",  # ws16 (mma.sync behind the ws producer), K ranges or stream-K
         "2048x1024:g128:M256:bfloat16",  # large-M tile
@@ -56,13 +56,15 @@ PRESETS = {
         "2048x4160:g128:M1180:float16",  # ws256: 165 tiles, the last wave's 33 shared out along K
         "4096x8192:g128:M40:float16",  # ws64b2 (two blocks per SM), split K
         "2048x4096:g64:M50:float16:bias",  # ws64 on a small layer, bias
-        "2048x4160:g128:M300:bfloat16",  # bf16 through ws256: the per-row fp16 copy of x (quick_act_scale.cu)
+        "2048x4160:g128:M300:bfloat16",  # bf16 through ws192: the per-row fp16 copy of x (quick_act_scale.cu)
         "4096x8192:g128:M5:bfloat16",  # bf16 through ws8 (the same copy), stream-K
         "4096x8192:g128:M24:bfloat16:bias",  # bf16 through ws32b2, bias
         "5120x15360:g128:M100:float16",  # a large layer: ws128w4 (four consumer warpgroups)
         "5120x15360:g32:M72:bfloat16:bias",  # ws128w4, bf16, group 32, bias
         "4096x28672:g128:M16:float16",  # ws16w on a large layer, its 224 tiles split 2 ways (80% fill)
         "5120x15360:g128:M575:float16:bias",  # row split: 512 rows ws256 + 63 rows ws64w, into one y
+        "4096x14336:g128:M575:float16:bias",  # ws192: three row blocks of 192 (the last one row short), bias
+        "4096x6144:g32:M160:bfloat16",  # ws192, bf16, group 32, one partial row block, stream-K tail
     ],
     # Run under VLLM_QUICK_WS_STREAMK=always (device_run.sh memcheck): the ws tiles' partial wave
     # as one full wave of stream-K blocks, blocks ending one tile and starting the next.

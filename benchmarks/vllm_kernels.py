@@ -293,13 +293,13 @@ class QuickKernelBackend(QuickBackend):
 # The kernel's tile configurations, in the order of vllm_quick._C.TILES (csrc/quick_gemm.cu,
 # with_tile): "x" tiles keep exact integer fragments (fp16 and bf16), "s" tiles scale inside the
 # fragments (fp16 only), "w" tiles feed those fragments to Hopper's wgmma (fp16, sm_90 only), and
-# "w64x" feeds it the exact ones (fp16 and bf16, sm_90 only); "ws256" / "ws128" / "ws64" are the
-# warp-specialised wgmma tiles (TMA producer warpgroup, 256 / 128 / 64 tokens, sm_90 only; fp16
+# "w64x" feeds it the exact ones (fp16 and bf16, sm_90 only); "ws256" / "ws192" / "ws128" / "ws64" are the
+# warp-specialised wgmma tiles (TMA producer warpgroup, 256 / 192 / 128 / 64 tokens, sm_90 only; fp16
 # fragments, bf16 calls through an exact fp16 copy of x and a bf16 output). One backend per tile, "quick_<tile>", to
 # derive vllm_quick/dispatch.py.
 KERNEL_TILES = ("x16", "x32", "x64", "s16", "s32", "s64", "s128", "s16m", "s32m", "s64m", "w64", "w128", "w128n",
                 "w64x", "ws256", "ws128", "ws64", "ws64b2", "ws128w4", "ws16", "ws8", "ws16b2",
-                "ws32b2", "ws8w", "ws16w", "ws32w", "ws64w", "ws128w")
+                "ws32b2", "ws8w", "ws16w", "ws32w", "ws64w", "ws128w", "ws192")
 # Tiles with scaled fp16 fragments that take fp16 activations only: the kernel refuses bf16 for
 # them (ws256 takes bf16 through its fp16 copy of x).
 # (s16m and s32m take bf16 through an exact fp16 copy of x, like the ws tiles: not fp16 only.)
@@ -333,9 +333,10 @@ WS_VARIANTS.update(sk={"VLLM_QUICK_WS_STREAMK": "always"}, nosk={"VLLM_QUICK_WS_
                    nowm={"VLLM_QUICK_WS_WEIGHT_MAP": "0"},  # weights by a bulk copy per k-tile row
                    oldfix={"VLLM_QUICK_WS_LEAN_FIXUP": "0"})  # shared tiles' fix-up with every thread's fences
 # Settings of the op alone (no tile of their own): quick_op_<variant> only.
-OP_VARIANTS = {**WS_VARIANTS, "nors": {"VLLM_QUICK_ROW_SPLIT": "0"}}  # without the row split (dispatch.row_split)
+OP_VARIANTS = {**WS_VARIANTS, "nors": {"VLLM_QUICK_ROW_SPLIT": "0"},  # without the row split (dispatch.row_split)
+               "no192": {"VLLM_QUICK_WS192": "0"}}  # ws256 where the plans say ws192 (dispatch.WS192_ENV)
 WS_VARIANT_TILES = ("ws256", "ws128", "ws64", "ws64b2", "ws128w4", "ws16", "ws8", "ws16b2", "ws32b2", "ws8w",
-                    "ws16w", "ws32w", "ws64w", "ws128w")
+                    "ws16w", "ws32w", "ws64w", "ws128w", "ws192")
 TILE_VARIANTS.update(WS_VARIANTS)
 _VARIANTS_OF = {**{t: [v for v in TILE_VARIANTS if v not in WS_VARIANTS] for t in VARIANT_TILES},
                 **{t: list(WS_VARIANTS) for t in WS_VARIANT_TILES}}

@@ -726,6 +726,10 @@ struct WsConfig {
 //     -> wait carries twice the work (ncu, session 17: ws64b2 at M = 64 keeps the tensor pipe 31%
 //     busy and its DRAM 28%, its warps waiting on the chain). 3 blocks per SM for ws64w
 //     (consumers at 136 registers, 5 stages of 13 KB), 2 for ws128w (232 registers, 5 of 21 KB).
+//   ws192 (session 20): ws256 with 192 tokens per block (m64n192k16, 96 accumulator floats per
+//     consumer thread, 7 stages of 29 KB): three row blocks of 192 cover M = 576 (vLLM's mixed
+//     step at concurrency 64: 512 prefill tokens + 63 decodes), where ws256 pads a row block or
+//     takes a second launch for the remainder (the row split, vllm_quick/dispatch.py).
 // A tile the activation type does not support (the other scaled tiles for bf16) falls back to x64.
 template <typename T, typename F>
 auto with_tile(int tile, F&& f) {
@@ -759,6 +763,7 @@ auto with_tile(int tile, F&& f) {
     case kTileWS32W: return f.template operator()<WsConfig<1, 32, 8, T, 3, 2>>();
     case kTileWS64W: return f.template operator()<WsConfig<1, 64, 5, T, 3, 2>>();
     case kTileWS128W: return f.template operator()<WsConfig<1, 128, 5, T, 2, 2>>();
+    case kTileWS192: return f.template operator()<WsConfig<2, 192, 7, T>>();
     default: break;
   }
   return f.template operator()<Config<T, 2, 2, false, 1>>();  // kTileX64
@@ -798,7 +803,7 @@ const char* tile_name(int tile) {
                                                  "s16m", "s32m", "s64m", "w64", "w128", "w128n", "w64x",
                                                  "ws256", "ws128", "ws64", "ws64b2", "ws128w4",
                                                  "ws16", "ws8", "ws16b2", "ws32b2", "ws8w", "ws16w", "ws32w",
-                                                 "ws64w", "ws128w"};
+                                                 "ws64w", "ws128w", "ws192"};
   return tile >= 0 && tile < kTileCount ? kNames[tile] : "auto";
 }
 

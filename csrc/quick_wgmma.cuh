@@ -111,18 +111,21 @@ __device__ __forceinline__ uint64_t sw128_kmajor_desc(uint32_t smem_addr) {
 #define QUICK_WGMMA_RS_N128(TYPE) \
   QUICK_WGMMA_RS("m64n128k16", TYPE, QUICK_WGMMA_R0 ", " QUICK_WGMMA_R32, "{%64, %65, %66, %67}, %68", \
                  QUICK_WGMMA_D32(0), QUICK_WGMMA_D32(32))
+#define QUICK_WGMMA_RS_N192(TYPE) \
+  QUICK_WGMMA_RS("m64n192k16", TYPE, QUICK_WGMMA_R0 ", " QUICK_WGMMA_R32 ", " QUICK_WGMMA_R64, "{%96, %97, %98, %99}, %100", \
+                 QUICK_WGMMA_D32(0), QUICK_WGMMA_D32(32), QUICK_WGMMA_D32(64))
 #define QUICK_WGMMA_RS_N256(TYPE) \
   QUICK_WGMMA_RS("m64n256k16", TYPE, QUICK_WGMMA_R0 ", " QUICK_WGMMA_R32 ", " QUICK_WGMMA_R64 ", " QUICK_WGMMA_R96, \
                  "{%128, %129, %130, %131}, %132", QUICK_WGMMA_D32(0), QUICK_WGMMA_D32(32), QUICK_WGMMA_D32(64), \
                  QUICK_WGMMA_D32(96))
 
-// D[64 x N] += A[64 x 16] * B[16 x N] for N = 64, 128 or 256 tokens, fp16 or bf16 in, fp32
+// D[64 x N] += A[64 x 16] * B[16 x N] for N = 64, 128, 192 or 256 tokens, fp16 or bf16 in, fp32
 // accumulate; A from registers (each warp of the warpgroup holds 16 rows in the mma.m16n8k16
 // A-fragment layout), B from shared memory. D: warp w, lane l holds rows 16 w + l / 4 (+ 8 for
 // d[4 i + 2], d[4 i + 3]) and columns 8 i + 2 (l % 4) + {0, 1}.
 template <typename T, int kN>
 __device__ __forceinline__ void wgmma_rs(float (&d)[kN / 2], const uint32_t (&a)[4], uint64_t desc_b) {
-  static_assert(kN == 64 || kN == 128 || kN == 256, "wgmma tiles use 64, 128 or 256 tokens");
+  static_assert(kN == 64 || kN == 128 || kN == 192 || kN == 256, "wgmma tiles use 64, 128, 192 or 256 tokens");
 #if QUICK_WGMMA
   constexpr bool kHalf = std::is_same_v<T, __half>;
   if constexpr (kN == 64 && kHalf) {
@@ -133,6 +136,10 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[kN / 2], const uint32_t (&a)
     QUICK_WGMMA_RS_N128("f16");
   } else if constexpr (kN == 128) {
     QUICK_WGMMA_RS_N128("bf16");
+  } else if constexpr (kN == 192 && kHalf) {
+    QUICK_WGMMA_RS_N192("f16");
+  } else if constexpr (kN == 192) {
+    QUICK_WGMMA_RS_N192("bf16");
   } else if constexpr (kHalf) {
     QUICK_WGMMA_RS_N256("f16");
   } else {
@@ -144,6 +151,7 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[kN / 2], const uint32_t (&a)
 }
 #undef QUICK_WGMMA_RS_N64
 #undef QUICK_WGMMA_RS_N128
+#undef QUICK_WGMMA_RS_N192
 #undef QUICK_WGMMA_RS_N256
 #undef QUICK_WGMMA_RS
 #undef QUICK_WGMMA_R0

@@ -81,6 +81,37 @@ def test_row_split_sends_the_last_rows_to_their_own_tile(monkeypatch):
     assert split(575) is None
 
 
+def test_shipped_sm90_plans_take_ws192_where_it_pads_less(monkeypatch):
+    """sm_90's shipped plans (session 20's measurement): ws192 from M = 129 to 192 on every layer,
+    and from 257 to 384 and 513 to 576 below LARGE_LAYER_ELEMENTS (three blocks of 192 rows hold
+    vLLM's mixed step M = 575, where ws256 needs two blocks and a row split); ws256 where ws192
+    would pad as much or more. VLLM_QUICK_WS192=0 runs ws256 wherever the plan says ws192, and the
+    row split then applies as before."""
+    monkeypatch.setattr(dispatch, "_major", lambda device: 9)
+    monkeypatch.setattr(dispatch, "_env_plans", {})
+    monkeypatch.delenv(dispatch.WS192_ENV, raising=False)
+    monkeypatch.delenv(dispatch.ROW_SPLIT_ENV, raising=False)
+    dev = torch.device("cuda", 0)
+    mid, big = 4096 * 14336, dispatch.LARGE_LAYER_ELEMENTS
+    ms = (128, 129, 192, 193, 256, 257, 384, 385, 512, 513, 527, 575, 576, 577, 1024)
+    for dtype in (torch.float16, torch.bfloat16):
+        on_mid = [dispatch.choose(m, dtype, dev, weight_elements=mid) for m in ms]
+        assert on_mid == ["ws128", "ws192", "ws192", "ws256", "ws256", "ws192", "ws192", "ws256", "ws256", "ws192",
+                          "ws192", "ws192", "ws192", "ws256", "ws256"], dtype
+        on_large = [dispatch.choose(m, dtype, dev, weight_elements=big) for m in ms]
+        assert on_large == ["ws128w", "ws192", "ws192"] + ["ws256"] * 12, dtype
+        assert dispatch.choose(16, dtype, dev, weight_elements=big) == "ws16w", dtype
+        assert dispatch.choose(16, dtype, dev, weight_elements=mid) == "ws16", dtype
+        # ws192 calls are never row-split; ws256's still are
+        assert dispatch.row_split(575, dispatch.choose(575, dtype, dev, weight_elements=mid), dtype, dev,
+                                  weight_elements=mid) is None
+        assert dispatch.row_split(575, "ws256", dtype, dev, weight_elements=big) == (512, "ws64w")
+    monkeypatch.setenv(dispatch.WS192_ENV, "0")
+    assert [dispatch.choose(m, torch.float16, dev, weight_elements=mid) for m in (160, 300, 575)] == ["ws256"] * 3
+    assert dispatch.row_split(575, dispatch.choose(575, torch.float16, dev, weight_elements=mid), torch.float16, dev,
+                              weight_elements=mid) == (512, "ws64b2")
+
+
 def test_op_row_split_writes_both_tiles_rows_into_one_y(monkeypatch):
     """The op's CUDA path on a ws256 call of M = 575 (ops._cuda_gemm, with a fake extension that
     records its calls and fills its output with the tile's number): rows [0, 512) go to ws256 and
@@ -279,7 +310,7 @@ def test_shipped_plans_are_well_formed(table):
     fp16 rounding of (q - z) * s, 1.7e-3 measured); another s tile or a dense bf16 weight rounds
     (q - z) * s to bf16, ~2.3e-3 of error. "fp16:" paths name a tile and appear in bf16 plans only."""
     exact_bf16 = {"x16", "x32", "x64", "w64x", "ws256", "ws128", "ws64", "ws64b2", "ws128w4", "ws16", "ws8", "ws16b2", "ws32b2", "ws8w", "ws16w",
-                  "ws32w", "ws64w", "ws128w", "s16m", "s32m",
+                  "ws32w", "ws64w", "ws128w", "ws192", "s16m", "s32m",
                   "dequant_fp16",
                   "auto"}
     for family, plans in getattr(dispatch, table).items():

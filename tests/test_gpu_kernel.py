@@ -334,7 +334,7 @@ def test_every_tile(kernel, tile, dtype_name, group_size):
 
 
 WS_TILES = ["ws256", "ws128", "ws64", "ws64b2", "ws128w4", "ws16", "ws8", "ws16b2", "ws32b2", "ws8w", "ws16w", "ws32w",
-            "ws64w", "ws128w"]
+            "ws64w", "ws128w", "ws192"]
 
 
 @pytest.mark.parametrize("tile", WS_TILES)
@@ -450,7 +450,7 @@ def test_ws_tile_repeats_give_the_same_bits(kernel, monkeypatch, dtype_name, til
             assert not differ, f"{what}: calls {differ} differ from the first"
 
 
-@pytest.mark.parametrize("tile", ["ws8", "ws32w", "ws64b2", "ws128w", "ws256"])
+@pytest.mark.parametrize("tile", ["ws8", "ws32w", "ws64b2", "ws128w", "ws192", "ws256"])
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 def test_ws_copy_settings_keep_the_bits(kernel, monkeypatch, dtype_name, tile):
     """How the ws tiles move data must not change a bit of y: the weights by one 2-D TMA copy per
@@ -463,7 +463,7 @@ def test_ws_copy_settings_keep_the_bits(kernel, monkeypatch, dtype_name, tile):
     dtype = DTYPES[dtype_name]
     index = TILES.index(tile)
     k, n = 4096, 4160
-    m = {"ws8": 5, "ws32w": 29, "ws64b2": 61, "ws128w": 125, "ws256": 253}[tile]  # a partial row block
+    m = {"ws8": 5, "ws32w": 29, "ws64b2": 61, "ws128w": 125, "ws192": 189, "ws256": 253}[tile]  # a partial row block
     monkeypatch.setenv("VLLM_QUICK_WS_STREAMK", "always")
     for group_size in (32, 128):
         w = make_weight(k, n, group_size)
@@ -476,6 +476,36 @@ def test_ws_copy_settings_keep_the_bits(kernel, monkeypatch, dtype_name, tile):
             other = ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, None, w.group, n, index)
             monkeypatch.delenv(name)
             assert torch.equal(other, y), f"{tile} {dtype_name} g={group_size}: {name}={value} changes y"
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_op_runs_ws192_where_the_plan_says(kernel, monkeypatch, dtype_name):
+    """sm_90's plans give ws192 at M = 129-192, 257-384 and 513-576 on a mid-sized layer: the op's y
+    is then exactly one ws192 call's (bias included) and matches the reference; with
+    VLLM_QUICK_WS192=0 it is ws256's (row-split where the remainder is small)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("ws192 is in sm_90's plans only")
+    from vllm_quick import dispatch
+
+    dtype = DTYPES[dtype_name]
+    dev = torch.device("cuda", torch.cuda.current_device())
+    k, n = 2048, 4160
+    w = make_weight(k, n, 128)
+    ws192, ws256 = TILES.index("ws192"), TILES.index("ws256")
+    bias = random_x((n,), dtype, seed=zlib.crc32(f"ws192/bias/{dtype_name}".encode()))
+    for m, b in ((129, None), (192, bias), (300, None), (575, bias)):
+        what = f"{dtype_name} K={k} N={n} M={m} bias={b is not None}"
+        assert dispatch.choose(m, dtype, dev, weight_elements=k * n) == "ws192", what
+        x = random_x((m, k), dtype, seed=zlib.crc32(f"ws192/{what}".encode()))
+        y = torch.ops.quick.gemm(x, w.qweight, w.qzeros, w.scales, b, w.group, n)
+        check_output(y, x.float() @ w.w32 + (0 if b is None else b.float()), dtype, f"op on ws192 {what}")
+        assert torch.equal(y, ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, b, w.group, n, ws192)), what
+        monkeypatch.setenv(dispatch.WS192_ENV, "0")
+        other = torch.ops.quick.gemm(x, w.qweight, w.qzeros, w.scales, b, w.group, n)
+        monkeypatch.delenv(dispatch.WS192_ENV)
+        if dispatch.row_split(m, "ws256", dtype, dev, weight_elements=k * n) is None:
+            assert torch.equal(other, ops.kernel_gemm(x, w.qweight, w.qzeros, w.scales, b, w.group, n, ws256)), what
+        check_output(other, x.float() @ w.w32 + (0 if b is None else b.float()), dtype, f"op without ws192 {what}")
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
@@ -495,7 +525,8 @@ def test_row_split_is_the_two_tiles_it_names(kernel, monkeypatch, dtype_name):
     w = make_weight(k, n, 128)
     ws256 = TILES.index("ws256")
     bias = random_x((n,), dtype, seed=zlib.crc32(f"row-split/bias/{dtype_name}".encode()))
-    for m, b in ((257, None), (300, bias), (320, None), (575, bias), (1080, None)):
+    # (M = 257-384 and 513-576 take ws192 on this layer since session 20: no ws256 there to split)
+    for m, b in ((769, None), (800, bias), (832, None), (1080, bias), (1088, None)):
         what = f"{dtype_name} K={k} N={n} M={m} bias={b is not None}"
         path = dispatch.choose(m, dtype, dev, weight_elements=k * n)
         split = dispatch.row_split(m, path, dtype, dev, weight_elements=k * n)

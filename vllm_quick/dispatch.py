@@ -6,7 +6,7 @@ freeze it). The paths:
 * a **kernel tile** (``"x16"``, ``"x32"``, ``"x64"``, ``"s16"``, ``"s32"``, ``"s64"``,
   ``"s128"``, ``"s16m"``, ``"s32m"``, ``"s64m"``, ``"w64"``, ``"w128"``, ``"w128n"``, ``"w64x"``,
   ``"ws256"``, ``"ws128"``, ``"ws64"``, ``"ws64b2"``, ``"ws128w4"``, ``"ws16"``, ``"ws8"``, ``"ws16b2"``,
-  ``"ws32b2"``, ``"ws8w"``, ``"ws16w"``, ``"ws32w"``, ``"ws64w"``, ``"ws128w"``;
+  ``"ws32b2"``, ``"ws8w"``, ``"ws16w"``, ``"ws32w"``, ``"ws64w"``, ``"ws128w"``, ``"ws192"``;
   ``vllm_quick._C.TILES``, described in csrc/quick_gemm.cu, ``with_tile``): the QUICK kernel
   streaming int4 weights, with that many rows per thread block. ``x`` tiles keep the exact
   integers ``q - z`` in the mma fragments and scale per group in fp32 (fp16 and bf16); ``s``
@@ -21,9 +21,10 @@ freeze it). The paths:
   ``w64x`` (fp16 and bf16, sm_90 only) feeds the exact fragments to wgmma with per-group fp32
   scaling (in no plan since session 11);
   ``ws256`` (sm_90 only) is the warp-specialised wgmma tile (a TMA producer warpgroup
-  feeding two consumer warpgroups, 256 tokens per block): fp16's tile from M = 129 to 4096,
-  and bf16's from M = 129 on; ``ws128`` is the same tile with 128 tokens per block, both
-  dtypes' tile from M = 65 to 128, and ``ws64`` has 64 tokens (in no plan since session 12);
+  feeding two consumer warpgroups, 256 tokens per block): both dtypes' tile beyond M = 192
+  where ``ws192`` (the same with 192 tokens, session 20) does not pad less: ``ws192`` takes
+  M = 129-192 on every layer and 257-384 and 513-576 below LARGE_LAYER_ELEMENTS; ``ws128`` is
+  the same tile with 128 tokens per block, both dtypes' tile from M = 65 to 128, and ``ws64`` has 64 tokens (in no plan since session 12);
   ``ws64b2`` is ws64 at two blocks per SM (both dtypes' from M = 33 to 64); ``ws128w4`` is ws128
   with four consumer warpgroups over 256 columns (both dtypes' from M = 65 to 80 on the large
   layers, K x N >= LARGE_LAYER_ELEMENTS); ``ws64w`` / ``ws128w`` take the large layers' M = 33-64 /
@@ -36,7 +37,7 @@ freeze it). The paths:
   per k-step (32 features) with one warpgroup per block (four blocks per SM, ``ws32w`` three).
   ``ws64w`` / ``ws128w`` (session 17) are ``ws64`` / ``ws128`` whose warps take two words per
   k-step: two wgmmas per k-step, one warpgroup per block (three / two blocks per SM).
-  The plans use ``ws8`` to M = 8, ``ws16`` to 16 (``ws16w`` on fp16's large layers) and ``ws32w`` to 32; the partial wave is split
+  The plans use ``ws8`` to M = 8, ``ws16`` to 16 (``ws16w`` on the large layers) and ``ws32w`` to 32; the partial wave is split
   along K or shared out by stream-K by ``small_tile_schedule`` (csrc/quick_stream_k.cuh).
   These ``mma.sync`` ws tiles multiply in the call's dtype (bf16 fragments of the exact
   ``q - z`` for bf16, since session 16); the wgmma ws tiles' fragments are fp16, so a bf16 x goes
@@ -159,8 +160,10 @@ Plan = tuple[tuple[int | None, str], ...]
 # 15.3 against 16.7 us) -> ws8 from M = 1 on every layer class, both dtypes.
 PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
-        torch.float16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
-        torch.bfloat16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128"), (None, "ws256")),
+        torch.float16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128"), (192, "ws192"),
+                        (256, "ws256"), (384, "ws192"), (512, "ws256"), (576, "ws192"), (None, "ws256")),
+        torch.bfloat16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128"), (192, "ws192"),
+                         (256, "ws256"), (384, "ws192"), (512, "ws256"), (576, "ws192"), (None, "ws256")),
     },
 }
 # Session 11: the ws tiles' bf16 copy of x into fp16 is one kernel per call (per-row powers of
@@ -236,11 +239,30 @@ LARGE_LAYER_ELEMENTS = 5120 * 15360
 LARGE_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
         torch.float16: ((8, "ws8"), (16, "ws16w"), (32, "ws32w"), (64, "ws64w"), (80, "ws128w4"), (128, "ws128w"),
-                        (None, "ws256")),
-        torch.bfloat16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64w"), (80, "ws128w4"), (128, "ws128w"),
-                         (None, "ws256")),
+                        (192, "ws192"), (None, "ws256")),
+        torch.bfloat16: ((8, "ws8"), (16, "ws16w"), (32, "ws32w"), (64, "ws64w"), (80, "ws128w4"), (128, "ws128w"),
+                         (192, "ws192"), (None, "ws256")),
     },
 }
+# ws192 (session 20): ws256 with 192 tokens per block. H100, benchmarks/results/
+# kernel_h100_s20_ws192_tiles.md (fp16 g128, 12 shapes, M = 144-4096; the op as it was, ws256 with
+# the row split, against ws192 at every M), op time / ws192 time per layer class:
+#   M = 144 / 160 / 192 (one row block of 192 against one of 256): 1.19-1.59 / 1.15-1.42 /
+#     1.07-1.30 on every layer -> ws192 from M = 129 to 192 on all of them;
+#   M = 288 / 320 / 384 (two blocks of 192 against ws256 + the row split, or two of 256): the small
+#     and mid layers 0.91-1.30 / 1.04-1.41 / 1.09-1.29 (llama2-7b.qkv at 288 the one loss), the
+#     large ones 0.85-1.10 -> ws192 from M = 257 to 384 below LARGE_LAYER_ELEMENTS;
+#   M = 527 / 575 (three blocks of 192 against two of 256 + the row split: vLLM's mixed steps at
+#     concurrency 16 and 64): small and mid layers 1.03-1.16 / 1.05-1.18, large ones 0.85-1.17 ->
+#     ws192 from M = 513 to 576 below LARGE_LAYER_ELEMENTS;
+#   where ws192 pads no less than ws256 (M = 224-256, 400-512, 640-768) or at M >= 1024 it loses
+#     (0.62-0.97 in geomean): ws256 stays. VLLM_QUICK_WS192=0 runs ws256 wherever a plan says ws192
+#     (A/B switch, read on every call; bench variant quick_op_no192).
+# bf16's large layers at M = 9-16 take ws16w like fp16's (kernel_h100_s20_bf16_ws16w.md: ws16 time
+# / ws16w time 1.02 / 1.02 / 1.02 in geomean over the six large layers at M = 9 / 12 / 16,
+# 0.98-1.05 per layer; the mid and small layers 0.89-0.99, so they keep ws16).
+WS192_ENV = "VLLM_QUICK_WS192"
+WS192_FALLBACK = "ws256"
 # Families not measured yet: the kernel's own choice everywhere (always correct, maybe not fastest).
 DEFAULT_PLAN: Plan = ((None, "auto"),)
 
@@ -364,7 +386,7 @@ def choose(m: int, dtype: torch.dtype, device: torch.device, weight_elements: in
     ``"dequant"``, a tile name, or ``"auto"``."""
     for max_m, path in plan_for(dtype, device, weight_elements):
         if max_m is None or m <= max_m:
-            return path
+            return WS192_FALLBACK if path == "ws192" and os.environ.get(WS192_ENV) == "0" else path
     return "auto"  # a plan without a final (None, ...) entry: let the kernel choose
 
 
