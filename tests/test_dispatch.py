@@ -83,23 +83,27 @@ def test_row_split_sends_the_last_rows_to_their_own_tile(monkeypatch):
 
 def test_shipped_sm90_plans_take_ws192_where_it_pads_less(monkeypatch):
     """sm_90's shipped plans (session 20's measurement): ws192 from M = 129 to 192 on every layer,
-    and from 257 to 384 and 513 to 576 below LARGE_LAYER_ELEMENTS (three blocks of 192 rows hold
+    and from 273 to 384 and 529 to 576 below LARGE_LAYER_ELEMENTS (three blocks of 192 rows hold
     vLLM's mixed step M = 575, where ws256 needs two blocks and a row split); ws256 where ws192
-    would pad as much or more. VLLM_QUICK_WS192=0 runs ws256 wherever the plan says ws192, and the
-    row split then applies as before."""
+    would pad as much or more, or where the row split leaves ws256 a rest of up to 16 rows.
+    VLLM_QUICK_WS192=0 runs ws256 wherever the plan says ws192, and the row split then applies as
+    before."""
     monkeypatch.setattr(dispatch, "_major", lambda device: 9)
     monkeypatch.setattr(dispatch, "_env_plans", {})
     monkeypatch.delenv(dispatch.WS192_ENV, raising=False)
     monkeypatch.delenv(dispatch.ROW_SPLIT_ENV, raising=False)
     dev = torch.device("cuda", 0)
     mid, big = 4096 * 14336, dispatch.LARGE_LAYER_ELEMENTS
-    ms = (128, 129, 192, 193, 256, 257, 384, 385, 512, 513, 527, 575, 576, 577, 1024)
+    ms = (128, 129, 192, 193, 256, 257, 272, 273, 384, 385, 512, 513, 528, 529, 575, 576, 577, 1024)
     for dtype in (torch.float16, torch.bfloat16):
         on_mid = [dispatch.choose(m, dtype, dev, weight_elements=mid) for m in ms]
-        assert on_mid == ["ws128", "ws192", "ws192", "ws256", "ws256", "ws192", "ws192", "ws256", "ws256", "ws192",
-                          "ws192", "ws192", "ws192", "ws256", "ws256"], dtype
+        assert on_mid == ["ws128", "ws192", "ws192", "ws256", "ws256", "ws256", "ws256", "ws192", "ws192", "ws256",
+                          "ws256", "ws256", "ws256", "ws192", "ws192", "ws192", "ws256", "ws256"], dtype
         on_large = [dispatch.choose(m, dtype, dev, weight_elements=big) for m in ms]
-        assert on_large == ["ws128w", "ws192", "ws192"] + ["ws256"] * 12, dtype
+        assert on_large == ["ws128w", "ws192", "ws192"] + ["ws256"] * 15, dtype
+        # ws256's short rests keep the row split: 257 = 256 + 1, 527 = 512 + 15
+        assert dispatch.row_split(257, "ws256", dtype, dev, weight_elements=mid) == (256, "ws8")
+        assert dispatch.row_split(527, "ws256", dtype, dev, weight_elements=mid) == (512, "ws16")
         assert dispatch.choose(16, dtype, dev, weight_elements=big) == "ws16w", dtype
         assert dispatch.choose(16, dtype, dev, weight_elements=mid) == "ws16", dtype
         # ws192 calls are never row-split; ws256's still are

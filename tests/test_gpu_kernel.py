@@ -480,7 +480,7 @@ def test_ws_copy_settings_keep_the_bits(kernel, monkeypatch, dtype_name, tile):
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 def test_op_runs_ws192_where_the_plan_says(kernel, monkeypatch, dtype_name):
-    """sm_90's plans give ws192 at M = 129-192, 257-384 and 513-576 on a mid-sized layer: the op's y
+    """sm_90's plans give ws192 at M = 129-192, 273-384 and 529-576 on a mid-sized layer: the op's y
     is then exactly one ws192 call's (bias included) and matches the reference; with
     VLLM_QUICK_WS192=0 it is ws256's (row-split where the remainder is small)."""
     if torch.cuda.get_device_capability() != (9, 0):

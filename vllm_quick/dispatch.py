@@ -23,7 +23,7 @@ freeze it). The paths:
   ``ws256`` (sm_90 only) is the warp-specialised wgmma tile (a TMA producer warpgroup
   feeding two consumer warpgroups, 256 tokens per block): both dtypes' tile beyond M = 192
   where ``ws192`` (the same with 192 tokens, session 20) does not pad less: ``ws192`` takes
-  M = 129-192 on every layer and 257-384 and 513-576 below LARGE_LAYER_ELEMENTS; ``ws128`` is
+  M = 129-192 on every layer and 273-384 and 529-576 below LARGE_LAYER_ELEMENTS; ``ws128`` is
   the same tile with 128 tokens per block, both dtypes' tile from M = 65 to 128, and ``ws64`` has 64 tokens (in no plan since session 12);
   ``ws64b2`` is ws64 at two blocks per SM (both dtypes' from M = 33 to 64); ``ws128w4`` is ws128
   with four consumer warpgroups over 256 columns (both dtypes' from M = 65 to 80 on the large
@@ -161,9 +161,9 @@ Plan = tuple[tuple[int | None, str], ...]
 PLANS: dict[int, dict[torch.dtype, Plan]] = {
     9: {
         torch.float16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128"), (192, "ws192"),
-                        (256, "ws256"), (384, "ws192"), (512, "ws256"), (576, "ws192"), (None, "ws256")),
+                        (272, "ws256"), (384, "ws192"), (528, "ws256"), (576, "ws192"), (None, "ws256")),
         torch.bfloat16: ((8, "ws8"), (16, "ws16"), (32, "ws32w"), (64, "ws64b2"), (128, "ws128"), (192, "ws192"),
-                         (256, "ws256"), (384, "ws192"), (512, "ws256"), (576, "ws192"), (None, "ws256")),
+                         (272, "ws256"), (384, "ws192"), (528, "ws256"), (576, "ws192"), (None, "ws256")),
     },
 }
 # Session 11: the ws tiles' bf16 copy of x into fp16 is one kernel per call (per-row powers of
@@ -251,13 +251,21 @@ LARGE_LAYER_PLANS: dict[int, dict[torch.dtype, Plan]] = {
 #     1.07-1.30 on every layer -> ws192 from M = 129 to 192 on all of them;
 #   M = 288 / 320 / 384 (two blocks of 192 against ws256 + the row split, or two of 256): the small
 #     and mid layers 0.91-1.30 / 1.04-1.41 / 1.09-1.29 (llama2-7b.qkv at 288 the one loss), the
-#     large ones 0.85-1.10 -> ws192 from M = 257 to 384 below LARGE_LAYER_ELEMENTS;
+#     large ones 0.85-1.10 -> ws192 up to M = 384 below LARGE_LAYER_ELEMENTS;
 #   M = 527 / 575 (three blocks of 192 against two of 256 + the row split: vLLM's mixed steps at
 #     concurrency 16 and 64): small and mid layers 1.03-1.16 / 1.05-1.18, large ones 0.85-1.17 ->
-#     ws192 from M = 513 to 576 below LARGE_LAYER_ELEMENTS;
+#     ws192 up to M = 576 below LARGE_LAYER_ELEMENTS;
 #   where ws192 pads no less than ws256 (M = 224-256, 400-512, 640-768) or at M >= 1024 it loses
-#     (0.62-0.97 in geomean): ws256 stays. VLLM_QUICK_WS192=0 runs ws256 wherever a plan says ws192
-#     (A/B switch, read on every call; bench variant quick_op_no192).
+#     (0.62-0.97 in geomean): ws256 stays.
+# Then the plans with ws192 against the same plans without it, both dtypes (kernel_h100_s20_ws192_plan.md,
+# op time without / with, geomean of the six small and mid layers, fp16 / bf16): M = 129-192
+# 1.17-1.36 / 1.17-1.33 (all 12 shapes); 288 / 320 / 384 1.10 / 1.14 / 1.18 and 1.10 / 1.21 / 1.19;
+# 575 / 576 1.08 / 1.09 and 1.18 / 1.17; but where the row split leaves ws256 only a few rows, ws192's
+# padded third of a block costs more: 257 0.96 / 0.98, 513 0.99 / 1.01, 527 1.02 / 1.04 (Llama-3-8B's
+# qkv and down 0.94-0.99) -> ws256 with the row split keeps M = 257-272 and 513-528 (a rest of up to
+# 16 rows). ws192 rows split the same way (two blocks + the rest) lost (0.81-1.10, estimated from the
+# tiles' times). VLLM_QUICK_WS192=0 runs ws256 wherever a plan says ws192 (A/B switch, read on every
+# call; bench variant quick_op_no192).
 # bf16's large layers at M = 9-16 take ws16w like fp16's (kernel_h100_s20_bf16_ws16w.md: ws16 time
 # / ws16w time 1.02 / 1.02 / 1.02 in geomean over the six large layers at M = 9 / 12 / 16,
 # 0.98-1.05 per layer; the mid and small layers 0.89-0.99, so they keep ws16).
