@@ -14,7 +14,9 @@ For every server and every concurrency C (default 1, 16, 64, 256) one step runs
 ``locust --headless -u C -r C`` with ``load_tests/locustfile.py`` in a child process, which stops
 by itself once ``--requests-per-user`` x C requests (default 4 x C) have finished, or at the
 step's time limit. Streamed requests with exact prompt and output lengths (default 512 in,
-128 out); see ``locustfile.py`` and ``workload.py``.
+128 out); see ``locustfile.py`` and ``workload.py``. Each step draws its random prompts from its
+own seed (``step_seed``: ``--seed`` and the step's name), so no step replays an earlier step's
+prompts into vLLM's prefix cache, and every server gets the same prompts in the same step.
 
 Outputs in ``--out-dir`` (stem ``serving_<device>`` unless ``--stem``): ``<stem>.json`` (result
 rows), ``<stem>.meta.json``, ``<stem>.md`` (device, date, versions, command, tables),
@@ -54,6 +56,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,9 +214,23 @@ def server_version(url: str) -> str | None:
 # ----------------------------------------------------------------------------------------------
 # one step: a locust process
 # ----------------------------------------------------------------------------------------------
-def run_step(url: str, concurrency: int, n_requests: int, args, prefix: Path) -> tuple[list, dict]:
-    """Run ``n_requests`` requests from ``concurrency`` users; returns the request records and
-    facts about the step (time limit hit, locust exit code)."""
+def step_seed(base: int, step: str) -> int:
+    """The prompt seed of one step (``"warmup"``, ``"c64"``, ``"soak2000_c256"``, ...) of a server.
+
+    Every step draws its prompts from its own seed. With one seed for all of them (before session
+    20) a step's first prompts were the earlier steps' prompts, which vLLM's prefix cache served
+    without their prefill: the H100 servers' logs showed prefix-cache hit rates of 25-51% in the
+    concurrency-256 step, by an amount that depended on what the cache had kept, i.e. on the
+    KV-cache size, which differs between an fp16 and an int4 server. The same step name gives the
+    same prompts on every server, so servers stay comparable."""
+    return (base + zlib.crc32(step.encode())) % 2**31
+
+
+def run_step(url: str, concurrency: int, n_requests: int, args, prefix: Path, step: str) -> tuple[list, dict]:
+    """Run ``n_requests`` requests from ``concurrency`` users, prompts drawn from the step's own
+    seed (``step_seed``); returns the request records and facts about the step (time limit hit,
+    locust exit code, the seed)."""
+    seed = step_seed(args.seed, step)
     records_path = prefix.with_name(prefix.name + "_requests.jsonl")
     cmd = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
@@ -222,7 +239,7 @@ def run_step(url: str, concurrency: int, n_requests: int, args, prefix: Path) ->
         "--host", url, "--stats-csv", str(prefix), "--records-out", str(records_path),
         "--request-budget", str(n_requests), "--prompt-tokens", str(args.prompt_tokens),
         "--output-tokens", str(args.output_tokens), "--endpoint", args.endpoint,
-        "--token-ids", args.token_ids, "--temperature", str(args.temperature), "--seed", str(args.seed),
+        "--token-ids", args.token_ids, "--temperature", str(args.temperature), "--seed", str(seed),
         "--only-summary", "--loglevel", "WARNING", "--exit-code-on-error", "0",
     ]
     if args.model_name:
@@ -243,7 +260,8 @@ def run_step(url: str, concurrency: int, n_requests: int, args, prefix: Path) ->
     records = []
     if records_path.exists():
         records = [workload.RequestRecord.from_json(line) for line in records_path.read_text().splitlines() if line]
-    facts = {"locust_exit": code, "wall_s": round(wall, 1), "finished": len(records), "planned": n_requests}
+    facts = {"locust_exit": code, "wall_s": round(wall, 1), "finished": len(records), "planned": n_requests,
+             "seed": seed}
     if code != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-15:]
         raise RuntimeError(f"locust step (concurrency {concurrency}) exited with {code}; "
@@ -275,7 +293,7 @@ def bench_serve(url: str, target: Target, concurrency: int, num_prompts: int, ar
            "--tokenizer", tokenizer, "--dataset-name", "random",
            "--random-input-len", str(args.prompt_tokens), "--random-output-len", str(args.output_tokens),
            "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency), "--ignore-eos",
-           "--seed", str(args.seed), "--temperature", str(args.temperature),
+           "--seed", str(step_seed(args.seed, f"crosscheck_c{concurrency}")), "--temperature", str(args.temperature),
            "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99",
            "--save-result", "--result-dir", str(out_dir), "--result-filename", result_name, "--disable-tqdm"]
     if not cmd[cmd.index("--model") + 1]:
@@ -394,7 +412,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     w.add_argument("--token-ids", default="auto", help="LOW:HIGH range of prompt token ids, or auto (see locustfile)")
     w.add_argument("--model-name", default="", help="served model name (default: what /v1/models lists first)")
     w.add_argument("--temperature", type=float, default=0.0)
-    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--seed", type=int, default=0,
+                   help="base of the prompt seeds: each step draws its prompts from its own seed derived from it")
     w.add_argument("--spawn-rate", type=float, default=0, help="users started per second (default: all in 1 s)")
     w.add_argument("--warmup-requests", type=int, default=8,
                    help="requests at concurrency min(8, n) after a server is ready, not reported (0: none)")
@@ -507,13 +526,13 @@ def main(argv: list[str] | None = None) -> int:
                 meta["servers"][target.name] = target.info
                 if args.warmup_requests:
                     n = args.warmup_requests
-                    records, facts = run_step(url, min(8, n), n, args, steps_dir / f"{target.name}_warmup")
+                    records, facts = run_step(url, min(8, n), n, args, steps_dir / f"{target.name}_warmup", "warmup")
                     bad = sum(not r.ok for r in records) + n - len(records)
                     print(f"[run_load] {target.name}: warm-up {n} requests, {bad} failed", flush=True)
                 for conc in concurrencies:
                     n = args.requests or args.requests_per_user * conc
                     prefix = steps_dir / f"{target.name}_c{conc}"
-                    records, facts = run_step(url, conc, n, args, prefix)
+                    records, facts = run_step(url, conc, n, args, prefix, f"c{conc}")
                     row = step_row(target.name, conc, n, records)
                     rows.append(row)
                     meta["steps"].append({"server": target.name, "concurrency": conc, **facts,
@@ -538,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"{entry.get('bench') or entry.get('error')}", flush=True)
                     save()
                 for n, conc in soaks.get(target.name, []):
-                    records, facts = run_step(url, conc, n, args, steps_dir / f"{target.name}_soak{n}_c{conc}")
+                    records, facts = run_step(url, conc, n, args, steps_dir / f"{target.name}_soak{n}_c{conc}",
+                                              f"soak{n}_c{conc}")
                     row = step_row(target.name, conc, n, records)
                     meta["soak"].append({**row, **facts, **workload.step_details(records)})
                     if row["failed"]:

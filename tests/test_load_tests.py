@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from load_tests import report, workload
+from load_tests import run_load as runner
 from load_tests.workload import RequestRecord, StreamReader, TargetNotAllowed, require_loopback
 
 REPO = Path(__file__).resolve().parents[1]
@@ -280,10 +281,40 @@ def test_sweep_rows_are_sane(sweep):
         assert 0 < row["tpot_ms_p50"] <= row["tpot_ms_p99"] < 60_000
 
 
+def test_each_step_draws_its_own_prompts():
+    """Steps of one server get distinct prompt seeds (a later step must not replay an earlier step's
+    prompts into vLLM's prefix cache), the same step gets the same seed on every server, and the
+    base seed moves them all."""
+    steps = ["warmup", "c1", "c16", "c64", "c256", "soak2000_c256", "crosscheck_c64"]
+    seeds = [runner.step_seed(0, s) for s in steps]
+    assert len(set(seeds)) == len(steps) and all(0 <= x < 2**31 for x in seeds)
+    assert seeds == [runner.step_seed(0, s) for s in steps]
+    assert all(runner.step_seed(1, s) != x for s, x in zip(steps, seeds))
+
+
+def test_run_step_passes_the_step_seed_to_locust(tmp_path, monkeypatch):
+    """run_step hands locust the step's own seed and records it among the step's facts."""
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        seen["cmd"] = cmd
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(runner.subprocess, "run", fake_run)
+    args = runner.parse_args(["--url", "demo=http://127.0.0.1:1", "--seed", "7"])
+    records, facts = runner.run_step("http://127.0.0.1:1", 4, 8, args, tmp_path / "demo_c4", "c4")
+    cmd = seen["cmd"]
+    assert cmd[cmd.index("--seed") + 1] == str(runner.step_seed(7, "c4")) == str(facts["seed"])
+    assert records == [] and facts["finished"] == 0 and facts["planned"] == 8
+
+
 @pytest.mark.e2e
 def test_sweep_step_files(sweep):
     _, out = sweep
     steps = out / "serving_test_steps"
+    meta = json.loads((out / "serving_test.meta.json").read_text())
+    seeds = [step["seed"] for step in meta["steps"]]
+    assert len(seeds) == 2 and len(set(seeds)) == 2, meta["steps"]  # c1 and c4 draw different prompts
     for conc in (1, 4):
         records = [RequestRecord.from_json(x) for x in (steps / f"demo_c{conc}_requests.jsonl").read_text().split("\n") if x]
         assert len(records) == 2 * conc and all(r.ok for r in records)
