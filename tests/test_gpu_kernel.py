@@ -478,21 +478,26 @@ def test_ws_copy_settings_keep_the_bits(kernel, monkeypatch, dtype_name, tile):
             assert torch.equal(other, y), f"{tile} {dtype_name} g={group_size}: {name}={value} changes y"
 
 
+def _sm90_plan_case(dtype_name: str, label: str):
+    """What the tests of sm_90's large-M plans share (skipped elsewhere): the dispatch module, the
+    dtype and device, a mid-sized layer (K, N, weight) and a bias for it."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("ws192 and the row split follow sm_90's plans")
+    from vllm_quick import dispatch
+
+    dtype = DTYPES[dtype_name]
+    k, n = 2048, 4160
+    bias = random_x((n,), dtype, seed=zlib.crc32(f"{label}/bias/{dtype_name}".encode()))
+    return dispatch, dtype, torch.device("cuda", torch.cuda.current_device()), (k, n, make_weight(k, n, 128)), bias
+
+
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 def test_op_runs_ws192_where_the_plan_says(kernel, monkeypatch, dtype_name):
     """sm_90's plans give ws192 at M = 129-192, 273-384 and 529-576 on a mid-sized layer: the op's y
     is then exactly one ws192 call's (bias included) and matches the reference; with
     VLLM_QUICK_WS192=0 it is ws256's (row-split where the remainder is small)."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("ws192 is in sm_90's plans only")
-    from vllm_quick import dispatch
-
-    dtype = DTYPES[dtype_name]
-    dev = torch.device("cuda", torch.cuda.current_device())
-    k, n = 2048, 4160
-    w = make_weight(k, n, 128)
+    dispatch, dtype, dev, (k, n, w), bias = _sm90_plan_case(dtype_name, "ws192")
     ws192, ws256 = TILES.index("ws192"), TILES.index("ws256")
-    bias = random_x((n,), dtype, seed=zlib.crc32(f"ws192/bias/{dtype_name}".encode()))
     for m, b in ((129, None), (192, bias), (300, None), (575, bias)):
         what = f"{dtype_name} K={k} N={n} M={m} bias={b is not None}"
         assert dispatch.choose(m, dtype, dev, weight_elements=k * n) == "ws192", what
@@ -515,17 +520,9 @@ def test_row_split_is_the_two_tiles_it_names(kernel, monkeypatch, dtype_name):
     tile calls' rows, bias included, and match the reference; with VLLM_QUICK_ROW_SPLIT=0 it is
     one ws256 call. On sm_90, whose plans take ws256 there, the split must really happen (else
     this would test nothing). Also: the binding's `out` argument refuses a wrong shape or dtype."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the row split follows sm_90's plans (ws256 beyond M = 128)")
-    from vllm_quick import dispatch
-
-    dtype = DTYPES[dtype_name]
-    dev = torch.device("cuda", torch.cuda.current_device())
-    k, n = 2048, 4160
-    w = make_weight(k, n, 128)
+    dispatch, dtype, dev, (k, n, w), bias = _sm90_plan_case(dtype_name, "row-split")
     ws256 = TILES.index("ws256")
-    bias = random_x((n,), dtype, seed=zlib.crc32(f"row-split/bias/{dtype_name}".encode()))
-    # (M = 257-384 and 513-576 take ws192 on this layer since session 20: no ws256 there to split)
+    # (M = 273-384 and 529-576 take ws192 on this layer since session 20: no ws256 there to split)
     for m, b in ((769, None), (800, bias), (832, None), (1080, bias), (1088, None)):
         what = f"{dtype_name} K={k} N={n} M={m} bias={b is not None}"
         path = dispatch.choose(m, dtype, dev, weight_elements=k * n)
