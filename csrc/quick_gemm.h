@@ -31,7 +31,7 @@ enum Tile : int {
   kTileWS32B2,                                       // the same with 32 tokens, two blocks per SM
   kTileWS8W, kTileWS16W, kTileWS32W,                 // ws8 / ws16 / ws32 with two words per warp
   kTileWS64W, kTileWS128W,                           // the wgmma tiles ws64 / ws128 with two words per warp
-  kTileWS192,                                        // ws256 with 192 tokens per block (M = 3 x 64 multiples)
+  kTileWS192,                                        // ws256 with 192 tokens per block (less padding at some M)
   kTileCount
 };
 const char* tile_name(int tile);                // "x16", ..., "auto" for anything else

@@ -24,7 +24,8 @@ freeze it). The paths:
   feeding two consumer warpgroups, 256 tokens per block): both dtypes' tile beyond M = 192
   where ``ws192`` (the same with 192 tokens, session 20) does not pad less: ``ws192`` takes
   M = 129-192 on every layer and 273-384 and 529-576 below LARGE_LAYER_ELEMENTS; ``ws128`` is
-  the same tile with 128 tokens per block, both dtypes' tile from M = 65 to 128, and ``ws64`` has 64 tokens (in no plan since session 12);
+  the same tile with 128 tokens per block, both dtypes' tile from M = 65 to 128, and ``ws64``
+  has 64 tokens (in no plan since session 12);
   ``ws64b2`` is ws64 at two blocks per SM (both dtypes' from M = 33 to 64); ``ws128w4`` is ws128
   with four consumer warpgroups over 256 columns (both dtypes' from M = 65 to 80 on the large
   layers, K x N >= LARGE_LAYER_ELEMENTS); ``ws64w`` / ``ws128w`` take the large layers' M = 33-64 /
@@ -37,8 +38,9 @@ freeze it). The paths:
   per k-step (32 features) with one warpgroup per block (four blocks per SM, ``ws32w`` three).
   ``ws64w`` / ``ws128w`` (session 17) are ``ws64`` / ``ws128`` whose warps take two words per
   k-step: two wgmmas per k-step, one warpgroup per block (three / two blocks per SM).
-  The plans use ``ws8`` to M = 8, ``ws16`` to 16 (``ws16w`` on the large layers) and ``ws32w`` to 32; the partial wave is split
-  along K or shared out by stream-K by ``small_tile_schedule`` (csrc/quick_stream_k.cuh).
+  The plans use ``ws8`` to M = 8, ``ws16`` to 16 (``ws16w`` on the large layers) and ``ws32w``
+  to 32; the partial wave is split along K or shared out by stream-K by ``small_tile_schedule``
+  (csrc/quick_stream_k.cuh).
   These ``mma.sync`` ws tiles multiply in the call's dtype (bf16 fragments of the exact
   ``q - z`` for bf16, since session 16); the wgmma ws tiles' fragments are fp16, so a bf16 x goes
   into them as an exact fp16 copy, row i times 2^e_i (csrc/quick_act_scale.cu), and the tile
