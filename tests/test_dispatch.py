@@ -77,6 +77,7 @@ def test_row_split_sends_the_last_rows_to_their_own_tile(monkeypatch):
     assert split(575, torch.bfloat16) is None  # its 63 rows would take dequant_fp16
     assert split(600, torch.bfloat16) is None  # its 88 rows would take ws256 again
     assert dispatch.row_split(575, "ws128", torch.float16, dev) is None  # only ws256 calls split
+    assert dispatch.row_split(575, "fp16:ws256", torch.bfloat16, dev) is None  # (ops relies on it: no guard there)
     monkeypatch.setenv(dispatch.ROW_SPLIT_ENV, "0")
     assert split(575) is None
 

@@ -405,7 +405,8 @@ def choose_path(m: int, dtype: torch.dtype, device: torch.device, weight_element
     return "dequant" if choose(m, dtype, device, weight_elements) in DEQUANT_PATHS else "kernel"
 
 
-# Row split (session 19). ws256, the plans' tile beyond M = 128, computes 256 rows per block, so a
+# Row split (session 19). ws256, the plans' tile beyond M = 128 (beyond 192 since session 20, where
+# ws192 does not pad less), computes 256 rows per block, so a
 # call of M = 256 q + r rows with a small remainder r pays a whole row block of tensor-core work for
 # r rows: on the H100 at M = 384 it ran at 0.64-0.83x cuBLAS where it runs 0.86-1.40x at 256 and 512
 # (benchmarks/results/kernel_h100_s19_large_m_tiles.md). vLLM's mixed steps hit exactly that: a

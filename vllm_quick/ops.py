@@ -148,8 +148,8 @@ def _cuda_gemm(x, qweight, qzeros, scales, bias, group_size: int, size_n: int):
         y = kernel_fp16_for_bf16(x2, qweight, qzeros, scales, bias, group_size, size_n, tile)
     else:
         tiles = kernel_extension().TILES
-        split = None if fp16_tile else dispatch.row_split(x2.shape[0], path, x.dtype, x.device,
-                                                           weight_elements=x2.shape[1] * size_n)
+        # (None for any path but plain ws256, an "fp16:<tile>" path included)
+        split = dispatch.row_split(x2.shape[0], path, x.dtype, x.device, weight_elements=x2.shape[1] * size_n)
         if split is None:
             y = kernel_gemm(x2, qweight, qzeros, scales, bias, group_size, size_n,
                             dispatch.tile_index(fp16_tile or path, tiles))
